@@ -200,7 +200,7 @@ def assert_state_equal(module, snapshot):
     assert list(now) == list(snapshot), "the module's parameter/buffer names changed"
     for k, v in snapshot.items():
         assert now[k].dtype == v.dtype and now[k].shape == v.shape, k
-        assert torch.equal(now[k], v), f"{k} changed"
+        torch.testing.assert_close(now[k], v, rtol=0, atol=0, equal_nan=True, msg=f"{k} changed")
 
 
 def structure(module):
@@ -229,3 +229,38 @@ def _seed():
 def fresh_copy():
     """fresh_copy(model) -> an independent deep copy (so two wrappers never share weights)."""
     return copy.deepcopy
+
+
+def materialised_reference(neat_model, adapter_names):
+    """A plain copy of the wrapped model in which every NeatLayer is replaced by its base layer with
+    W0 + sum of the named adapters' reference dW (each from the pristine W0), and every ModulesToSave by
+    the first named adapter's copy. Built with the reference formula above, not with the library's math."""
+    from neat_peft.layers import ModulesToSave, NeatLayer
+
+    plain = copy.deepcopy(neat_model.base_model)
+    def put(path, module):
+        parent_path, _, child = path.rpartition(".")
+        setattr(plain.get_submodule(parent_path) if parent_path else plain, child, module)
+
+    wrappers = [(p, m) for p, m in plain.named_modules() if isinstance(m, (NeatLayer, ModulesToSave))]
+    for path, module in wrappers:
+        if isinstance(module, NeatLayer):
+            assert not module.merged, "build the reference from an unmerged model"
+            base = module.base_layer
+            W0 = linear_layout(module.kind, base.weight.detach())
+            total = base.weight.detach().clone()
+            for name in adapter_names:
+                if name not in module.adapter_configs:
+                    continue
+                cfg = module.adapter_configs[name]
+                A, B, encs, decs = (t.detach() if torch.is_tensor(t) else [e.detach() for e in t]
+                                    for t in adapter_tensors(module, name))
+                dW = reference_delta_weight(W0, A, B, encs, decs, cfg.act_fn, cfg.axis, cfg.scaling)
+                total = total + stored_layout(module.kind, dW, total.shape)
+            with torch.no_grad():
+                base.weight.copy_(total)
+            put(path, base)
+        elif isinstance(module, ModulesToSave):
+            chosen = next((module.copies[n] for n in adapter_names if n in module.copies), module.original_module)
+            put(path, chosen)
+    return plain
