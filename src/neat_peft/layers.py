@@ -302,7 +302,7 @@ class NeatLayer(nn.Module):
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Add the adapters' updates to the base weight. Every update is computed from the pristine W0."""
-        names = [n for n in (adapter_names or self.active_adapters)
+        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
                  if n in self.adapter_configs and n not in self.merged_adapters]
         if not names:
             return

@@ -257,7 +257,9 @@ class NeatModel(nn.Module):
     # --- merging ---------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights. With safe_merge, non-finite results raise and nothing changes."""
-        names = adapter_names or self.active_adapters
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"No adapter named {unknown}; adapters: {list(self.peft_config)}.")
@@ -270,7 +272,8 @@ class NeatModel(nn.Module):
         except Exception:
             for layer, before in done:  # put back exactly what was there (merges are recomputed from W0)
                 layer.unmerge()
-                layer.merge(before)
+                if before:  # merge([]) is a no-op; merge(None) would merge the active adapters
+                    layer.merge(before)
             raise
 
     def unmerge_adapter(self) -> None:
