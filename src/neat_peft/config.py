@@ -85,6 +85,12 @@ class NeatConfig:
             raise ValueError(f"NeatConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         if not isinstance(self.scaling, (int, float)) or self.scaling != self.scaling:
             raise ValueError(f"NeatConfig.scaling must be a finite number, got {self.scaling!r}.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                "NeatConfig.layers_to_transform cannot be used when target_modules is a string (a regex or "
+                "'all-linear'), as in peft's LoraConfig: write the block indices into the regex instead, e.g. "
+                r"r'.*\.layer\.(4|5|6)\..*\.(query|value)', or pass target_modules as a list of names."
+            )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("NeatConfig.layers_pattern needs layers_to_transform (which block indices to adapt).")
         if isinstance(self.layers_to_transform, int):
