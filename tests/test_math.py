@@ -70,6 +70,16 @@ def test_builtin_activations_are_the_named_functions(name):
     torch.testing.assert_close(NF.get_activation(name)(t), REFERENCE_ACTIVATIONS[name](t), rtol=1e-12, atol=1e-12)
 
 
+def test_builtin_names_missing_from_act2fn_are_listed():
+    """Names peft's PEANuT cannot read must be exactly the built-ins ACT2FN lacks (they decide the file type)."""
+    from transformers.activations import ACT2FN
+
+    assert NF.NON_ACT2FN_ACTIVATIONS == set(NF._BUILTIN_ACTIVATIONS) - set(ACT2FN)
+    t = torch.linspace(-3, 3, 25)
+    for name in set(NF._BUILTIN_ACTIVATIONS) & set(ACT2FN):  # the shared names mean the same function
+        torch.testing.assert_close(NF.get_activation(name)(t), ACT2FN[name](t))
+
+
 def test_transformers_activation_names_are_accepted():
     from transformers.activations import ACT2FN
 
