@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .functional import get_activation
+from .functional import NON_ACT2FN_ACTIVATIONS, get_activation
 
 # peft's own bookkeeping fields: accepted when reading a file, carried through, never interpreted.
 PEFT_META_FIELDS = ("auto_mapping", "peft_version", "peft_type", "revision", "base_model_name_or_path")
@@ -102,8 +102,10 @@ class NeatConfig:
 
     @property
     def peft_compatible(self) -> bool:
-        """True when peft's PEANuT computes exactly this adapter (it knows no axis 'in', dropout or normalising)."""
-        return self.axis == "out" and self.dropout == 0.0 and not self.normalize_weight
+        """True when peft's PEANuT computes exactly this adapter (it knows no axis 'in', dropout, normalising,
+        nor the activations transformers' ACT2FN lacks)."""
+        return (self.axis == "out" and self.dropout == 0.0 and not self.normalize_weight
+                and self.act_fn not in NON_ACT2FN_ACTIVATIONS)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
