@@ -365,6 +365,13 @@ class NeatModel(nn.Module):
         if name not in self.peft_config:
             raise ValueError(f"No adapter named {name!r}; adapters: {list(self.peft_config)}.")
         config = self.peft_config[name]
+        dilated = [path for path, layer in self.neat_layers() if name in layer.adapter_configs
+                   and layer.kind == "conv2d" and tuple(layer.base_layer.dilation) != (1, 1)]
+        if dilated:  # peft builds lora_A without the base conv's dilation: it would compute something else
+            raise ValueError(
+                f"Cannot export adapter {name!r} as LoRA: peft's LoRA Conv2d has no dilation, and {dilated} "
+                "use dilation != 1. Keep it as a NEAT adapter (save_pretrained) or merge it (merge_and_unload)."
+            )
         tensors, paths, kinds = {}, [], set()
         with torch.no_grad():
             for path, layer in self.neat_layers():
