@@ -69,14 +69,28 @@ def test_minilm_neat_starts_as_base_then_round_trips(minilm, tmp_path):
     loaded = NeatModel.from_pretrained(copy.deepcopy(pristine), tmp_path / "neat")
     torch.testing.assert_close(embeddings(loaded, batch), adapted, rtol=0, atol=0)
 
-    # Through 6 layers with LayerNorm, float32 rounding of a different (but exact) product order reaches ~2e-5
-    # on hidden states of size ~1-5: compare with rtol 1e-5 on top of atol 1e-5.
+    # Another (exact) product order or a merged weight changes float32 rounding, and 6 layers with LayerNorm
+    # carry it to ~3e-5 on hidden states of size ~1-5 (the base model itself is ~2e-5 from its float64 run):
+    # float32 paths are compared at 1e-4; the float64 check at the end shows the merge itself is exact.
     model.export_lora(tmp_path / "lora")
     lora = PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path / "lora").eval()
-    torch.testing.assert_close(embeddings(lora, batch), adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(embeddings(lora, batch), adapted, rtol=0, atol=1e-4)
 
     peanut = PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path / "neat").eval()
-    torch.testing.assert_close(embeddings(peanut, batch), adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(embeddings(peanut, batch), adapted, rtol=0, atol=1e-4)
 
     merged = model.merge_and_unload()
-    torch.testing.assert_close(embeddings(merged, batch), adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(embeddings(merged, batch), adapted, rtol=0, atol=1e-4)
+
+    model64 = get_neat_model(copy.deepcopy(pristine).double(), NeatConfig(r=4, depth=1, act_fn="gelu", scaling=0.5))
+    model64.eval()
+    model64.load_state_dict(model_state_as(model64, loaded))
+    unmerged64 = embeddings(model64, batch)
+    torch.testing.assert_close(unmerged64.float(), adapted, rtol=0, atol=1e-4)
+    model64.merge_adapter()
+    torch.testing.assert_close(embeddings(model64, batch), unmerged64, rtol=0, atol=1e-10)
+
+
+def model_state_as(target, source):
+    """source's state_dict cast to target's dtypes (float64 copy of a float32 adapted model)."""
+    return {k: v.to(target.state_dict()[k].dtype) for k, v in source.state_dict().items()}
