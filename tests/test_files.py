@@ -179,3 +179,12 @@ def test_export_lora_of_non_default_adapter(tmp_path):
     lora = PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path)
     torch.testing.assert_close(lora(*x), model(*x), rtol=0, atol=1e-5)
     assert not any(isinstance(m, (NeatLayer, ModulesToSave)) for m in lora.modules())
+
+
+def test_export_lora_refuses_max_norm_embedding(tmp_path):
+    base = AllKinds()
+    base.emb.max_norm = 1.0
+    model = get_neat_model(base, NeatConfig(r=2, target_modules=["emb", "lin"], init_weights=False))
+    with pytest.raises(ValueError, match=r"embeddings \['emb'\] have max_norm set"):
+        model.export_lora(tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()

@@ -257,27 +257,25 @@ def test_in_place_change_invalidates_cache(kind, which):
         check_against_reference(model, layer, kind, x)
 
 
-def test_optimizer_step_invalidates_cache():
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.AdamW])
+def test_optimizer_step_invalidates_cache(optimizer):
+    """Fill the cache, take a training step without calling train() (eval mode with grad), then the next
+    no_grad forward must see the new parameters."""
     model, layer = build("linear", "in", 2, "gelu")
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x = torch.randn(5, 7)
     model.eval()
     with torch.no_grad():
         cached = model(x)
-    model.train()
+        assert layer._cache
     model(x).pow(2).sum().backward()
-    opt.step()
-    model.eval()  # eval() clears too; make sure the key notices even without it
-    with torch.no_grad():
-        model(x)
-        opt.param_groups[0]["lr"] = 0.05
-    model(x).pow(2).sum().backward()  # eval mode with grad: no cache, fine
     opt.step()
     with torch.no_grad():
         after = model(x)
     assert not torch.allclose(cached, after)
     with torch.enable_grad():
-        check_against_reference(model, layer, "linear", x)
+        reference = check_against_reference(model, layer, "linear", x)
+    torch.testing.assert_close(after, reference.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_load_state_dict_invalidates_cache():
@@ -355,3 +353,27 @@ def test_train_clears_cache_and_set_adapter_switches(monkeypatch):
         again = model(x)
     assert not torch.allclose(out_default, out_b)
     assert torch.equal(out_default, again)
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_embedding_max_norm_forward_never_rewrites_adapter_weights(axis):
+    """F.embedding(max_norm=...) renormalises the table it reads in place; the adapter's table is B (axis "in")
+    or the cached H, so the adapter lookup must not pass max_norm on."""
+    base = nn.Embedding(10, 4, max_norm=0.05)
+    model = get_neat_model(Single(base), NeatConfig(r=3, axis=axis, target_modules=["layer"], init_weights=False))
+    layer = model.base_model.layer
+    adapter_before = [t.detach().clone() for t in [layer.neat_A["default"].weight, layer.neat_B["default"].weight]]
+    ids = torch.tensor([[1, 2, 3, 2]])
+    train_out = model(ids).detach()  # (the base lookup renormalises rows 1-3 of W0, as nn.Embedding does)
+    model.eval()
+    with torch.no_grad():
+        eval_out = model(ids)
+        again = model(ids)
+    for before, now in zip(adapter_before, [layer.neat_A["default"].weight, layer.neat_B["default"].weight]):
+        assert torch.equal(before, now)
+    torch.testing.assert_close(eval_out, train_out, rtol=1e-6, atol=1e-7)
+    assert torch.equal(eval_out, again)
+    cfg = layer.adapter_configs["default"]
+    W0 = base.weight.detach()
+    dW = reference_delta_weight(W0.t(), *adapter_tensors(layer), cfg.act_fn, axis, cfg.scaling)
+    torch.testing.assert_close(eval_out, (W0 + dW.t())[ids], rtol=1e-5, atol=1e-6)

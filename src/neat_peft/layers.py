@@ -245,8 +245,9 @@ class NeatLayer(nn.Module):
             if cfg.axis == "out" and (self.training or torch.is_grad_enabled()):
                 # The network is row-wise: run it on the looked-up tokens only, not the whole vocabulary.
                 return self._embedding_rows_output(adapter_name, x)
-            rows = F.embedding(x, down, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq,
-                               emb.sparse)
+            # No max_norm here: F.embedding renormalises the table it reads *in place*, which would rewrite B
+            # (axis "in") or the cached H. max_norm is a property of the base table; the update is added after.
+            rows = F.embedding(x, down, emb.padding_idx, None, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
             return F.linear(rows * s, up)
         x = self.neat_dropout[adapter_name](x.to(down.dtype))
         if self.kind == "conv2d":

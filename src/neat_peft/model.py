@@ -372,6 +372,14 @@ class NeatModel(nn.Module):
                 f"Cannot export adapter {name!r} as LoRA: peft's LoRA Conv2d has no dilation, and {dilated} "
                 "use dilation != 1. Keep it as a NEAT adapter (save_pretrained) or merge it (merge_and_unload)."
             )
+        renormed = [path for path, layer in self.neat_layers() if name in layer.adapter_configs
+                    and layer.kind == "embedding" and layer.base_layer.max_norm is not None]
+        if renormed:  # peft's LoRA embedding renormalises lora_A's rows in place: not the same update
+            raise ValueError(
+                f"Cannot export adapter {name!r} as LoRA: the embeddings {renormed} have max_norm set, and peft's "
+                "LoRA applies max_norm to its lora_A rows, which changes the update. Keep it as a NEAT adapter "
+                "(save_pretrained) or merge it (merge_and_unload)."
+            )
         tensors, paths, kinds = {}, [], set()
         with torch.no_grad():
             for path, layer in self.neat_layers():
