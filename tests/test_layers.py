@@ -377,3 +377,38 @@ def test_embedding_max_norm_forward_never_rewrites_adapter_weights(axis):
     W0 = base.weight.detach()
     dW = reference_delta_weight(W0.t(), *adapter_tensors(layer), cfg.act_fn, axis, cfg.scaling)
     torch.testing.assert_close(eval_out, (W0 + dW.t())[ids], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_base_keeps_float32_adapter(kind):
+    base = make_layer(kind).to(torch.bfloat16)
+    model = get_neat_model(Single(base), NeatConfig(r=3, depth=1, act_fn="tanh", target_modules=["layer"],
+                                                    init_weights=False))
+    layer = model.base_model.layer
+    assert layer.neat_A["default"].weight.dtype == torch.float32
+    x = make_input(kind)
+    x = x.to(torch.bfloat16) if x.is_floating_point() else x
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    # reference: the float32 update added to the bf16 base output, rounded once at the end
+    W0 = linear_layout(kind, base.weight.detach().float())
+    cfg = layer.adapter_configs["default"]
+    dW = reference_delta_weight(W0, *adapter_tensors(layer), "tanh", "out", cfg.scaling).detach()
+    x32 = x.float() if x.is_floating_point() else x
+    if kind in ("linear", "conv1d"):
+        update = x32 @ dW.t()
+    elif kind == "embedding":
+        update = dW.t()[x]
+    else:
+        update = torch.nn.functional.conv2d(x32, dW.reshape(base.weight.shape))
+    expected = (base(x).float() + update).to(torch.bfloat16)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert layer.neat_A["default"].weight.grad.dtype == torch.float32
+    assert base.weight.grad is None
+    # merge / unmerge in bf16: W0 restored bit-exactly
+    W0_bits = base.weight.detach().clone()
+    model.merge_adapter()
+    assert base.weight.dtype == torch.bfloat16
+    model.unmerge_adapter()
+    assert torch.equal(base.weight, W0_bits)

@@ -202,3 +202,18 @@ def test_peanut_config_fields_round_trip(tmp_path):
                                                      if hasattr(m, "peanut_A")]
     x = ids()
     torch.testing.assert_close(loaded(x), theirs(x), rtol=0, atol=1e-5)
+
+
+def test_layers_to_transform_selection_survives_both_ways(tmp_path):
+    base = TinyEncoder(n_layers=3)
+    kwargs = dict(r=2, target_modules=["query", "value"], layers_to_transform=[0, 2], layers_pattern="layers",
+                  init_weights=False)
+    ours = get_neat_model(copy.deepcopy(base), NeatConfig(**kwargs))
+    assert [p for p, _ in ours.neat_layers()] == ["layers.0.query", "layers.0.value", "layers.2.query",
+                                                  "layers.2.value"]
+    ours.save_pretrained(tmp_path)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert [p for p, m in theirs.base_model.model.named_modules() if hasattr(m, "peanut_A")] == [
+        p for p, _ in ours.neat_layers()]
+    x = ids()
+    torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=1e-5)
