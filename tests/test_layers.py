@@ -412,3 +412,26 @@ def test_bfloat16_base_keeps_float32_adapter(kind):
     assert base.weight.dtype == torch.bfloat16
     model.unmerge_adapter()
     assert torch.equal(base.weight, W0_bits)
+
+
+def test_models_with_a_filled_cache_can_be_copied_and_pickled():
+    import io
+    import copy as copy_module
+
+    model, layer = build("linear", "out", 1, "tanh")
+    x = torch.randn(2, 7)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    assert layer._cache
+    copied = copy_module.deepcopy(model)
+    assert not copied.base_model.layer._cache and layer._cache
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)  # our own in-memory object, not a downloaded file
+    with torch.no_grad():
+        copied.base_model.layer.neat_A["default"].weight.add_(1.0)  # the copy has its own parameters
+        assert torch.equal(restored(x), expected)
+        assert torch.equal(model(x), expected)
+        assert not torch.allclose(copied(x), expected)

@@ -212,6 +212,12 @@ class NeatLayer(nn.Module):
         self.clear_cache()
         return super().train(mode)
 
+    def __getstate__(self):
+        # H is derived data (and its key holds weak references, which cannot be pickled): copies start empty.
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
     def _apply(self, fn, *args, **kwargs):
         # .to()/.half()/.float() swap weights via `param.data = ...`, which keeps the version counter: the
         # new storage may land at the old address, so drop H rather than trust the key.
