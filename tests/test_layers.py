@@ -435,3 +435,25 @@ def test_models_with_a_filled_cache_can_be_copied_and_pickled():
         assert torch.equal(restored(x), expected)
         assert torch.equal(model(x), expected)
         assert not torch.allclose(copied(x), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_normalize_weight_feeds_w0_over_its_rms(kind, axis):
+    """normalize_weight: the network reads W0 / rms(W0); the base layer still uses W0 (train and eval paths)."""
+    model, layer = build(kind, axis, 1, "tanh", normalize_weight=True)
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(0.02)  # a small-init layer, where normalising matters
+    W0_stored = layer.base_layer.weight.detach()
+    W0 = linear_layout(kind, W0_stored)
+    cfg = layer.adapter_configs["default"]
+    dW = reference_delta_weight(W0 / W0.pow(2).mean().sqrt(), *adapter_tensors(layer), "tanh", axis, cfg.scaling)
+    x = make_input(kind)
+    expected = reference_layer_output(kind, layer.base_layer, W0_stored + stored_layout(kind, dW, W0_stored.shape), x)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    model.merge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
