@@ -189,7 +189,8 @@ def check_load_refused(path, base, message, exc=ValueError):
 def test_load_into_model_with_other_shapes(saved_adapter):
     path, _ = saved_adapter
     check_load_refused(path, TinyEncoder(d=6), r"does not fit this model \(.*shape mismatches, e\.g\. "
-                                               r"\['base_model\.model\.layers\.0\.query\.peanut_A\.weight: file \(2, 8\), "
+                                               r"\['base_model\.model\.layers\.0\.query\.peanut_A\.weight: "
+                                               r"file \(2, 8\), "
                                                r"model needs \(2, 6\)'.*different base model\?")
 
 
@@ -215,7 +216,8 @@ def test_missing_and_extra_tensors(saved_adapter):
     tensors = load_file(path / "adapter_model.safetensors")
     dropped = {k: v for k, v in tensors.items() if "layers.1.value.peanut_B" not in k}
     save_file(dropped, path / "adapter_model.safetensors")
-    check_load_refused(path, base, r"missing 1 tensors, e\.g\. \['base_model\.model\.layers\.1\.value\.peanut_B\.weight'\]")
+    check_load_refused(path, base,
+                       r"missing 1 tensors, e\.g\. \['base_model\.model\.layers\.1\.value\.peanut_B\.weight'\]")
     save_file(tensors | {"base_model.model.layers.0.ffn.peanut_A.weight": torch.zeros(2, 8)},
               path / "adapter_model.safetensors")
     check_load_refused(path, base, r"1 tensors for modules this model lacks, e\.g\. "

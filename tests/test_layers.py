@@ -39,9 +39,10 @@ def reference_forward_and_grads(layer, x, upstream, name="default"):
     W0 = linear_layout(layer.kind, W0_stored)
     dW = reference_delta_weight(W0, A, B, encs, decs, cfg.act_fn, cfg.axis, cfg.scaling)
     x_ref = x.detach().clone().requires_grad_(True) if x.is_floating_point() else x
-    out = reference_layer_output(layer.kind, layer.base_layer, W0_stored + stored_layout(layer.kind, dW, W0_stored.shape),
-                                 x_ref)
-    grads = torch.autograd.grad((out * upstream).sum(), [A, B, *encs, *decs] + ([x_ref] if x.is_floating_point() else []))
+    weight = W0_stored + stored_layout(layer.kind, dW, W0_stored.shape)
+    out = reference_layer_output(layer.kind, layer.base_layer, weight, x_ref)
+    leaves = [A, B, *encs, *decs] + ([x_ref] if x.is_floating_point() else [])
+    grads = torch.autograd.grad((out * upstream).sum(), leaves)
     return out.detach(), grads
 
 

@@ -258,7 +258,8 @@ def test_merging_one_after_another_equals_merging_together_from_pristine_W0():
     # the wrong way (b's dW from W0 + dW_a) differs measurably on fc2, which both adapters adapt
     fc2 = together.base_model.fc2
     cfg = fc2.adapter_configs["b"]
-    W_a = pristine["fc2"] + reference_delta_weight(pristine["fc2"], *adapter_tensors(fc2, "default"), "tanh", "out", 1.0)
+    W_a = pristine["fc2"] + reference_delta_weight(pristine["fc2"], *adapter_tensors(fc2, "default"), "tanh", "out",
+                                                   1.0)
     wrong = W_a + reference_delta_weight(W_a, *adapter_tensors(fc2, "b"), "sin", "in", cfg.scaling)
     assert (wrong.detach() - reference["fc2"]).abs().max() > 1e-3
     # outputs: merged model == materialised sum of both adapters

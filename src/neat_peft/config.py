@@ -84,7 +84,8 @@ class NeatConfig:
             raise ValueError(f"NeatConfig.axis must be 'out' or 'in', got {self.axis!r}.")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"NeatConfig.dropout must be in [0, 1), got {self.dropout!r}.")
-        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
+        scaling_is_number = isinstance(self.scaling, (int, float)) and not isinstance(self.scaling, bool)
+        if not scaling_is_number or not math.isfinite(self.scaling):
             raise ValueError(f"NeatConfig.scaling must be a finite number, got {self.scaling!r}.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
