@@ -297,3 +297,18 @@ def test_save_into_a_file_path(tmp_path):
         with pytest.raises(ValueError, match="it is a file, not a directory"):
             model.export_lora(target)
     assert target.read_text() == "user data"
+
+
+def test_multihead_attention_projection_is_refused():
+    """nn.MultiheadAttention reads out_proj.weight instead of calling out_proj: an adapter there would do nothing."""
+    class WithMHA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+            self.fc = nn.Linear(8, 8)
+
+    base = WithMHA()
+    with Unchanged(base):
+        with pytest.raises(ValueError, match=r"Cannot adapt 'attn\.out_proj': nn\.MultiheadAttention uses its "
+                                             r"out_proj's weight directly"):
+            get_neat_model(base, NeatConfig(r=2, target_modules=["fc", "out_proj"]))

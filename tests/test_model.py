@@ -349,3 +349,22 @@ def test_match_lora_budget_against_peft_lora_count(lora_r, depth, axis):
         return
     r = match_lora_budget(Mixed(), cfg, lora_r)
     assert count(r) <= lora_count < count(r + 1)
+
+
+def test_models_that_read_a_target_layers_weight_still_work():
+    """T5 casts its input to `self.wo.weight.dtype`: a wrapped layer must expose its base weight and bias."""
+    from transformers import T5Config, T5EncoderModel
+
+    base = T5EncoderModel(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=2, num_heads=2)).eval()
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        expected = base(input_ids=x).last_hidden_state
+    model = get_neat_model(base, NeatConfig(r=2, target_modules=["wo", "q"], init_weights=False)).eval()
+    wo = model.base_model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(wo, NeatLayer) and wo.weight is wo.base_layer.weight and wo.bias is None
+    with torch.no_grad():
+        adapted = model(input_ids=x).last_hidden_state
+        assert (adapted - expected).abs().max() > 1e-4
+        torch.testing.assert_close(adapted, materialised_reference(model, ["default"])(input_ids=x).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+    assert "weight" not in dict(wo.named_parameters(recurse=False))  # not registered twice

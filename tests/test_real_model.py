@@ -11,7 +11,8 @@ import torch
 
 from neat_peft import NeatConfig, NeatLayer, NeatModel, get_neat_model
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 
 
 def model_dir() -> Path:
