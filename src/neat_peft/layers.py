@@ -92,6 +92,16 @@ class NeatLayer(nn.Module):
         self._pristine_weight: Optional[torch.Tensor] = None  # W0 as it was before the first merge (CPU)
         self._cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
+    # Models read `.weight` / `.bias` of their layers directly (T5 casts to `wo.weight.dtype`, HF ties
+    # embeddings): answer with the base layer's, as peft's tuner layers do.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
     # --- W0 in nn.Linear layout, and the way back --------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         w = self.base_layer.weight

@@ -117,6 +117,7 @@ def find_targets(model: nn.Module, config: NeatConfig) -> list[tuple[str, nn.Mod
             continue
         if not isinstance(module, NeatLayer):
             check_supported(name, module)
+            _check_called_through_forward(model, name)
         found.append((name, module))
     if not found:
         names = [n for n, m in model.named_modules() if n and layer_kind(m) is not None]
@@ -128,6 +129,17 @@ def find_targets(model: nn.Module, config: NeatConfig) -> list[tuple[str, nn.Mod
             + ". Pass names or suffixes of these, or a regex."
         )
     return found
+
+
+def _check_called_through_forward(model: nn.Module, name: str) -> None:
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        raise ValueError(
+            f"Cannot adapt {name!r}: nn.MultiheadAttention uses its out_proj's weight directly instead of calling "
+            "it, so a NEAT adapter there would be silently ignored. Target other layers, or rebuild the attention "
+            "with separate nn.Linear projections."
+        )
 
 
 def find_modules_to_save(model: nn.Module, names: Optional[list[str]]) -> list[tuple[str, nn.Module]]:
