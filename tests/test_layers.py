@@ -105,6 +105,9 @@ def test_embedding_with_padding_idx_and_repeated_ids():
     model = get_neat_model(Single(base), NeatConfig(r=2, depth=1, target_modules=["layer"], init_weights=False))
     ids = torch.tensor([[0, 3, 3, 9], [9, 0, 1, 3]])
     layer = model.base_model.layer
+    # Gradients agree here because nn.Embedding zeroes the padding row of W0 and relu(0) = 0, so the padding
+    # token adds nothing to the adapter. (With an activation where act(0) != 0, padding tokens do send gradient
+    # to A and B, unlike an nn.Embedding holding W0 + dW: a known, documented difference.)
     check_against_reference(model, layer, "embedding", ids)
     model.eval()  # eval path (whole-vocabulary H, cached) equals the training path (looked-up rows only)
     with torch.no_grad():
