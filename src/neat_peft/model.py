@@ -257,7 +257,9 @@ class NeatModel(nn.Module):
     # --- merging ---------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights. With safe_merge, non-finite results raise and nothing changes."""
-        names = adapter_names or self.active_adapters
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"No adapter named {unknown}; adapters: {list(self.peft_config)}.")
@@ -270,7 +272,8 @@ class NeatModel(nn.Module):
         except Exception:
             for layer, before in done:  # put back exactly what was there (merges are recomputed from W0)
                 layer.unmerge()
-                layer.merge(before)
+                if before:  # merge([]) is a no-op; merge(None) would merge the active adapters
+                    layer.merge(before)
             raise
 
     def unmerge_adapter(self) -> None:
@@ -362,6 +365,21 @@ class NeatModel(nn.Module):
         if name not in self.peft_config:
             raise ValueError(f"No adapter named {name!r}; adapters: {list(self.peft_config)}.")
         config = self.peft_config[name]
+        dilated = [path for path, layer in self.neat_layers() if name in layer.adapter_configs
+                   and layer.kind == "conv2d" and tuple(layer.base_layer.dilation) != (1, 1)]
+        if dilated:  # peft builds lora_A without the base conv's dilation: it would compute something else
+            raise ValueError(
+                f"Cannot export adapter {name!r} as LoRA: peft's LoRA Conv2d has no dilation, and {dilated} "
+                "use dilation != 1. Keep it as a NEAT adapter (save_pretrained) or merge it (merge_and_unload)."
+            )
+        renormed = [path for path, layer in self.neat_layers() if name in layer.adapter_configs
+                    and layer.kind == "embedding" and layer.base_layer.max_norm is not None]
+        if renormed:  # peft's LoRA embedding renormalises lora_A's rows in place: not the same update
+            raise ValueError(
+                f"Cannot export adapter {name!r} as LoRA: the embeddings {renormed} have max_norm set, and peft's "
+                "LoRA applies max_norm to its lora_A rows, which changes the update. Keep it as a NEAT adapter "
+                "(save_pretrained) or merge it (merge_and_unload)."
+            )
         tensors, paths, kinds = {}, [], set()
         with torch.no_grad():
             for path, layer in self.neat_layers():
