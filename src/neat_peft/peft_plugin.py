@@ -40,7 +40,7 @@ from torch import nn
 from . import __version__
 from .config import NeatConfig
 from .formats import rename_key_prefix
-from .layers import BASE_ONLY, NeatLayer
+from .layers import BASE_ONLY, NeatLayer, check_supported
 from .model import lora_tensors
 from .targets import DEFAULT_TARGET_MODULES
 
@@ -226,6 +226,21 @@ class NeatPeftModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False,
+                       state_dict=None):
+        # peft replaces matched modules one by one and would stop half-way at an unsupported one; check all first
+        # so that a bad target_modules leaves the model as it was.
+        config = self.peft_config[adapter_name]
+        if state_dict is None and config.target_modules is not None:
+            adapted = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+            for key, module in model.named_modules():
+                if key and not isinstance(module, NeatPeftLayer) \
+                        and not any(key.startswith(f"{name}.") for name in adapted) \
+                        and self._check_target_module_exists(config, key):
+                    check_supported(key, module)
+        return super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                      low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         # Encoders/decoders are ModuleDict[adapter] -> ModuleList, so the adapter name is not second to last:
@@ -356,35 +371,33 @@ def _version_problem() -> Optional[str]:
 
 def _feature_problems() -> list[str]:
     """Everything registration and the classes above rely on, checked before anything is changed."""
-    problems = []
-    for name in ("_member_map_", "_member_names_", "_value2member_map_"):
-        if not isinstance(getattr(PeftType, name, None), (dict, list)):
-            problems.append(f"PeftType.{name} (to add the NEAT member)")
+    missing = [f"PeftType.{name}" for name in ("_member_map_", "_member_names_", "_value2member_map_")
+               if not isinstance(getattr(PeftType, name, None), (dict, list))]
     if not issubclass(PeftType, str):
-        problems.append("PeftType as a str enum")
+        missing.append("PeftType as a str enum")
     params = inspect.signature(register_peft_method).parameters
-    for name in ("name", "config_cls", "model_cls", "prefix", "is_mixed_compatible"):
-        if name not in params:
-            problems.append(f"register_peft_method(..., {name}=...)")
-    for name in ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING"):
-        if not isinstance(getattr(_peft_mapping, name, None), dict):
-            problems.append(f"peft.mapping.{name}")
+    missing += [f"register_peft_method(..., {name}=...)"
+                for name in ("name", "config_cls", "model_cls", "prefix", "is_mixed_compatible") if name not in params]
+    missing += [f"peft.mapping.{name}"
+                for name in ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
+                if not isinstance(getattr(_peft_mapping, name, None), dict)]
     for owner, names in (
         (BaseTuner, ("_create_and_replace", "_replace_module", "inject_adapter", "_remove_adapter_name_from_key",
                      "_remap_adapter_state_dict_for_load", "_get_adapter_state_dict")),
         (BaseTunerLayer, ("set_adapter", "enable_adapters", "delete_adapter", "_move_adapter_to_device_of_base_layer",
                           "supports_lora_conversion", "_disable_adapters", "_active_adapter")),
     ):
-        problems += [f"{owner.__name__}.{n}" for n in names if not hasattr(owner, n)]
-    if not problems:
-        taken = _registered_config()
-        if taken is not None and taken is not NeatPeftConfig:
-            problems.append(f"a free peft type {PEFT_TYPE_NAME!r} (peft maps it to {taken.__module__}."
-                            f"{taken.__qualname__})")
-        owners = [str(t) for t, p in _peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items()
-                  if p == PREFIX and str(getattr(t, "value", t)) != PEFT_TYPE_NAME]
-        if owners:
-            problems.append(f"a free adapter prefix {PREFIX!r} (used by {owners})")
+        missing += [f"{owner.__name__}.{n}" for n in names if not hasattr(owner, n)]
+    if missing:
+        return [f"it lacks {', '.join(missing)}"]
+    problems = []
+    taken = _registered_config()
+    if taken is not None and taken is not NeatPeftConfig:
+        problems.append(f"its peft type {PEFT_TYPE_NAME!r} is taken by {taken.__module__}.{taken.__qualname__}")
+    owners = [str(getattr(t, "value", t)) for t, p in _peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items()
+              if p == PREFIX and str(getattr(t, "value", t)) != PEFT_TYPE_NAME]
+    if owners:
+        problems.append(f"the adapter prefix {PREFIX!r} is taken by {', '.join(owners)}")
     return problems
 
 
@@ -421,12 +434,13 @@ def _remove_enum_member(member) -> None:
 
 
 def _unregister(member) -> None:
-    """Undo a registration: peft's mappings first, then the enum member (if this call added it)."""
+    """Undo a registration: this plugin's entries in peft's mappings, then the enum member (if this call added it)."""
+    ours = (NeatPeftConfig, NeatPeftModel, PREFIX)
     for name in ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING",
                  "PEFT_TYPE_TO_MIXED_MODEL_MAPPING"):
         mapping = getattr(_peft_mapping, name, None)
-        if isinstance(mapping, dict):
-            mapping.pop(PEFT_TYPE_NAME, None)
+        if isinstance(mapping, dict) and mapping.get(PEFT_TYPE_NAME) in ours:
+            del mapping[PEFT_TYPE_NAME]
     if member is not None:
         _remove_enum_member(member)
 
