@@ -462,8 +462,8 @@ def register_with_peft(*, allow_untested_peft: bool = False) -> type[NeatPeftCon
             raise IncompatiblePeftError(
                 f"NEAT's peft plugin is tested with peft{TESTED_PEFT}; cannot register with this peft: "
                 f"{'; '.join(problems)}. Install a tested version: {_INSTALL_HINT}"
-                + ("" if problems[0] != version_problem else
-                   " (or call register_with_peft(allow_untested_peft=True) to try this one)")
+                + (" (or call register_with_peft(allow_untested_peft=True) to try this one)"
+                   if problems == [version_problem] else "")
                 + ". peft was not modified."
             )
         if version_problem:
