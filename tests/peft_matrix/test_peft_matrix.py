@@ -7,9 +7,11 @@ peft's business). Failures that are properties of NEAT rather than bugs are skip
 
 import pytest
 
-from neat_peft import register_with_peft
+pytest.importorskip("peft")
 
-from peft_upstream import import_peft_test_module
+from neat_peft import register_with_peft  # noqa: E402
+
+from peft_upstream import import_peft_test_module  # noqa: E402
 
 try:
     upstream = import_peft_test_module("test_custom_models")
