@@ -286,6 +286,49 @@ def test_mixed_adapter_batch_matches_each_adapter_alone():
     assert not torch.allclose(out_a, out_b) and not torch.allclose(out_a, base)
 
 
+def test_mixed_adapter_batch_routes_modules_to_save_too():
+    model = get_peft_model(mlp(), NeatPeftConfig(target_modules=["0"], modules_to_save=["2"], r=2,
+                                                 init_weights=False), "first")
+    model.add_adapter("second", NeatPeftConfig(target_modules=["0"], modules_to_save=["2"], r=2, axis="in",
+                                               init_weights=False))
+    with torch.no_grad():  # distinct trained heads, so a wrong head shows in the output
+        model.base_model.model[2].modules_to_save["first"].bias.add_(1.0)
+        model.base_model.model[2].modules_to_save["second"].bias.sub_(1.0)
+    model.eval()
+    x = torch.randn(6, 10)
+    with torch.no_grad():
+        model.set_adapter("first")
+        out_first = model(x)
+        model.set_adapter("second")
+        out_second = model(x)
+        mixed = model(x, adapter_names=["first", "second"] * 3)
+    torch.testing.assert_close(mixed[0::2], out_first[0::2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[1::2], out_second[1::2], atol=1e-6, rtol=0)
+
+
+def test_generate_with_mixed_adapters_and_beam_search():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=32, bos_token_id=0,
+                        eos_token_id=0)
+    model = get_peft_model(GPT2LMHeadModel(config).eval(),
+                           NeatPeftConfig(target_modules=["c_attn"], r=2, init_weights=False, scaling=4.0), "first")
+    model.add_adapter("second", NeatPeftConfig(target_modules=["c_attn", "c_fc"], r=2, axis="in",
+                                               init_weights=False, scaling=4.0))
+    model.eval()
+    ids = torch.randint(1, 40, (2, 5), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.set_adapter("first")
+        alone_first = model.generate(input_ids=ids, **kwargs)
+        model.set_adapter("second")
+        alone_second = model.generate(input_ids=ids, **kwargs)
+        mixed = model.generate(input_ids=ids, adapter_names=["first", "second"], **kwargs)
+    assert not torch.equal(alone_first, alone_second)  # the two adapters generate differently
+    assert torch.equal(mixed[0], alone_first[0]) and torch.equal(mixed[1], alone_second[1])
+
+
 def test_mixed_adapter_batch_bad_input():
     model = _two_adapters()
     with pytest.raises(ValueError, match="non-existing adapter.*typo"):
