@@ -173,7 +173,10 @@ class NeatPeftLayer(NeatLayer, BaseTunerLayer):
             return
         try:
             NeatLayer.merge(self, names, safe_merge=safe_merge)
-        except ValueError as e:  # the core refused a non-finite merge and changed nothing
+        except ValueError as e:
+            if not safe_merge:
+                raise
+            # the core refused a non-finite merge and changed nothing; say it in peft's words as well
             raise ValueError(f"NaNs detected in the merged weights. The adapter {', '.join(names)} seems to be "
                              f"broken. {e}") from None
 
