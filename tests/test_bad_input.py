@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (
+from neat_testing import (
     TinyEncoder,
     TinyMLP,
     assert_state_equal,

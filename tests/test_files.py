@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from conftest import dir_snapshot
+from neat_testing import dir_snapshot
 from neat_peft import NeatConfig, NeatLayer, NeatModel, get_neat_model
 from neat_peft.layers import ModulesToSave
 
@@ -60,9 +60,11 @@ def test_save_load_round_trip_is_exact(tmp_path, axis):
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
-    assert "base_model.model.lin.peanut_A.weight" in keys and "base_model.model.conv.peanut_decoders.1.weight" in keys
+    # Conv1D/Embedding/Conv2d targets make this a NEAT-typed file, whose keys carry the "neat_" prefix.
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "NEAT"
+    assert "base_model.model.lin.neat_A.weight" in keys and "base_model.model.conv.neat_decoders.1.weight" in keys
     assert "base_model.model.head.weight" in keys
-    assert not any("neat_" in k or ".default" in k for k in keys)
+    assert not any("peanut_" in k or ".default" in k for k in keys)
     x = inputs()
     model.eval()
     loaded = NeatModel.from_pretrained(copy.deepcopy(pristine), tmp_path)
@@ -149,7 +151,7 @@ def test_export_lora_loads_in_peft_with_equal_outputs(tmp_path, axis, depth, sca
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding", "conv2d"])
 def test_export_lora_single_layer_kinds(tmp_path, kind):
-    from conftest import Single, make_input, make_layer
+    from neat_testing import Single, make_input, make_layer
 
     base = make_layer(kind, {"stride": 2, "padding": 2} if kind == "conv2d" else None)
     model = get_neat_model(Single(copy.deepcopy(base)), NeatConfig(r=4, depth=1, axis="in", scaling=0.3,

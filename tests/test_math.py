@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from conftest import (
+from neat_testing import (
     REFERENCE_ACTIVATIONS,
     Single,
     make_input,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (
+from neat_testing import (
     Single,
     TinyEncoder,
     TinyMLP,

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import Single, adapter_tensors, reference_delta_weight
+from neat_testing import Single, adapter_tensors, reference_delta_weight
 from neat_peft import NeatConfig, get_neat_model
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
