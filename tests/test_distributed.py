@@ -171,9 +171,21 @@ def _fsdp2_worker(rank: int, world: int, init_file: Path, out: Path) -> None:
 
         train(model, inputs[:, mine], labels[:, mine])
         model.save_pretrained(out / "sharded_trained")
+        train(reference, inputs, labels)
         if rank == 0:
-            train(reference, inputs, labels)
             reference.save_pretrained(out / "unsharded_trained")
+
+        # Eval without grad (where NeatLayer caches H): right after training, and after an in-place change that
+        # only reaches the unsharded weights through FSDP2's next all-gather (the cache must notice).
+        model.eval(), reference.eval()
+        with torch.no_grad():
+            before = model(inputs[0])
+            torch.testing.assert_close(before, reference(inputs[0]), rtol=1e-4, atol=1e-5)
+            for m in (model, reference):
+                m.base_model.blocks[0].query.neat_A["default"].weight.mul_(1.5)
+            after = model(inputs[0])
+            torch.testing.assert_close(after, reference(inputs[0]), rtol=1e-4, atol=1e-5)
+            assert (after - before).abs().max() > 1e-3
     finally:
         dist.destroy_process_group()
 

@@ -316,6 +316,8 @@ class NeatLayer(nn.Module):
                  if n in self.adapter_configs and n not in self.merged_adapters]
         if not names:
             return
+        for name in [*self.merged_adapters, *names]:
+            self.require_whole_weights(name)  # before touching anything, whatever the layer kind
         weight = self.base_layer.weight
         with torch.no_grad():
             acc_dtype = torch.promote_types(weight.dtype, torch.float32)
