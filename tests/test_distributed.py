@@ -236,6 +236,7 @@ def test_neat_after_fully_shard_raises_at_wrap_time(single_process_group):
     assert {n: type(m) for n, m in net.named_modules()} == before  # untouched
 
 
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")  # FSDPLinear returns a view: the bad setup itself
 def test_sharding_a_base_layer_alone_is_rejected(single_process_group):
     model = build_model(init_weights=False)
     x = torch.randn(2, SEQ, DIM)

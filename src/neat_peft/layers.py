@@ -79,8 +79,7 @@ class NeatLayer(nn.Module):
         self.base_layer = base_layer
         self.layer_name = name
         # The whole weight's shape, also when DeepSpeed ZeRO-3 has partitioned it (see distributed.py).
-        self._stored_weight_shape = full_shape(base_layer.weight)
-        self.d_out, self.d_in = self._linear_layout_shape(self._stored_weight_shape)
+        self.d_out, self.d_in = self._linear_layout_shape(full_shape(base_layer.weight))
         self.neat_A = nn.ModuleDict()
         self.neat_B = nn.ModuleDict()
         self.neat_encoders = nn.ModuleDict()
@@ -110,6 +109,14 @@ class NeatLayer(nn.Module):
         if self.kind == "conv2d":
             return stored[0], int(torch.Size(stored[1:]).numel())
         return stored[1], stored[0]
+
+    def _whole_weight_shape(self) -> tuple[int, ...]:
+        """The stored weight's shape when whole (the inverse of _linear_layout_shape)."""
+        if self.kind == "linear":
+            return self.d_out, self.d_in
+        if self.kind == "conv2d":
+            return (self.d_out, self.base_layer.in_channels, *self.base_layer.kernel_size)
+        return self.d_in, self.d_out
 
     def _to_stored_layout(self, delta: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":
@@ -180,7 +187,7 @@ class NeatLayer(nn.Module):
         names = [f"neat_A.{adapter_name}.weight", f"neat_B.{adapter_name}.weight",
                  *[f"neat_encoders.{adapter_name}.{i}.weight" for i in range(cfg.depth)],
                  *[f"neat_decoders.{adapter_name}.{i}.weight" for i in range(cfg.depth)]]
-        require_whole(self.layer_name, [("base_layer.weight", self.base_layer.weight, self._stored_weight_shape),
+        require_whole(self.layer_name, [("base_layer.weight", self.base_layer.weight, self._whole_weight_shape()),
                                         *zip(names, self.adapter_parameters(adapter_name), shapes)])
 
     def factors(self, adapter_name: str, W0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
