@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NeatConfig
+from .distributed import check_wrappable, full_shape, require_whole
 from .functional import delta_weight, get_activation, kaiming_uniform_, low_rank_factors, rms, weight_network
 
 BASE_ONLY = "__base__"  # the name a sample uses in a mixed batch to bypass every adapter
@@ -75,9 +76,12 @@ class NeatLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, name: str = "?"):
         super().__init__()
         self.kind = check_supported(name, base_layer)
+        check_wrappable(name, base_layer)  # NEAT goes in before FSDP2 shards the model, never after
         self.base_layer = base_layer
         self.training = base_layer.training  # wrapping a model in eval mode keeps it in eval mode
-        self.d_out, self.d_in = self.base_weight().shape
+        self.layer_name = name
+        # The whole weight's shape, also when DeepSpeed ZeRO-3 has partitioned it (see distributed.py).
+        self.d_out, self.d_in = self._linear_layout_shape(full_shape(base_layer.weight))
         self.neat_A = nn.ModuleDict()
         self.neat_B = nn.ModuleDict()
         self.neat_encoders = nn.ModuleDict()
@@ -110,6 +114,21 @@ class NeatLayer(nn.Module):
         if self.kind == "conv2d":
             return w.flatten(1)
         return w.t()  # conv1d stores d_in x d_out; an embedding is a linear map from one-hot ids
+
+    def _linear_layout_shape(self, stored: tuple[int, ...]) -> tuple[int, int]:
+        if self.kind == "linear":
+            return stored[0], stored[1]
+        if self.kind == "conv2d":
+            return stored[0], int(torch.Size(stored[1:]).numel())
+        return stored[1], stored[0]
+
+    def _whole_weight_shape(self) -> tuple[int, ...]:
+        """The stored weight's shape when whole (the inverse of _linear_layout_shape)."""
+        if self.kind == "linear":
+            return self.d_out, self.d_in
+        if self.kind == "conv2d":
+            return (self.d_out, self.base_layer.in_channels, *self.base_layer.kernel_size)
+        return self.d_in, self.d_out
 
     def _to_stored_layout(self, delta: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":
@@ -173,9 +192,22 @@ class NeatLayer(nn.Module):
         ]
 
     # --- the update ------------------------------------------------------------------------------------
+    def require_whole_weights(self, adapter_name: str) -> None:
+        """Raise a ShardingError if W0 or this adapter's weights are sharded/partitioned right now: H needs all of
+        W0, and a fragment would give wrong numbers rather than an error (see distributed.py)."""
+        cfg = self.adapter_configs[adapter_name]
+        m, n = self._network_width(cfg.axis)
+        shapes = [(cfg.r, m), (n, cfg.r), *[(cfg.r, cfg.r)] * (2 * cfg.depth)]
+        names = [f"neat_A.{adapter_name}.weight", f"neat_B.{adapter_name}.weight",
+                 *[f"neat_encoders.{adapter_name}.{i}.weight" for i in range(cfg.depth)],
+                 *[f"neat_decoders.{adapter_name}.{i}.weight" for i in range(cfg.depth)]]
+        require_whole(self.layer_name, [("base_layer.weight", self.base_layer.weight, self._whole_weight_shape()),
+                                        *zip(names, self.adapter_parameters(adapter_name), shapes)])
+
     def factors(self, adapter_name: str, W0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up) of this adapter with dW = s * up @ down^T, from W0 (default: the current base weight)."""
         cfg = self.adapter_configs[adapter_name]
+        self.require_whole_weights(adapter_name)
         return low_rank_factors(
             self.base_weight() if W0 is None else W0,
             self.neat_A[adapter_name].weight,
@@ -204,8 +236,12 @@ class NeatLayer(nn.Module):
         )
 
     def cached_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """factors(), reused across calls in eval mode without autograd (unmerged inference at LoRA's cost)."""
-        if self.training or torch.is_grad_enabled():
+        """factors(), reused across calls in eval mode without autograd (unmerged inference at LoRA's cost).
+
+        Under torch.compile the cache is bypassed (its staleness key reads data pointers, which break graphs): the
+        compiled graph recomputes H, an extra ~r/N of the frozen layer's cost for N tokens.
+        """
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.factors(adapter_name)
         tensors = self._cache_tensors(adapter_name)
         hit = self._cache.get(adapter_name)
@@ -275,6 +311,7 @@ class NeatLayer(nn.Module):
 
     def _embedding_rows_output(self, adapter_name: str, ids: torch.Tensor) -> torch.Tensor:
         cfg = self.adapter_configs[adapter_name]
+        self.require_whole_weights(adapter_name)
         unique_ids, inverse = torch.unique(ids, return_inverse=True)
         A = self.neat_A[adapter_name].weight
         rows = self.base_layer.weight[unique_ids].to(A.dtype)
@@ -323,6 +360,8 @@ class NeatLayer(nn.Module):
                  if n in self.adapter_configs and n not in self.merged_adapters]
         if not names:
             return
+        for name in [*self.merged_adapters, *names]:
+            self.require_whole_weights(name)  # before touching anything, whatever the layer kind
         weight = self.base_layer.weight
         with torch.no_grad():
             acc_dtype = torch.promote_types(weight.dtype, torch.float32)

@@ -13,6 +13,8 @@ from torch import nn
 
 from . import __version__
 from .config import NeatConfig
+from .distributed import check_wrappable, full_shape, gather_full
+from .distributed import is_main_process as _is_main_process
 from .formats import (
     config_to_json,
     layer_keys,
@@ -40,12 +42,12 @@ def linear_layout_shape(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, NeatLayer):
         return module.d_out, module.d_in
     kind = check_supported("?", module)
-    w = module.weight
+    shape = full_shape(module.weight)  # also right for a DeepSpeed ZeRO-3 partitioned weight
     if kind == "linear":
-        return w.shape[0], w.shape[1]
+        return shape[0], shape[1]
     if kind == "conv2d":
-        return w.shape[0], w[0].numel()
-    return w.shape[1], w.shape[0]
+        return shape[0], torch.Size(shape[1:]).numel()
+    return shape[1], shape[0]
 
 
 def adapter_tensor_shapes(module: nn.Module, config: NeatConfig) -> dict[str, tuple[int, ...]]:
@@ -105,6 +107,8 @@ class NeatModel(nn.Module):
         self.active_adapters: list[str] = []
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
+        if _checkpointing_enabled(model):  # enabled before wrapping
+            self._enable_input_require_grads()
 
     def __getattr__(self, name: str):
         try:
@@ -139,6 +143,9 @@ class NeatModel(nn.Module):
             raise ValueError(f"{adapter_name!r} cannot name an adapter (empty, contains '.', or reserved).")
         targets = find_targets(self.base_model, config)  # raises before anything changes
         saves = find_modules_to_save(self.base_model, config.modules_to_save)
+        for path, module in targets:
+            if not isinstance(module, NeatLayer):
+                check_wrappable(path, module)  # already sharded by FSDP2: raise before anything changes
         for path, module in targets:
             layer = module if isinstance(module, NeatLayer) else NeatLayer(module, path)
             layer.add_adapter(adapter_name, config)
@@ -212,6 +219,27 @@ class NeatModel(nn.Module):
             for path, layer in self.neat_layers():
                 if path in merged:
                     layer.merge(merged[path])
+
+    # --- gradient checkpointing (transformers models) -------------------------------------------------
+    def gradient_checkpointing_enable(self, *args, **kwargs):
+        """transformers' gradient_checkpointing_enable on the base model, plus input embeddings whose output
+        requires grad. Reentrant checkpointing gives no gradient to the parameters inside a block whose inputs
+        need none, and with frozen embeddings they don't: without this the adapters would silently not train."""
+        result = self.base_model.gradient_checkpointing_enable(*args, **kwargs)
+        self._enable_input_require_grads()
+        return result
+
+    def activation_checkpointing_enable(self, *args, **kwargs):
+        """transformers >= 5's name of gradient_checkpointing_enable; the same input-grad fix applies."""
+        result = self.base_model.activation_checkpointing_enable(*args, **kwargs)
+        self._enable_input_require_grads()
+        return result
+
+    def _enable_input_require_grads(self) -> None:
+        base = self.base_model
+        already = getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None)
+        if hasattr(base, "enable_input_require_grads") and not already:
+            base.enable_input_require_grads()
 
     # --- running ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -318,8 +346,14 @@ class NeatModel(nn.Module):
         return tensors, paths, kinds
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike],
-                        selected_adapters: Optional[list[str]] = None) -> None:
-        """Write each adapter as peft does: 'default' in save_directory, others in save_directory/<name>."""
+                        selected_adapters: Optional[list[str]] = None, is_main_process: Optional[bool] = None) -> None:
+        """Write each adapter as peft does: 'default' in save_directory, others in save_directory/<name>.
+
+        In a torch.distributed job only rank 0 writes (is_main_process overrides that). Under FSDP2 the sharded
+        adapter tensors are gathered first, a collective: call save_pretrained on every rank.
+        """
+        if is_main_process is None:
+            is_main_process = _is_main_process()
         names = selected_adapters or list(self.peft_config)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -327,6 +361,9 @@ class NeatModel(nn.Module):
         for name in names:
             config = self.peft_config[name]
             tensors, paths, kinds = self._adapter_tensors(name)
+            tensors = {key: gather_full(t, key) for key, t in tensors.items()}
+            if not is_main_process:
+                continue
             data = config.to_dict()
             data["target_modules"] = sorted(paths)  # the exact modules, so any loader adapts the same ones
             data["inference_mode"] = True
@@ -453,6 +490,14 @@ def _read_checked(model: nn.Module, model_id, is_trainable: bool) -> tuple[NeatC
         raise ValueError(f"The adapter in {str(model_id)!r} does not fit this model ({'; '.join(problems)}). "
                          "Was it trained on a different base model?")
     return config, tensors
+
+
+def _checkpointing_enabled(model: nn.Module) -> bool:
+    # transformers >= 5 renamed is_gradient_checkpointing (which now warns) to is_activation_checkpointing.
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    if flag is None:
+        flag = getattr(type(model), "is_gradient_checkpointing", None)
+    return bool(flag.__get__(model)) if isinstance(flag, property) else False
 
 
 def get_neat_model(model: nn.Module, config: NeatConfig, adapter_name: str = DEFAULT_ADAPTER) -> NeatModel:
