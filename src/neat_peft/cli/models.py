@@ -116,7 +116,8 @@ def load_base_model(config: dict[str, Any], labels: list[str], source_override: 
         kwargs["revision"] = config["model.revision"]
     if task == "text-classification":
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                      label2id={name: i for i, name in enumerate(labels)})
+                      label2id={name: i for i, name in enumerate(labels)},
+                      ignore_mismatched_sizes=True)  # a classifier with another label count is replaced
         model = _from_pretrained(AutoModelForSequenceClassification, source, config["model.name"], **kwargs)
         if model.config.pad_token_id is None:
             tokenizer = load_tokenizer(config)
@@ -140,7 +141,8 @@ class ImageClassifier(nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None):
+    def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None, **loss_kwargs):
+        # loss_kwargs: Trainer passes num_items_in_batch; the mean over the batch is already right here.
         logits = self.backbone(pixel_values)
         out = {"logits": logits}
         if labels is not None:

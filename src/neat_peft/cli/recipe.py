@@ -170,8 +170,13 @@ def _type_name(types: tuple) -> str:
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Check every value's type and the few enumerations; returns the config (floats normalised)."""
-    for key, value in config.items():
+    for key, value in list(config.items()):
         default, types, _ = SCHEMA[key]
+        if isinstance(value, str) and float in types and str not in types:
+            try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+                value = config[key] = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if not ok:
             raise CliError(f"Recipe key '{key}' must be {_type_name(types)}, got {value!r}. {SCHEMA[key][2]}")

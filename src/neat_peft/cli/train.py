@@ -124,7 +124,8 @@ def make_callbacks(examples_per_step: int, primary: str):
             if state.is_world_process_zero and metrics and hasattr(self, "bar"):
                 shown = ", ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()
                                   if k.startswith("eval_") and k[5:] in ("loss", "accuracy", "macro_f1", primary))
-                self.bar.write(f"step {state.global_step}: validation {shown}")
+                if shown:  # the test evaluations after training are reported in the final table instead
+                    self.bar.write(f"step {state.global_step}: validation {shown}")
 
         def on_train_end(self, args, state, control, **kwargs):
             if hasattr(self, "bar"):
