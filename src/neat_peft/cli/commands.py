@@ -198,5 +198,7 @@ def run_export_lora(run_dir: str, out: str) -> None:
     else:
         raise CliError(f"export-lora needs a run trained with method neat or lora; '{path}' used method {method} "
                        "(no low-rank update to export). Use `neat-peft merge` for a full model.")
+    what = ("it computes exactly the NEAT update: lora_B @ lora_A = dW, scaling 1" if method == "neat"
+            else "a copy of the run's LoRA adapter")
     print(f"LoRA adapter written to {target} (load with peft.PeftModel.from_pretrained(base_model, '{target}'); "
-          "" + ("it computes exactly the NEAT update: lora_B @ lora_A = dW, scaling 1)" if method == "neat" else "a copy of the run's LoRA adapter)")))
+          f"{what})")
