@@ -98,12 +98,26 @@ def _copy(value):
     return list(value) if isinstance(value, list) else value
 
 
+# Names users bring from transformers / peft / other trainers, mapped to ours.
+SYNONYMS = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "num_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum_steps",
+    "warmup": "train.warmup_ratio", "output_dir": "output.dir", "model_name_or_path": "model.name",
+    "rank": "method.r", "lora_r": "method.r", "lora_rank": "method.r", "target_modules": "method.targets",
+    "activation": "method.act_fn", "alpha": "method.lora_alpha", "max_seq_length": "data.max_length",
+    "dataset": "data.source", "method": "method.name", "model": "model.name",
+}
+
+
 def closest_key(name: str) -> str:
-    """The valid key nearest to `name`, for 'did you mean' (also matches on the last component alone)."""
-    candidates = difflib.get_close_matches(name, KEYS, n=1, cutoff=0.5)
+    """The valid key nearest to `name`, for 'did you mean': known synonyms, then difflib on the whole key,
+    then on its last component."""
+    last = name.rsplit(".", 1)[-1]
+    if last in SYNONYMS:
+        return SYNONYMS[last]
+    candidates = difflib.get_close_matches(name, KEYS, n=1, cutoff=0.6)
     if candidates:
         return candidates[0]
-    last = name.rsplit(".", 1)[-1]
     by_last = {k.rsplit(".", 1)[-1]: k for k in KEYS}
     hit = difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.6)
     return by_last[hit[0]] if hit else ""
@@ -112,7 +126,11 @@ def closest_key(name: str) -> str:
 def _unknown(name: str, where: str) -> CliError:
     near = closest_key(name)
     hint = f" Did you mean '{near}'?" if near else ""
-    return CliError(f"Unknown recipe key '{name}' {where}.{hint} Valid keys are: {', '.join(KEYS)}.")
+    section = name.split(".", 1)[0]
+    same = [k for k in KEYS if k.startswith(section + ".")]
+    listing = (f"Keys of section '{section}': {', '.join(same)}." if same and "." in name else
+               "Sections: task, model.*, data.*, method.*, train.*, output.*.")
+    return CliError(f"Unknown recipe key '{name}' {where}.{hint} {listing} `neat-peft recipe-keys` lists them all.")
 
 
 def flatten(tree: Any, where: str, prefix: str = "") -> dict[str, Any]:

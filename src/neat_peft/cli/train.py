@@ -308,12 +308,14 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NonFiniteLoss as e:
+        for callback in trainer.callback_handler.callbacks:
+            if hasattr(callback, "bar"):
+                callback.bar.close()
         last = rundir.last_complete_checkpoint(run_dir)
         kept = f"The last good checkpoint, {last}, is kept" if last else "No checkpoint had been written yet"
         raise CliError(f"Training stopped: the loss became NaN or infinite at step {e}. {kept}; nothing was "
-                       "saved after it. Lower train.lr / train.head_lr (or method.scaling), then start again with "
-                       f"--overwrite, or resume from the checkpoint with a lower rate by editing {run_dir}/config.yaml."
-                       ) from None
+                       "saved after it. Lower train.lr / train.head_lr (or method.scaling) and start again with "
+                       "--overwrite.") from None
     train_seconds = time.perf_counter() - start
 
     # Test evaluation and what the run keeps.
