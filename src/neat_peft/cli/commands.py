@@ -107,6 +107,7 @@ def run_predict(run_dir: str, inputs: list[str], max_new_tokens: int, as_json: b
             for prompt in inputs:
                 enc = tokenizer(features.prompt_text(tokenizer, prompt), return_tensors="pt",
                                 add_special_tokens=False)
+                enc = {k: enc[k] for k in ("input_ids", "attention_mask")}  # BERT-style tokenizers add more
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
                 answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
