@@ -35,7 +35,7 @@ def _quiet_trainer(model, config: dict[str, Any], run_dir: Path, collator, class
 
     trainer = make_trainer_class()(model=model, args=args, data_collator=collator,
                                    compute_metrics=compute_metrics if classification else None,
-                                   heads=[], head_lr=0.0)
+                                   heads=[], head_lr=0.0, sums_loss=not classification)
 
     def set_classes(n):
         nonlocal n_classes

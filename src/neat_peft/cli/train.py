@@ -42,9 +42,13 @@ def make_trainer_class():
     class RunTrainer(Trainer):
         """Trainer with per-group learning rates, trainable-only checkpoints and a non-finite-loss stop."""
 
-        def __init__(self, *args, heads: list[str], head_lr: float, **kwargs):
+        def __init__(self, *args, heads: list[str], head_lr: float, sums_loss: bool = False, **kwargs):
             self.heads, self.head_lr = heads, head_lr
             super().__init__(*args, **kwargs)
+            if not sums_loss:
+                # Classification losses are per-batch means: Trainer must not rescale them by the number of
+                # processes (it does so for models that accept **kwargs, e.g. any wrapper, under DDP).
+                self.model_accepts_loss_kwargs = False
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
@@ -194,6 +198,8 @@ def training_arguments(config: dict[str, Any], run_dir: Path, for_training: bool
         seed=config["train.seed"], data_seed=config["train.seed"],
         report_to="none", disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
         prediction_loss_only=config["task"] == "causal-lm", dataloader_num_workers=0,
+        # torchrun on CPU: transformers needs the backend named to set up DDP (NCCL is for GPUs only).
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
     )
 
 
@@ -235,7 +241,10 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
     if output_dir:
         config["output.dir"] = output_dir
     run_dir = Path(config["output.dir"])
-    mode = rundir.prepare(run_dir, resume, overwrite, dry_run=True)
+    if is_main_process():
+        mode = rundir.prepare(run_dir, resume, overwrite, dry_run=True)
+    else:  # other ranks of a torchrun launch: rank 0 checks (and may already be writing) the directory
+        mode = "resume" if resume else "fresh"
     if mode == "resume":
         saved = recipe.load_resolved(run_dir / "config.yaml")
         check_resume_config(saved, config, bool(config_path or overrides), run_dir)
@@ -288,7 +297,7 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
         model=model, args=args, train_dataset=datasets["train"], eval_dataset=datasets["validation"],
         data_collator=collator, compute_metrics=compute_metrics if classification else None,
         callbacks=make_callbacks(examples_per_step, "accuracy" if classification else "loss"),
-        heads=method_info["heads"], head_lr=float(config["train.head_lr"]),
+        heads=method_info["heads"], head_lr=float(config["train.head_lr"]), sums_loss=not classification,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
