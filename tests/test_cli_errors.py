@@ -208,3 +208,37 @@ def test_recipe_keys_and_shipped_recipes():
     config = recipe.resolve(None, ["train.lr=1e-3", "method.targets=[query, key]", "data.keep_labels=null"])
     assert config["train.lr"] == 1e-3 and config["method.targets"] == ["query", "key"]
     assert json.loads(json.dumps(recipe.to_tree(config)))["method"]["targets"] == ["query", "key"]
+
+
+def test_hub_dataset_unavailable_offline(tmp_path):
+    result = cli_subprocess("train", "-o", tmp_path / "x", "data.source=nobody-here/no-such-dataset-3f9a",
+                            env_extra={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                       "HF_HOME": str(tmp_path / "hf")})
+    assert_clean_error(result.returncode, result.stderr, "Data source 'nobody-here/no-such-dataset-3f9a'",
+                       "offline and it is not in the local cache")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl", ".parquet"])
+def test_local_file_formats_read_the_same(suffix, tmp_path):
+    import pandas as pd
+
+    from neat_peft.cli import recipe
+    from neat_peft.cli.data import build_text_splits
+
+    texts = [f"example number {i}" for i in range(60)] + ["example number 0"]  # one duplicate
+    labels = ["good" if i % 3 else "bad" for i in range(60)] + ["good"]
+    frame = pd.DataFrame({"review": texts, "stars": labels})
+    path = tmp_path / f"data{suffix}"
+    {".csv": lambda: frame.to_csv(path, index=False), ".tsv": lambda: frame.to_csv(path, sep="\t", index=False),
+     ".json": lambda: frame.to_json(path, orient="records"),
+     ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    config = recipe.resolve(None, [f"data.source={path}", "data.text_column=review", "data.label_column=stars",
+                                   "data.max_train_examples=null", "data.max_test_examples=null"])
+    splits = build_text_splits(config)
+    assert splits.labels == ["bad", "good"] and splits.info["duplicates_dropped"] == 1
+    assert sum(len(v) for v in splits.rows.values()) == 60
+    # Stratified: each split keeps the 1:2 class ratio (floor of 10% of 20 and of 40 per class).
+    assert sorted(r["label"] for r in splits.rows["test"]) == ["bad"] * 2 + ["good"] * 4
+    assert len({r["text"] for v in splits.rows.values() for r in v}) == 60

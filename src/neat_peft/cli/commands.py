@@ -22,25 +22,19 @@ def open_run(run_dir: str) -> tuple[Path, dict[str, Any], data_mod.Splits]:
     return path, config, data_mod.read_splits(path)
 
 
-def _quiet_trainer(model, config: dict[str, Any], run_dir: Path, collator, classification: bool):
+def _eval_trainer(model, config: dict[str, Any], run_dir: Path, collator, n_classes: int):
     """A Trainer used for evaluation only, with the training run's settings (so numbers match train's)."""
     from .train import make_trainer_class, training_arguments
 
-    args = training_arguments(config, run_dir, for_training=False)
-    n_classes = None
+    classification = config["task"] != "causal-lm"
 
     def compute_metrics(prediction):
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         return report.classification_metrics(logits, prediction.label_ids, n_classes)
 
-    trainer = make_trainer_class()(model=model, args=args, data_collator=collator,
-                                   compute_metrics=compute_metrics if classification else None,
-                                   heads=[], head_lr=0.0, sums_loss=not classification)
-
-    def set_classes(n):
-        nonlocal n_classes
-        n_classes = n
-    return trainer, set_classes
+    return make_trainer_class()(model=model, args=training_arguments(config, run_dir, for_training=False),
+                                data_collator=collator, compute_metrics=compute_metrics if classification else None,
+                                heads=[], head_lr=0.0, sums_loss=not classification)
 
 
 def run_eval(run_dir: str, data_path: Optional[str]) -> dict[str, Any]:
@@ -61,14 +55,13 @@ def run_eval(run_dir: str, data_path: Optional[str]) -> dict[str, Any]:
     model = models.load_trained(path, config, splits.labels)
     datasets, collator = build_datasets(config, splits, tokenizer)
     classification = config["task"] != "causal-lm"
-    trainer, set_classes = _quiet_trainer(model, config, path, collator, classification)
-    set_classes(len(splits.labels))
+    trainer = _eval_trainer(model, config, path, collator, len(splits.labels))
     result: dict[str, Any] = {"data": source, "examples": len(datasets["test"]), "method": config["method.name"]}
     if classification:
         prediction = trainer.predict(datasets["test"], metric_key_prefix="test")
         result["accuracy"] = prediction.metrics["test_accuracy"]
         result["macro_f1"] = prediction.metrics["test_macro_f1"]
-        base = report.majority_baseline(label_ids(splits, datasets["train"], "train"), list(prediction.label_ids),
+        base = report.majority_baseline(label_ids(datasets["train"]), list(prediction.label_ids),
                                         len(splits.labels))
         rows = [[config["method.name"], f"{result['accuracy']:.4f}", f"{result['macro_f1']:.4f}"],
                 [f"majority class ({splits.labels[base['class']]})", f"{base['accuracy']:.4f}",

@@ -165,13 +165,13 @@ def split_rows(inputs: list[dict[str, Any]], strata: list[str], config: dict[str
     return {"train": train, "validation": validation, "test": test}
 
 
-def _text_pairs(frame, config: dict[str, Any], source: str) -> tuple[list[str], list[str], tuple[str, str]]:
+def _text_pairs(frame, config: dict[str, Any], source: str) -> tuple[list[str], list[str]]:
     if config["task"] == "causal-lm":
         keys = ("data.prompt_column", "data.response_column")
     else:
         keys = ("data.text_column", "data.label_column")
     first, second = (_column(frame, config[k], k, source) for k in keys)
-    return first, second, keys
+    return first, second
 
 
 def clean(first: list[str], second: list[str], config: dict[str, Any], source: str,
@@ -205,7 +205,7 @@ def build_text_splits(config: dict[str, Any]) -> Splits:
     source = config["data.source"]
     frame = read_table(source, config["data.hub_config"], config["data.hub_split"])
     info: dict[str, Any] = {"source": source}
-    first, second, _ = _text_pairs(frame, config, source)
+    first, second = _text_pairs(frame, config, source)
     pairs = clean(first, second, config, source, info)
     names = ("text", "label") if config["task"] == "text-classification" else ("prompt", "response")
     rows = [{names[0]: a, names[1]: b} for a, b in pairs]
@@ -244,7 +244,7 @@ def check_labels_seen(rows: list[dict[str, Any]], train_labels: list[str], where
 def read_eval_rows(path: str, config: dict[str, Any], labels: list[str]) -> list[dict[str, Any]]:
     """Rows of a separate evaluation file, with the run's column names (for `neat-peft eval --data`)."""
     frame = read_table(path, config["data.hub_config"], config["data.hub_split"])
-    first, second, _ = _text_pairs(frame, config, path)
+    first, second = _text_pairs(frame, config, path)
     pairs = [(a, b) for a, b in zip(first, second) if a and b]
     if not pairs:
         raise CliError(f"No non-empty examples in '{path}'.")

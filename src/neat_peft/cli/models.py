@@ -318,9 +318,7 @@ def load_trained(run_dir: Path, config: dict[str, Any], labels: list[str]) -> nn
 
 def merged_model(model: nn.Module, method: str) -> nn.Module:
     """The plain model with the adapter folded into its weights."""
-    if method == "neat":
-        return model.merge_and_unload(safe_merge=True)
-    if method == "lora":
+    if method in ("neat", "lora"):  # NeatModel and peft's PeftModel share this API
         return model.merge_and_unload(safe_merge=True)
     return model
 

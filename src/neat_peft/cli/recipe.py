@@ -42,7 +42,7 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "data.dedupe": (True, (bool,), "Drop repeated inputs (first kept) before splitting, so none is in two splits."),
     "data.validation_fraction": (0.1, NUM, "Fraction of the (deduplicated) data held out for validation."),
     "data.test_fraction": (0.1, NUM, "Fraction held out for test (image data: the source's own test set is used)."),
-    "data.max_train_examples": (3000, (int, NONE), "Train on a seeded stratified subset of this size (null: all)."),
+    "data.max_train_examples": (5000, (int, NONE), "Train on a seeded stratified subset of this size (null: all)."),
     "data.max_validation_examples": (400, (int, NONE), "Validate on a subset of this size (null: all)."),
     "data.max_test_examples": (1500, (int, NONE), "Test on a subset of this size (null: all)."),
     "data.max_length": (64, (int,), "Token limit per example (longer inputs are truncated)."),
@@ -75,8 +75,8 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "train.warmup_ratio": (0.06, NUM, "Fraction of steps with a linear learning-rate warm-up."),
     "train.scheduler": ("linear", (str,), "transformers scheduler name: linear, cosine, constant, ..."),
     "train.max_grad_norm": (1.0, NUM, "Gradient clipping norm."),
-    "train.eval_every": (40, (int,), "Validate every this many steps (the curve in the plot)."),
-    "train.save_every": (40, (int,), "Write a resumable checkpoint every this many steps."),
+    "train.eval_every": (50, (int,), "Validate every this many steps (the curve in the plot)."),
+    "train.save_every": (50, (int,), "Write a resumable checkpoint every this many steps."),
     "train.log_every": (10, (int,), "Record the training loss every this many steps."),
     "train.keep_checkpoints": (2, (int,), "How many recent checkpoints to keep."),
     "train.seed": (0, (int,), "Seed of the split, the subset, the initialisation and the data order."),
@@ -86,7 +86,6 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
 }
 
 KEYS = tuple(SCHEMA)
-DEFAULT_RECIPE_NAME = "text-classification (built-in default)"
 
 
 def defaults() -> dict[str, Any]:

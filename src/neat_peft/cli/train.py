@@ -170,7 +170,7 @@ def build_datasets(config: dict[str, Any], splits: data_mod.Splits, tokenizer):
     return sets, features.image_collate
 
 
-def label_ids(splits: data_mod.Splits, dataset, split: str) -> list[int]:
+def label_ids(dataset) -> list[int]:
     if isinstance(dataset, features.ImageDataset):
         return [int(dataset.labels[j]) for j in dataset.indices]
     return [it["labels"] for it in dataset.items]
@@ -336,7 +336,7 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
         prediction = trainer.predict(datasets["test"], metric_key_prefix="test")
         metrics["test"] = {"accuracy": prediction.metrics["test_accuracy"],
                            "macro_f1": prediction.metrics["test_macro_f1"], "examples": len(datasets["test"])}
-        train_labels = label_ids(splits, datasets["train"], "train")
+        train_labels = label_ids(datasets["train"])
         test_labels = list(prediction.label_ids)
         base = report.majority_baseline(train_labels, test_labels, n_classes)
         base["label"] = splits.labels[base["class"]]
