@@ -242,3 +242,23 @@ def test_local_file_formats_read_the_same(suffix, tmp_path):
     # Stratified: each split keeps the 1:2 class ratio (floor of 10% of 20 and of 40 per class).
     assert sorted(r["label"] for r in splits.rows["test"]) == ["bad"] * 2 + ["good"] * 4
     assert len({r["text"] for v in splits.rows.values() for r in v}) == 60
+
+
+def test_core_never_imports_the_cli():
+    import subprocess
+    import sys
+
+    from cli_helpers import ROOT
+
+    code = ("import sys, neat_peft; bad = [m for m in sys.modules if m.startswith('neat_peft.cli') or "
+            "m in ('transformers', 'yaml', 'peft')]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_recipe_keys_command_lists_every_key(capsys):
+    from neat_peft.cli.recipe import KEYS
+
+    code, out, _ = cli("recipe-keys", capsys=capsys)
+    assert code == 0 and all(f"  {k} = " in out for k in KEYS)

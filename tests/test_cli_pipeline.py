@@ -303,3 +303,19 @@ def test_torchrun_two_processes(tiny_bert, tmp_path):
     history = json.loads((run / "log_history.json").read_text())["log_history"]
     # A 3-class loss near ln 3 = 1.10 at the start: not scaled by the number of processes.
     assert abs(history[0]["loss"] - 1.0986) < 0.05
+
+
+def test_adapter_and_head_get_their_own_learning_rates(tiny_bert, tmp_path):
+    from neat_peft.cli import models, recipe
+    from neat_peft.cli.train import make_trainer_class, training_arguments
+
+    config = recipe.resolve(None, [f"model.name={tiny_bert}", "train.lr=0.003", "train.head_lr=0.02"])
+    model, info = models.apply_method(models.load_base_model(config, ["a", "b", "c"]), config)
+    trainer = make_trainer_class()(model=model, args=training_arguments(config, tmp_path, for_training=False),
+                                   heads=info["heads"], head_lr=0.02)
+    groups = trainer.create_optimizer().param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr = {g["lr"]: sorted(names[id(p)] for p in g["params"]) for g in groups}
+    assert set(by_lr) == {0.003, 0.02}
+    assert all(".classifier." in n for n in by_lr[0.02]) and len(by_lr[0.02]) == 2  # weight and bias
+    assert all("neat_" in n for n in by_lr[0.003]) and len(by_lr[0.003]) == 2 * 4  # A, B of 4 layers
