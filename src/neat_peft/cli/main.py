@@ -84,7 +84,7 @@ def dispatch(args: argparse.Namespace) -> None:
         raise CliError(f"The neat-peft command needs the training extras ({e.name} is missing): "
                        "pip install 'neat-peft[train]'.") from None
     _quiet_libraries()
-    if args.command in (None, "train"):
+    if args.command == "train":
         from .train import run_train
 
         run_train(getattr(args, "config", None), getattr(args, "overrides", []) or [],
@@ -112,7 +112,11 @@ def dispatch(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `neat-peft` explains itself rather than starting a 5-minute run
+        parser.print_help()
+        return 0
     try:
         dispatch(args)
     except CliError as e:
