@@ -1,0 +1,610 @@
+"""Speed and memory of NEAT against peft's LoRA and peft's PEANuT, measured side by side in ONE process.
+
+    python benchmarks/speed.py                       # d = 384, 768, 2048 (about 10 minutes on 2 CPU cores)
+    python benchmarks/speed.py --quick               # tiny sizes, a few seconds (what the tests run)
+    python benchmarks/speed.py --json out.json --markdown docs/speed.md
+    python benchmarks/speed.py --from-json out.json --markdown docs/speed.md   # regenerate the page only
+
+Every method runs on the same randomly initialised BERT-shaped encoder (transformers BertModel: hidden d,
+intermediate 4d, d/64 heads), the same batch and the same classification head; the frozen weights are one
+set of tensors shared by all methods. Adapters: q + v ("query", "value"), r = 8, no dropout.
+
+Training step = zero_grad + forward + cross-entropy + backward + AdamW step. Methods:
+  floor   no adapter, backbone frozen, only the head trains; the embedding output requires grad so that
+          backward still runs through every layer (what any adapter must pay at least)
+  lora    peft LoraConfig(r=8, lora_alpha=8)          peanut  peft PeanutConfig(r=8)
+  neat    neat_peft NeatConfig(r=8)
+Times: median over `repeats` rounds after `warmup` rounds; in every round each method runs once, and the
+order rotates from round to round, so machine noise (a shared machine) hits all methods alike. Ratios are
+ratios of the medians; the spread of the per-round ratios is printed as a noise gauge.
+
+Peak memory (CPU): PyTorch's CPU allocator reports every allocation and free to the profiler when
+`profile_memory=True`; we run one training step under it (after warm-up, grads freed, optimizer state
+already allocated) and take the maximum of the allocator's running total: "step" = the peak of what the
+step allocates on top of what is resident (activations, gradients, temporaries such as PEANuT's dW).
+"total" adds the resident tensors (parameters, buffers, optimizer state; each storage counted once).
+Allocations made by BLAS/oneDNN outside PyTorch's allocator are not seen (the same for every method).
+
+Inference (eval, no_grad, batch 1 and 32): base model, LoRA and PEANuT unmerged, NEAT unmerged with its
+eval cache of H, NEAT unmerged with the cache cleared before each call (what the cache saves), and NEAT
+merged (merge_and_unload) against the base model. Before inference NEAT's B is set to random values so the
+update is far from zero, and the script checks that merged weights equal W0 + dW (dW from the formula,
+in float64) and that merged outputs equal the unmerged ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TARGET_MODULES = ["query", "value"]
+RANK = 8
+TRAIN_METHODS = ["floor", "lora", "peanut", "neat"]
+INFER_METHODS = ["base", "lora", "peanut", "neat", "neat_nocache", "neat_merged"]
+
+# Targets from issues 2 and 5. (name, numerator, denominator, comparison, threshold, applies to d or None = all)
+TRAIN_TARGETS = [
+    ("train time NEAT/LoRA", "neat", "lora", "<=", 1.03, None),
+    ("PEANuT/NEAT train time", "peanut", "neat", ">=", 1.10, 768),
+    ("PEANuT/NEAT train time", "peanut", "neat", ">=", 1.40, 2048),
+]
+MEMORY_TARGET = ("peak memory NEAT/LoRA (step)", 1.05)
+INFER_TARGET = ("cached unmerged inference NEAT/LoRA, batch 1", 1.05)
+MERGED_TIME_TARGET = 1.05  # merged NEAT is a plain base model: its time ratio to the base is 1 up to noise
+OUTPUT_ATOL = 1e-4  # merged vs unmerged outputs (fp32, LayerNorm-scale activations)
+
+
+# --- sizes -------------------------------------------------------------------------------------------------
+def plan_for(d: int, args) -> dict:
+    """Model and batch sizes for width d. Wide models get fewer layers and shorter inference inputs by
+    default so that the whole run fits in about 10 minutes on 2 CPU cores (ratios do not depend on the
+    number of identical layers)."""
+    quick = args.quick
+    plan = {
+        "d": d,
+        "layers": args.layers if args.layers else (2 if quick else 4),
+        "heads": max(1, d // 64),
+        "intermediate": 4 * d,
+        "vocab": 1000 if quick else 30522,
+        "batch": args.batch if args.batch else (2 if quick else 8),
+        "seq": args.seq if args.seq else (16 if quick else 128),
+        "infer_batches": [1, 4] if quick else [1, 32],
+        "infer_seq": args.seq if args.seq else (16 if quick else 128),
+        "reduced": [],
+    }
+    if d >= 1536 and not quick and not args.no_reduce:
+        if not args.layers:
+            plan["layers"] = 2
+            plan["reduced"].append("2 layers instead of 4")
+        if not args.seq:
+            plan["infer_seq"] = 64
+            plan["reduced"].append("inference sequence 64 instead of 128")
+    return plan
+
+
+# --- models ------------------------------------------------------------------------------------------------
+class Classifier(nn.Module):
+    """Encoder + a linear head on the first token (the head trains in every method)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden[:, 0])
+
+
+def make_base(plan: dict, seed: int) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=plan["vocab"], hidden_size=plan["d"], num_hidden_layers=plan["layers"],
+        num_attention_heads=plan["heads"], intermediate_size=plan["intermediate"],
+        max_position_embeddings=max(512, plan["seq"]),
+    )
+    model = BertModel(config)
+    model.requires_grad_(False)
+    return model
+
+
+def shared_clone(base: nn.Module) -> nn.Module:
+    """A copy of `base` whose parameters and buffers ARE base's tensors (frozen weights stored once)."""
+    memo = {id(t): t for t in [*base.parameters(), *base.buffers()]}
+    return copy.deepcopy(base, memo)
+
+
+def build_train_model(method: str, base: nn.Module, head: nn.Linear, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    encoder = shared_clone(base)
+    if method == "floor":
+        # Backward must still reach the bottom layer, as it does with an adapter in layer 0.
+        encoder.embeddings.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+    elif method in ("lora", "peanut"):
+        from peft import LoraConfig, PeanutConfig, get_peft_model
+
+        config = (LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=TARGET_MODULES)
+                  if method == "lora" else PeanutConfig(r=RANK, target_modules=TARGET_MODULES))
+        encoder = get_peft_model(encoder, config)
+    elif method == "neat":
+        from neat_peft import NeatConfig, get_neat_model
+
+        encoder = get_neat_model(encoder, NeatConfig(r=RANK, target_modules=TARGET_MODULES))
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    model = Classifier(encoder, copy.deepcopy(head))
+    model.train()
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_batch(plan: dict, batch: int, seq: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(0, plan["vocab"], (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+    }
+
+
+# --- measuring ---------------------------------------------------------------------------------------------
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, labels: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(**batch), labels)
+    loss.backward()
+    optimizer.step()
+
+
+def round_robin(fns: dict, warmup: int, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call of each fn: `warmup` + `repeats` rounds, each fn once per round,
+    the order rotating. (CPU time leaves out the time other processes held the cores: a second opinion on
+    a busy machine.)"""
+    names = list(fns)
+    wall, cpu = {n: [] for n in names}, {n: [] for n in names}
+    for i in range(warmup + repeats):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fns[name]()
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            if i >= warmup:
+                wall[name].append(elapsed)
+                cpu[name].append(elapsed_cpu)
+    return wall, cpu
+
+
+def allocator_peak_bytes(fn) -> int:
+    """Peak of PyTorch's CPU allocator total while `fn` runs, counting only what `fn` allocates.
+
+    The profiler's memory events carry the allocator's running total; blocks allocated before profiling
+    started are reported with size 0 when freed, so the total is what was allocated inside `fn`.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    peak = 0
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            peak = max(peak, event.extra_fields.total_allocated)
+        stack.extend(event.children)
+    return int(peak)
+
+
+def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of parameters, buffers and optimizer state, each storage counted once."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for state in optimizer.state.values():
+        tensors += [t for t in state.values() if torch.is_tensor(t)]
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def summary(seconds: list[float], cpu_seconds: list[float]) -> dict:
+    ms = [1000 * s for s in seconds]
+    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "all_ms": ms,
+            "cpu_median_ms": 1000 * statistics.median(cpu_seconds)}
+
+
+def paired_ratios(times: dict, num: str, den: str) -> list[float]:
+    # Round i of `num` and round i of `den` ran back to back: their ratio cancels slow drifts of the machine.
+    return [a / b for a, b in zip(times[num], times[den])]
+
+
+def ratio_entry(times: dict, cpu: dict, num: str, den: str) -> dict:
+    per_round = paired_ratios(times, num, den)
+    return {
+        "ratio": statistics.median(times[num]) / statistics.median(times[den]),
+        "per_round_min": min(per_round),
+        "per_round_max": max(per_round),
+        "cpu_ratio": statistics.median(cpu[num]) / statistics.median(cpu[den]),
+    }
+
+
+def check(value: float, op: str, threshold: float) -> str:
+    ok = value <= threshold if op == "<=" else value >= threshold
+    return "PASS" if ok else "MISS"
+
+
+# --- the benchmark for one width ---------------------------------------------------------------------------
+def bench_train(plan: dict, base: nn.Module, head: nn.Linear, args, log) -> tuple[dict, dict]:
+    models, optimizers = {}, {}
+    for method in TRAIN_METHODS:
+        models[method] = build_train_model(method, base, head, args.seed + 1)
+        optimizers[method] = torch.optim.AdamW(trainable_parameters(models[method]), lr=1e-4)
+    batch = make_batch(plan, plan["batch"], plan["seq"], args.seed + 2)
+    labels = torch.randint(0, 2, (plan["batch"],), generator=torch.Generator().manual_seed(args.seed + 3))
+    fns = {m: (lambda m=m: train_step(models[m], optimizers[m], batch, labels)) for m in TRAIN_METHODS}
+    log(f"  training: {args.warmup} warm-up + {args.repeats} rounds x {len(fns)} methods")
+    times, cpu = round_robin(fns, args.warmup, args.repeats)
+
+    memory = {}
+    for method in TRAIN_METHODS:
+        optimizers[method].zero_grad(set_to_none=True)
+        step_bytes = allocator_peak_bytes(fns[method])
+        optimizers[method].zero_grad(set_to_none=True)
+        resident = resident_bytes(models[method], optimizers[method])
+        memory[method] = {"step_peak_mb": step_bytes / 2**20, "resident_mb": resident / 2**20,
+                          "total_peak_mb": (step_bytes + resident) / 2**20}
+
+    result = {
+        "trainable_params": {m: sum(p.numel() for p in trainable_parameters(models[m])) for m in TRAIN_METHODS},
+        "time": {m: summary(times[m], cpu[m]) for m in TRAIN_METHODS},
+        "memory": memory,
+        "ratios": {
+            "neat/lora": ratio_entry(times, cpu, "neat", "lora"),
+            "peanut/neat": ratio_entry(times, cpu, "peanut", "neat"),
+            "peanut/lora": ratio_entry(times, cpu, "peanut", "lora"),
+            "neat/floor": ratio_entry(times, cpu, "neat", "floor"),
+            "lora/floor": ratio_entry(times, cpu, "lora", "floor"),
+        },
+        "memory_ratios": {
+            f"{a}/{b} ({kind})": memory[a][f"{kind}_peak_mb"] / memory[b][f"{kind}_peak_mb"]
+            for a, b in [("neat", "lora"), ("peanut", "neat"), ("neat", "floor"), ("lora", "floor")]
+            for kind in ("step", "total")
+        },
+    }
+    trained = {m: models[m].encoder for m in ("lora", "peanut", "neat")}
+    return result, trained
+
+
+def neat_layers(model: nn.Module):
+    from neat_peft import NeatLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, NeatLayer)]
+
+
+def reference_merged_weight(layer) -> torch.Tensor:
+    """W0 + dW written out in float64: dW^T = s * relu(W0^T A^T) B^T (axis 'out', depth 0, relu)."""
+    W0 = layer.base_layer.weight.detach().double()
+    A = layer.neat_A["default"].weight.detach().double()
+    B = layer.neat_B["default"].weight.detach().double()
+    s = layer.adapter_configs["default"].scaling
+    return W0 + s * (torch.relu(W0.t() @ A.t()) @ B.t()).t()
+
+
+def bench_infer(plan: dict, base: nn.Module, trained: dict, args, log) -> dict:
+    neat = trained["neat"]
+    with torch.no_grad():  # a clearly non-zero update, so the merge checks below mean something
+        g = torch.Generator().manual_seed(args.seed + 4)
+        for _, layer in neat_layers(neat):
+            B = layer.neat_B["default"].weight
+            B.copy_(0.02 * torch.randn(B.shape, generator=g))
+    merged = copy.deepcopy(neat).merge_and_unload()
+    models = {"base": base, "lora": trained["lora"], "peanut": trained["peanut"], "neat": neat,
+              "neat_nocache": neat, "neat_merged": merged}
+    for m in models.values():
+        m.eval()
+
+    def run(name, batch):
+        model = models[name]
+        if name == "neat_nocache":
+            for _, layer in neat_layers(model):
+                layer.clear_cache()
+        with torch.no_grad():
+            return model(**batch).last_hidden_state
+
+    result = {"batches": {}}
+    for batch_size in plan["infer_batches"]:
+        batch = make_batch(plan, batch_size, plan["infer_seq"], args.seed + 5 + batch_size)
+        fns = {m: (lambda m=m: run(m, batch)) for m in INFER_METHODS}
+        log(f"  inference batch {batch_size}: {args.warmup} warm-up + {args.repeats} rounds x {len(fns)} models")
+        times, cpu = round_robin(fns, args.warmup, args.repeats)
+        unmerged, merged_out, base_out = run("neat", batch), run("neat_merged", batch), run("base", batch)
+        result["batches"][str(batch_size)] = {
+            "time": {m: summary(times[m], cpu[m]) for m in INFER_METHODS},
+            "ratios": {
+                "neat/lora": ratio_entry(times, cpu, "neat", "lora"),
+                "peanut/neat": ratio_entry(times, cpu, "peanut", "neat"),
+                "neat_nocache/neat": ratio_entry(times, cpu, "neat_nocache", "neat"),
+                "lora/base": ratio_entry(times, cpu, "lora", "base"),
+                "neat/base": ratio_entry(times, cpu, "neat", "base"),
+                "neat_merged/base": ratio_entry(times, cpu, "neat_merged", "base"),
+            },
+            "merged_vs_unmerged_max_abs_diff": (merged_out - unmerged).abs().max().item(),
+            "unmerged_vs_base_max_abs_diff": (unmerged - base_out).abs().max().item(),
+        }
+    layers = neat_layers(neat)
+    weight_diffs = [
+        (merged.get_submodule(name).weight.double() - reference_merged_weight(layer)).abs().max().item()
+        for name, layer in layers
+    ]
+    result["merge"] = {
+        "merged_weight_vs_formula_max_abs_diff": max(weight_diffs),
+        "merged_is_plain_base": not neat_layers(merged)
+        and type(merged) is type(base) and list(merged.state_dict()) == list(base.state_dict()),
+        "cache_filled": all(layer._cache for _, layer in layers),
+    }
+    return result
+
+
+def evaluate_targets(d: int, train: dict, infer: dict) -> list[dict]:
+    rows = []
+    for name, num, den, op, threshold, only_d in TRAIN_TARGETS:
+        if only_d is not None and only_d != d:
+            continue
+        value = train["ratios"][f"{num}/{den}"]["ratio"]
+        rows.append({"target": f"{name} {op} {threshold}", "value": value, "status": check(value, op, threshold)})
+    name, threshold = MEMORY_TARGET
+    value = train["memory_ratios"]["neat/lora (step)"]
+    rows.append({"target": f"{name} <= {threshold}", "value": value, "status": check(value, "<=", threshold)})
+    name, threshold = INFER_TARGET
+    value = infer["batches"]["1"]["ratios"]["neat/lora"]["ratio"]
+    rows.append({"target": f"{name} <= {threshold}", "value": value, "status": check(value, "<=", threshold)})
+    merge = infer["merge"]
+    worst_out = max(b["merged_vs_unmerged_max_abs_diff"] for b in infer["batches"].values())
+    equal = merge["merged_is_plain_base"] and worst_out <= OUTPUT_ATOL and \
+        merge["merged_weight_vs_formula_max_abs_diff"] <= 1e-5
+    rows.append({"target": f"merged NEAT = base model + dW (outputs within {OUTPUT_ATOL}, plain base modules)",
+                 "value": worst_out, "status": "PASS" if equal else "MISS"})
+    for bs, b in infer["batches"].items():
+        value = b["ratios"]["neat_merged/base"]["ratio"]
+        rows.append({"target": f"merged NEAT/base inference time, batch {bs} <= {MERGED_TIME_TARGET}",
+                     "value": value, "status": check(value, "<=", MERGED_TIME_TARGET)})
+    return rows
+
+
+# --- reporting ---------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import peft
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.is_available(),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def fmt_ratio(entry: dict) -> str:
+    return (f"{entry['ratio']:.3f} ({entry['per_round_min']:.2f}-{entry['per_round_max']:.2f}; "
+            f"cpu {entry['cpu_ratio']:.3f})")
+
+
+def render_text(report: dict) -> str:
+    lines = []
+    if report["settings"].get("quick"):
+        lines.append("quick mode: tiny sizes to check that everything runs; its PASS/MISS marks mean nothing")
+    for res in report["results"]:
+        p = res["plan"]
+        tr, inf = res["train"], res["infer"]
+        lines.append(f"\n=== d={p['d']}: {p['layers']} layers, {p['heads']} heads, train batch {p['batch']}x{p['seq']}, "
+                     f"inference seq {p['infer_seq']}" + (f"  [reduced: {'; '.join(p['reduced'])}]" if p["reduced"] else ""))
+        lines.append("training step        median ms   (min-max)          step peak MB   total peak MB   trainable")
+        for m in TRAIN_METHODS:
+            t, mem = tr["time"][m], tr["memory"][m]
+            lines.append(f"  {m:<8} {t['median_ms']:>16.1f}   ({t['min_ms']:.1f}-{t['max_ms']:.1f}){'':<6}"
+                         f"{mem['step_peak_mb']:>12.1f} {mem['total_peak_mb']:>15.1f} {tr['trainable_params'][m]:>11,d}")
+        lines.append("  time ratios (ratio of medians; per-round range; ratio of CPU-time medians): " +
+                     ", ".join(f"{k} {fmt_ratio(v)}" for k, v in tr["ratios"].items()))
+        lines.append("  memory ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in tr["memory_ratios"].items()))
+        for bs, b in inf["batches"].items():
+            lines.append(f"inference batch {bs}: " + ", ".join(
+                f"{m} {b['time'][m]['median_ms']:.1f} ms" for m in INFER_METHODS))
+            lines.append("  ratios: " + ", ".join(f"{k} {fmt_ratio(v)}" for k, v in b["ratios"].items()))
+            lines.append(f"  merged vs unmerged max |diff| {b['merged_vs_unmerged_max_abs_diff']:.2e}; "
+                         f"unmerged vs base {b['unmerged_vs_base_max_abs_diff']:.2e}")
+        mg = inf["merge"]
+        lines.append(f"merge: weights vs W0+dW formula max |diff| {mg['merged_weight_vs_formula_max_abs_diff']:.2e}, "
+                     f"plain base model {mg['merged_is_plain_base']}, NEAT eval cache filled {mg['cache_filled']}")
+        lines.append("targets:")
+        for row in res["targets"]:
+            lines.append(f"  [{row['status']}] {row['target']}: {row['value']:.4g}")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    mi = report["machine"]
+    out = [
+        "# Speed and memory: NEAT vs peft LoRA vs peft PEANuT",
+        "",
+        "Generated by `benchmarks/speed.py` from its JSON output; every figure below was printed by that run.",
+        "",
+        f"- Command: `{report['command']}`",
+        f"- Date: {report['date']} (run took {report['wall_s']:.0f} s)",
+        f"- Machine: {mi['cpu']}, {mi['cores']} cores, {mi['torch_threads']} torch threads, "
+        f"CUDA {'yes' if mi['cuda'] else 'no'}; load average at start {mi['loadavg_start']}, at end {mi.get('loadavg_end')}",
+        f"- Versions: python {mi['python']}, torch {mi['torch']}, peft {mi['peft']}, transformers {mi['transformers']}",
+        f"- Setup: random BERT-shaped encoder, q+v adapters, r={RANK}, no dropout; head on the first token; AdamW. "
+        f"Times are medians of {report['settings']['repeats']} interleaved rounds after {report['settings']['warmup']} "
+        "warm-up rounds; ratios are ratios of medians, with the range of per-round ratios in brackets "
+        "(a noise gauge) and the ratio of process CPU-time medians after `cpu` (insensitive to time the cores "
+        "spent on other processes; with several threads it includes their spin-waiting). Peak memory is the CPU allocator's peak during one step, as reported to "
+        "`torch.profiler` (`profile_memory=True`): *step* = allocated by the step on top of the resident "
+        "tensors, *total* = step + parameters, buffers and optimizer state.",
+        "- The machine may have been shared with other jobs: compare ratios, not absolute times.",
+        "",
+    ]
+    if report["settings"].get("quick"):
+        out[2:2] = ["**Quick mode: tiny sizes to check that everything runs; its PASS/MISS marks mean nothing.**", ""]
+    for res in report["results"]:
+        p, tr, inf = res["plan"], res["train"], res["infer"]
+        out.append(f"## d = {p['d']}")
+        out.append("")
+        out.append(f"{p['layers']} layers, {p['heads']} heads, intermediate {p['intermediate']}, training batch "
+                   f"{p['batch']}x{p['seq']} tokens, inference sequence {p['infer_seq']}."
+                   + (f" Reduced to fit the time budget: {'; '.join(p['reduced'])}." if p["reduced"] else ""))
+        out.append("")
+        out.append("| training step | median ms | min-max ms | step peak MB | total peak MB | trainable params |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        for m in TRAIN_METHODS:
+            t, mem = tr["time"][m], tr["memory"][m]
+            out.append(f"| {m} | {t['median_ms']:.1f} | {t['min_ms']:.1f}-{t['max_ms']:.1f} | "
+                       f"{mem['step_peak_mb']:.1f} | {mem['total_peak_mb']:.1f} | {tr['trainable_params'][m]:,d} |")
+        out.append("")
+        out.append("| training ratio | time | memory (step) | memory (total) |")
+        out.append("|---|---:|---:|---:|")
+        for key in ["neat/lora", "peanut/neat", "neat/floor", "lora/floor", "peanut/lora"]:
+            mem_step = tr["memory_ratios"].get(f"{key} (step)")
+            mem_total = tr["memory_ratios"].get(f"{key} (total)")
+            out.append(f"| {key} | {fmt_ratio(tr['ratios'][key])} | "
+                       f"{'' if mem_step is None else f'{mem_step:.3f}'} | "
+                       f"{'' if mem_total is None else f'{mem_total:.3f}'} |")
+        out.append("")
+        out.append("| inference (eval, no_grad) | " + " | ".join(INFER_METHODS) + " |")
+        out.append("|---|" + "---:|" * len(INFER_METHODS))
+        for bs, b in inf["batches"].items():
+            out.append(f"| batch {bs}, ms | " + " | ".join(f"{b['time'][m]['median_ms']:.1f}" for m in INFER_METHODS) + " |")
+        out.append("")
+        out.append("| inference ratio | " + " | ".join(f"batch {bs}" for bs in inf["batches"]) + " |")
+        out.append("|---|" + "---:|" * len(inf["batches"]))
+        for key in next(iter(inf["batches"].values()))["ratios"]:
+            out.append(f"| {key} | " + " | ".join(fmt_ratio(b["ratios"][key]) for b in inf["batches"].values()) + " |")
+        out.append("")
+        mg = inf["merge"]
+        out.append(f"Merge check: merged weights vs W0 + dW (formula, float64) max |diff| "
+                   f"{mg['merged_weight_vs_formula_max_abs_diff']:.2e}; merged vs unmerged outputs max |diff| "
+                   + ", ".join(f"{b['merged_vs_unmerged_max_abs_diff']:.2e} (batch {bs})" for bs, b in inf["batches"].items())
+                   + f"; merged model is a plain base model: {mg['merged_is_plain_base']}; "
+                   f"NEAT eval cache filled: {mg['cache_filled']}.")
+        out.append("")
+        out.append("| target | value | status |")
+        out.append("|---|---:|---|")
+        for row in res["targets"]:
+            out.append(f"| {row['target']} | {row['value']:.4g} | {row['status']} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def run(args) -> dict:
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    report = {
+        "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "settings": {"warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "rank": RANK, "quick": args.quick,
+                     "targets": TARGET_MODULES},
+        "results": [],
+    }
+    for d in args.d:
+        plan = plan_for(d, args)
+        log(f"d={d}: {plan}")
+        base = make_base(plan, args.seed)
+        torch.manual_seed(args.seed + 6)
+        head = nn.Linear(d, 2)
+        train, trained = bench_train(plan, base, head, args, log)
+        infer = bench_infer(plan, base, trained, args, log)
+        report["results"].append({"plan": plan, "train": train, "infer": infer,
+                                  "targets": evaluate_targets(d, train, infer)})
+        del base, trained
+        gc.collect()
+    report["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    report["wall_s"] = time.perf_counter() - start
+    return report
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (d=64,128; 2 layers; batch 2x16)")
+    parser.add_argument("--d", type=int, nargs="+", help="hidden sizes (default 384 768 2048; quick: 64 128)")
+    parser.add_argument("--layers", type=int, help="encoder layers (default 4; 2 for d >= 1536)")
+    parser.add_argument("--batch", type=int, help="training batch size (default 8)")
+    parser.add_argument("--seq", type=int, help="sequence length (default 128; inference 64 for d >= 1536)")
+    parser.add_argument("--no-reduce", action="store_true", help="no size reduction for wide models")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up rounds (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds, at least 5 (default 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
+    parser.add_argument("--json", type=Path, help="write the full results here")
+    parser.add_argument("--markdown", type=Path, help="write a Markdown report generated from the results here")
+    parser.add_argument("--from-json", type=Path, help="do not measure: render --markdown from this JSON")
+    args = parser.parse_args(argv)
+    if args.d is None:
+        args.d = [64, 128] if args.quick else [384, 768, 2048]
+    if any(d <= 0 or d % 64 for d in args.d):
+        parser.error(f"--d values must be positive multiples of 64 (heads of width 64), got {args.d}")
+    if args.repeats < 5 and not args.quick:
+        parser.error("--repeats must be at least 5 (medians of fewer are too noisy); --quick allows fewer")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.from_json:
+        if not args.markdown:
+            raise SystemExit("--from-json needs --markdown PATH (the page to write)")
+        report = json.loads(args.from_json.read_text())
+    else:
+        report = run(args)
+        print(render_text(report))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(render_markdown(report) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
