@@ -235,7 +235,7 @@ class NeatLayer(nn.Module):
             h = F.conv2d(x, kernels, None, conv.stride, conv.padding, conv.dilation)
             return F.conv2d(h * s, up[:, :, None, None])
         # down^T as a contiguous r x d_in weight, like LoRA's lora_A: autograd then forms down's gradient as
-        # g^T x instead of copying x^T (a full copy of the input on CPU). A no-op for axis "out".
+        # g^T x, not x^T g (a skinny matmul with a transposed operand, several times slower on CPU).
         return F.linear(F.linear(x, down.t().contiguous()) * s, up)
 
     def _embedding_rows_output(self, adapter_name: str, ids: torch.Tensor) -> torch.Tensor:
