@@ -46,6 +46,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,8 @@ from torch import nn
 TARGET_MODULES = ["query", "value"]
 RANK = 8
 TRAIN_METHODS = ["floor", "lora", "peanut", "neat"]
+COMPARE = "neat_compare"  # NEAT from another copy of the package (--compare-src), e.g. before a change
+_compare_package = None
 INFER_METHODS = ["base", "lora", "peanut", "neat", "neat_nocache", "neat_merged"]
 NOCACHE_MAX_BATCH = 1  # what the cache saves is visible at small batches only; skip that model above this
 
@@ -147,11 +150,31 @@ def build_train_model(method: str, base: nn.Module, head: nn.Linear, seed: int) 
         from neat_peft import NeatConfig, get_neat_model
 
         encoder = get_neat_model(encoder, NeatConfig(r=RANK, target_modules=TARGET_MODULES))
+    elif method == COMPARE:
+        package = _compare_package
+        encoder = package.get_neat_model(encoder, package.NeatConfig(r=RANK, target_modules=TARGET_MODULES))
     else:
         raise ValueError(f"unknown method {method!r}")
     model = Classifier(encoder, copy.deepcopy(head))
     model.train()
     return model
+
+
+def load_compare_package(src_dir: Path):
+    """Import the neat_peft package under `src_dir` as a second, separate package (module `neat_peft_compare`)."""
+    import importlib.util
+
+    global _compare_package
+    path = Path(src_dir) / "neat_peft"
+    if not (path / "__init__.py").is_file():
+        raise SystemExit(f"--compare-src {src_dir}: no neat_peft/__init__.py there (give a directory like src/)")
+    spec = importlib.util.spec_from_file_location("neat_peft_compare", path / "__init__.py",
+                                                  submodule_search_locations=[str(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["neat_peft_compare"] = module
+    spec.loader.exec_module(module)
+    _compare_package = module
+    return module
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -256,18 +279,19 @@ def check(value: float, op: str, threshold: float) -> str:
 
 # --- the benchmark for one width ---------------------------------------------------------------------------
 def bench_train(plan: dict, base: nn.Module, head: nn.Linear, args, log) -> tuple[dict, dict]:
+    methods = TRAIN_METHODS + ([COMPARE] if _compare_package else [])
     models, optimizers = {}, {}
-    for method in TRAIN_METHODS:
+    for method in methods:
         models[method] = build_train_model(method, base, head, args.seed + 1)
         optimizers[method] = torch.optim.AdamW(trainable_parameters(models[method]), lr=1e-4)
     batch = make_batch(plan, plan["batch"], plan["seq"], args.seed + 2)
     labels = torch.randint(0, 2, (plan["batch"],), generator=torch.Generator().manual_seed(args.seed + 3))
-    fns = {m: (lambda m=m: train_step(models[m], optimizers[m], batch, labels)) for m in TRAIN_METHODS}
+    fns = {m: (lambda m=m: train_step(models[m], optimizers[m], batch, labels)) for m in methods}
     log(f"  training: {args.warmup} warm-up + {args.repeats} rounds x {len(fns)} methods")
     times, cpu = round_robin(fns, args.warmup, args.repeats)
 
     memory = {}
-    for method in TRAIN_METHODS:
+    for method in methods:
         optimizers[method].zero_grad(set_to_none=True)
         step_bytes = allocator_peak_bytes(fns[method])
         optimizers[method].zero_grad(set_to_none=True)
@@ -277,8 +301,8 @@ def bench_train(plan: dict, base: nn.Module, head: nn.Linear, args, log) -> tupl
 
     result = {
         "matmul_flops": matmul_flops(plan),
-        "trainable_params": {m: sum(p.numel() for p in trainable_parameters(models[m])) for m in TRAIN_METHODS},
-        "time": {m: summary(times[m], cpu[m]) for m in TRAIN_METHODS},
+        "trainable_params": {m: sum(p.numel() for p in trainable_parameters(models[m])) for m in methods},
+        "time": {m: summary(times[m], cpu[m]) for m in methods},
         "memory": memory,
         "ratios": {
             "neat/lora": ratio_entry(times, cpu, "neat", "lora"),
@@ -286,11 +310,12 @@ def bench_train(plan: dict, base: nn.Module, head: nn.Linear, args, log) -> tupl
             "peanut/lora": ratio_entry(times, cpu, "peanut", "lora"),
             "neat/floor": ratio_entry(times, cpu, "neat", "floor"),
             "lora/floor": ratio_entry(times, cpu, "lora", "floor"),
+            **({f"neat/{COMPARE}": ratio_entry(times, cpu, "neat", COMPARE)} if COMPARE in times else {}),
         },
         "memory_ratios": {
             f"{a}/{b} ({kind})": memory[a][f"{kind}_peak_mb"] / memory[b][f"{kind}_peak_mb"]
-            for a, b in [("neat", "lora"), ("peanut", "neat"), ("neat", "floor"), ("lora", "floor")]
-            for kind in ("step", "total")
+            for a, b in [("neat", "lora"), ("peanut", "neat"), ("neat", "floor"), ("lora", "floor"), ("neat", COMPARE)]
+            for kind in ("step", "total") if b in memory
         },
     }
     trained = {m: models[m].encoder for m in ("lora", "peanut", "neat")}
@@ -421,21 +446,28 @@ def profile_adapted_layer(plan: dict, seed: int, iterations: int = 5, top: int =
     return out
 
 
-def evaluate_targets(d: int, train: dict, infer: dict) -> list[dict]:
+def evaluate_targets(d: int, train: dict, infer: Optional[dict], clock: str = "wall") -> list[dict]:
+    """PASS/MISS per target. Time ratios are judged on `clock`: "wall" (ratio of wall-time medians) or "cpu"
+    (ratio of process CPU-time medians, for a machine shared with other jobs); each row keeps both."""
+    key = "ratio" if clock == "wall" else "cpu_ratio"
+
+    def time_row(target: str, entry: dict, op: str, threshold: float, **extra) -> dict:
+        return {"target": target, "value": entry[key], "status": check(entry[key], op, threshold),
+                "wall_ratio": entry["ratio"], "cpu_ratio": entry["cpu_ratio"], "clock": clock, **extra}
+
     rows = []
+    flops = train["matmul_flops"]
     for name, num, den, op, threshold, only_d in TRAIN_TARGETS:
-        if only_d is not None and only_d != d:
-            continue
-        value = train["ratios"][f"{num}/{den}"]["ratio"]
-        flops = train["matmul_flops"]
-        rows.append({"target": f"{name} {op} {threshold}", "value": value, "status": check(value, op, threshold),
-                     "matmul_flop_ratio": flops[num] / flops[den]})
+        if only_d is None or only_d == d:
+            rows.append(time_row(f"{name} {op} {threshold}", train["ratios"][f"{num}/{den}"], op, threshold,
+                                 matmul_flop_ratio=flops[num] / flops[den]))
     name, threshold = MEMORY_TARGET
     value = train["memory_ratios"]["neat/lora (step)"]
     rows.append({"target": f"{name} <= {threshold}", "value": value, "status": check(value, "<=", threshold)})
+    if infer is None:
+        return rows
     name, threshold = INFER_TARGET
-    value = infer["batches"]["1"]["ratios"]["neat/lora"]["ratio"]
-    rows.append({"target": f"{name} <= {threshold}", "value": value, "status": check(value, "<=", threshold)})
+    rows.append(time_row(f"{name} <= {threshold}", infer["batches"]["1"]["ratios"]["neat/lora"], "<=", threshold))
     merge = infer["merge"]
     worst_out = max(b["merged_vs_unmerged_max_abs_diff"] for b in infer["batches"].values())
     equal = merge["merged_is_plain_base"] and worst_out <= OUTPUT_ATOL and \
@@ -443,9 +475,8 @@ def evaluate_targets(d: int, train: dict, infer: dict) -> list[dict]:
     rows.append({"target": f"merged NEAT = base model + dW (outputs within {OUTPUT_ATOL}, plain base modules)",
                  "value": worst_out, "status": "PASS" if equal else "MISS"})
     for bs, b in infer["batches"].items():
-        value = b["ratios"]["neat_merged/base"]["ratio"]
-        rows.append({"target": f"merged NEAT/base inference time, batch {bs} <= {MERGED_TIME_TARGET}",
-                     "value": value, "status": check(value, "<=", MERGED_TIME_TARGET)})
+        rows.append(time_row(f"merged NEAT/base inference time, batch {bs} <= {MERGED_TIME_TARGET}",
+                             b["ratios"]["neat_merged/base"], "<=", MERGED_TIME_TARGET))
     return rows
 
 
@@ -476,6 +507,20 @@ def machine_info() -> dict:
     }
 
 
+def target_notes(row: dict) -> str:
+    notes = []
+    if "clock" in row:
+        other = "cpu" if row["clock"] == "wall" else "wall"
+        notes.append(f"{row['clock']} time; {other} time {row[other + '_ratio']:.3f}")
+    if "matmul_flop_ratio" in row:
+        notes.append(f"matmul FLOP count predicts {row['matmul_flop_ratio']:.3f}")
+    return f"  ({'; '.join(notes)})" if notes else ""
+
+
+def fmt_load(load) -> str:
+    return "n/a" if not load else ", ".join(f"{x:.1f}" for x in load)
+
+
 def fmt_ratio(entry: dict) -> str:
     return (f"{entry['ratio']:.3f} ({entry['per_round_min']:.2f}-{entry['per_round_max']:.2f}; "
             f"cpu {entry['cpu_ratio']:.3f})")
@@ -491,22 +536,23 @@ def render_text(report: dict) -> str:
         lines.append(f"\n=== d={p['d']}: {p['layers']} layers, {p['heads']} heads, train batch {p['batch']}x{p['seq']}, "
                      f"inference seq {p['infer_seq']}" + (f"  [reduced: {'; '.join(p['reduced'])}]" if p["reduced"] else ""))
         lines.append("training step        median ms   (min-max)          step peak MB   total peak MB   trainable")
-        for m in TRAIN_METHODS:
+        for m in tr["time"]:
             t, mem = tr["time"][m], tr["memory"][m]
-            lines.append(f"  {m:<8} {t['median_ms']:>16.1f}   ({t['min_ms']:.1f}-{t['max_ms']:.1f}){'':<6}"
+            lines.append(f"  {m:<12} {t['median_ms']:>12.1f}   ({t['min_ms']:.1f}-{t['max_ms']:.1f}){'':<6}"
                          f"{mem['step_peak_mb']:>12.1f} {mem['total_peak_mb']:>15.1f} {tr['trainable_params'][m]:>11,d}")
         lines.append("  time ratios (ratio of medians; per-round range; ratio of CPU-time medians): " +
                      ", ".join(f"{k} {fmt_ratio(v)}" for k, v in tr["ratios"].items()))
         lines.append("  memory ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in tr["memory_ratios"].items()))
-        for bs, b in inf["batches"].items():
+        for bs, b in (inf["batches"].items() if inf else []):
             lines.append(f"inference batch {bs}: " + ", ".join(
                 f"{m} {t['median_ms']:.1f} ms" for m, t in b["time"].items()))
             lines.append("  ratios: " + ", ".join(f"{k} {fmt_ratio(v)}" for k, v in b["ratios"].items()))
             lines.append(f"  merged vs unmerged max |diff| {b['merged_vs_unmerged_max_abs_diff']:.2e}; "
                          f"unmerged vs base {b['unmerged_vs_base_max_abs_diff']:.2e}")
-        mg = inf["merge"]
-        lines.append(f"merge: weights vs W0+dW formula max |diff| {mg['merged_weight_vs_formula_max_abs_diff']:.2e}, "
-                     f"plain base model {mg['merged_is_plain_base']}, NEAT eval cache filled {mg['cache_filled']}")
+        if inf:
+            mg = inf["merge"]
+            lines.append(f"merge: weights vs W0+dW formula max |diff| {mg['merged_weight_vs_formula_max_abs_diff']:.2e}, "
+                         f"plain base model {mg['merged_is_plain_base']}, NEAT eval cache filled {mg['cache_filled']}")
         if "layer_profile" in res:
             lp = res["layer_profile"]
             lines.append(f"profile of one adapted {p['d']}x{p['d']} layer, forward+backward, ms per iteration:")
@@ -515,36 +561,79 @@ def render_text(report: dict) -> str:
                     f"{row['op']} {row['shapes']} {row['self_ms_per_iter']:.2f}" for row in lp[method]))
         lines.append("targets:")
         for row in res["targets"]:
-            model = row.get("matmul_flop_ratio")
-            lines.append(f"  [{row['status']}] {row['target']}: {row['value']:.4g}"
-                         + (f"  (matmul FLOP count predicts {model:.3f})" if model else ""))
+            lines.append(f"  [{row['status']}] {row['target']}: {row['value']:.4g}" + target_notes(row))
     return "\n".join(lines)
 
 
+def render_markdown_inference(inf: dict) -> list[str]:
+    out = []
+    out.append("| inference (eval, no_grad) | " + " | ".join(INFER_METHODS) + " |")
+    out.append("|---|" + "---:|" * len(INFER_METHODS))
+    for bs, b in inf["batches"].items():
+        out.append(f"| batch {bs}, ms | " + " | ".join(
+            f"{b['time'][m]['median_ms']:.1f}" if m in b["time"] else "" for m in INFER_METHODS) + " |")
+    out.append("")
+    out.append("| inference ratio | " + " | ".join(f"batch {bs}" for bs in inf["batches"]) + " |")
+    out.append("|---|" + "---:|" * len(inf["batches"]))
+    keys = dict.fromkeys(k for b in inf["batches"].values() for k in b["ratios"])
+    for key in keys:
+        out.append(f"| {key} | " + " | ".join(
+            fmt_ratio(b["ratios"][key]) if key in b["ratios"] else "" for b in inf["batches"].values()) + " |")
+    out.append("")
+    mg = inf["merge"]
+    out.append(f"Merge check: merged weights vs W0 + dW (formula, float64) max |diff| "
+               f"{mg['merged_weight_vs_formula_max_abs_diff']:.2e}; merged vs unmerged outputs max |diff| "
+               + ", ".join(f"{b['merged_vs_unmerged_max_abs_diff']:.2e} (batch {bs})" for bs, b in inf["batches"].items())
+               + f"; merged model is a plain base model: {mg['merged_is_plain_base']}; "
+               f"NEAT eval cache filled: {mg['cache_filled']}.")
+    out.append("")
+    return out
+
+
 def render_markdown(report: dict) -> str:
-    mi = report["machine"]
+    mi, st = report["machine"], report["settings"]
+    clock = st.get("clock", "wall")
     out = [
         "# Speed and memory: NEAT vs peft LoRA vs peft PEANuT",
         "",
-        "Generated by `benchmarks/speed.py` from its JSON output; every figure below was printed by that run.",
+        "Generated by `benchmarks/speed.py` from its JSON output (`--markdown`); every figure below was printed "
+        "by that run.",
         "",
         f"- Command: `{report['command']}`",
         f"- Date: {report['date']} (run took {report['wall_s']:.0f} s)",
         f"- Machine: {mi['cpu']}, {mi['cores']} cores, {mi['torch_threads']} torch threads, "
-        f"CUDA {'yes' if mi['cuda'] else 'no'}; load average at start {mi['loadavg_start']}, at end {mi.get('loadavg_end')}",
+        f"CUDA {'yes' if mi['cuda'] else 'no'}; load average (1, 5, 15 min) at start "
+        f"{fmt_load(mi['loadavg_start'])}, at end {fmt_load(mi.get('loadavg_end'))}",
         f"- Versions: python {mi['python']}, torch {mi['torch']}, peft {mi['peft']}, transformers {mi['transformers']}",
-        f"- Setup: random BERT-shaped encoder, q+v adapters, r={RANK}, no dropout; head on the first token; AdamW. "
-        f"Times are medians of {report['settings']['repeats']} interleaved rounds after {report['settings']['warmup']} "
-        "warm-up rounds; ratios are ratios of medians, with the range of per-round ratios in brackets "
-        "(a noise gauge) and the ratio of process CPU-time medians after `cpu` (insensitive to time the cores "
-        "spent on other processes; with several threads it includes their spin-waiting). Peak memory is the CPU allocator's peak during one step, as reported to "
-        "`torch.profiler` (`profile_memory=True`): *step* = allocated by the step on top of the resident "
-        "tensors, *total* = step + parameters, buffers and optimizer state.",
+        f"- Setup: random BERT-shaped encoder (transformers BertModel), q+v adapters, r={RANK}, no dropout; a linear "
+        "head on the first token; AdamW. *floor*: no adapter, only the head trains, and the embedding output "
+        "requires grad so that backward still runs through every layer.",
+        f"- Times: medians of {st['repeats']} rounds after {st['warmup']} warm-up rounds (inference: "
+        f"{st.get('infer_warmup', st['warmup'])}); in each round every method runs once, in an order that rotates. "
+        "Ratios are ratios of medians; in brackets the range of per-round ratios (a noise gauge) and, after `cpu`, "
+        "the ratio of process CPU-time medians (blind to time the cores spent on other jobs; with several threads "
+        f"it includes their spin-waiting). PASS/MISS on time targets uses the **{clock}-time** ratio.",
+        "- Peak memory: the CPU allocator's running total during one training step, as reported to "
+        "`torch.profiler` (`profile_memory=True`); *step* = allocated by the step on top of what is resident "
+        "(activations, gradients, temporaries), *total* = step + parameters, buffers and optimizer state. "
+        "Memory that BLAS/oneDNN allocate outside PyTorch's allocator is not seen.",
+        "- *matmul FLOP count predicts*: the ratio of the matmul FLOPs of one training step (see `matmul_flops` in "
+        "the script). PEANuT adds x·dWᵀ and its two gradients (6·N·d² per adapted layer) to a layer whose frozen "
+        "part costs 48·N·d² plus attention, so PEANuT/NEAT cannot exceed about 1 + 12·d²/(48·d²) = 1.25 for "
+        "q+v adapters on a BERT layer when compute bound, at any width.",
         "- The machine may have been shared with other jobs: compare ratios, not absolute times.",
         "",
     ]
-    if report["settings"].get("quick"):
+    if st.get("compare_src"):
+        out.insert(-2, f"- `{COMPARE}`: NEAT from the package under `{st['compare_src']}` "
+                       "(another version of neat_peft), trained in the same rounds as the others.")
+    if st.get("quick"):
         out[2:2] = ["**Quick mode: tiny sizes to check that everything runs; its PASS/MISS marks mean nothing.**", ""]
+    out += ["## Targets", "", "| d | target | value | status |", "|---:|---|---:|---|"]
+    for res in report["results"]:
+        for row in res["targets"]:
+            out.append(f"| {res['plan']['d']} | {row['target']} | {row['value']:.4g} | {row['status']} |")
+    out.append("")
     for res in report["results"]:
         p, tr, inf = res["plan"], res["train"], res["infer"]
         out.append(f"## d = {p['d']}")
@@ -555,46 +644,27 @@ def render_markdown(report: dict) -> str:
         out.append("")
         out.append("| training step | median ms | min-max ms | step peak MB | total peak MB | trainable params |")
         out.append("|---|---:|---:|---:|---:|---:|")
-        for m in TRAIN_METHODS:
+        for m in tr["time"]:
             t, mem = tr["time"][m], tr["memory"][m]
             out.append(f"| {m} | {t['median_ms']:.1f} | {t['min_ms']:.1f}-{t['max_ms']:.1f} | "
                        f"{mem['step_peak_mb']:.1f} | {mem['total_peak_mb']:.1f} | {tr['trainable_params'][m]:,d} |")
         out.append("")
         out.append("| training ratio | time | memory (step) | memory (total) |")
         out.append("|---|---:|---:|---:|")
-        for key in ["neat/lora", "peanut/neat", "neat/floor", "lora/floor", "peanut/lora"]:
+        for key in tr["ratios"]:
             mem_step = tr["memory_ratios"].get(f"{key} (step)")
             mem_total = tr["memory_ratios"].get(f"{key} (total)")
             out.append(f"| {key} | {fmt_ratio(tr['ratios'][key])} | "
                        f"{'' if mem_step is None else f'{mem_step:.3f}'} | "
                        f"{'' if mem_total is None else f'{mem_total:.3f}'} |")
         out.append("")
-        out.append("| inference (eval, no_grad) | " + " | ".join(INFER_METHODS) + " |")
-        out.append("|---|" + "---:|" * len(INFER_METHODS))
-        for bs, b in inf["batches"].items():
-            out.append(f"| batch {bs}, ms | " + " | ".join(
-                f"{b['time'][m]['median_ms']:.1f}" if m in b["time"] else "" for m in INFER_METHODS) + " |")
-        out.append("")
-        out.append("| inference ratio | " + " | ".join(f"batch {bs}" for bs in inf["batches"]) + " |")
-        out.append("|---|" + "---:|" * len(inf["batches"]))
-        keys = dict.fromkeys(k for b in inf["batches"].values() for k in b["ratios"])
-        for key in keys:
-            out.append(f"| {key} | " + " | ".join(
-                fmt_ratio(b["ratios"][key]) if key in b["ratios"] else "" for b in inf["batches"].values()) + " |")
-        out.append("")
-        mg = inf["merge"]
-        out.append(f"Merge check: merged weights vs W0 + dW (formula, float64) max |diff| "
-                   f"{mg['merged_weight_vs_formula_max_abs_diff']:.2e}; merged vs unmerged outputs max |diff| "
-                   + ", ".join(f"{b['merged_vs_unmerged_max_abs_diff']:.2e} (batch {bs})" for bs, b in inf["batches"].items())
-                   + f"; merged model is a plain base model: {mg['merged_is_plain_base']}; "
-                   f"NEAT eval cache filled: {mg['cache_filled']}.")
-        out.append("")
-        out.append("| target | value | status | matmul FLOP count predicts |")
-        out.append("|---|---:|---|---:|")
+        if inf:
+            out += render_markdown_inference(inf)
+        out.append("| target | value | status | wall-time ratio | CPU-time ratio | matmul FLOP count predicts |")
+        out.append("|---|---:|---|---:|---:|---:|")
         for row in res["targets"]:
-            model = row.get("matmul_flop_ratio")
-            out.append(f"| {row['target']} | {row['value']:.4g} | {row['status']} | "
-                       f"{'' if model is None else f'{model:.3f}'} |")
+            cells = [f"{row[k]:.3f}" if k in row else "" for k in ("wall_ratio", "cpu_ratio", "matmul_flop_ratio")]
+            out.append(f"| {row['target']} | {row['value']:.4g} | {row['status']} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -608,7 +678,7 @@ def run(args) -> dict:
         "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
-        "settings": {"warmup": args.warmup, "infer_warmup": args.infer_warmup, "repeats": args.repeats, "seed": args.seed, "rank": RANK, "quick": args.quick,
+        "settings": {"clock": args.clock, "train_only": args.train_only, "compare_src": str(args.compare_src) if args.compare_src else None, "warmup": args.warmup, "infer_warmup": args.infer_warmup, "repeats": args.repeats, "seed": args.seed, "rank": RANK, "quick": args.quick,
                      "targets": TARGET_MODULES},
         "results": [],
     }
@@ -619,8 +689,8 @@ def run(args) -> dict:
         torch.manual_seed(args.seed + 6)
         head = nn.Linear(d, 2)
         train, trained = bench_train(plan, base, head, args, log)
-        infer = bench_infer(plan, base, trained, args, log)
-        entry = {"plan": plan, "train": train, "infer": infer, "targets": evaluate_targets(d, train, infer)}
+        infer = None if args.train_only else bench_infer(plan, base, trained, args, log)
+        entry = {"plan": plan, "train": train, "infer": infer, "targets": evaluate_targets(d, train, infer, args.clock)}
         if args.profile:
             log("  profiling one adapted layer")
             entry["layer_profile"] = profile_adapted_layer(plan, args.seed)
@@ -648,6 +718,13 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
     parser.add_argument("--profile", action="store_true",
                         help="also run torch.profiler on one adapted layer per method and list its costliest ops")
+    parser.add_argument("--compare-src", type=Path,
+                        help=f"also train NEAT from the neat_peft package under this directory (method {COMPARE!r}), "
+                             "interleaved with the others: the effect of a change to the package, measured side by side")
+    parser.add_argument("--train-only", action="store_true", help="skip the inference measurements")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="which time the PASS/MISS marks use: wall (default) or process CPU time (a shared "
+                             "machine; use with --threads 1); both are always reported")
     parser.add_argument("--json", type=Path, help="write the full results here")
     parser.add_argument("--markdown", type=Path, help="write a Markdown report generated from the results here")
     parser.add_argument("--from-json", type=Path, help="do not measure: render --markdown from this JSON")
@@ -667,6 +744,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare_src and not args.from_json:
+        load_compare_package(args.compare_src)
     if args.from_json:
         if not args.markdown:
             raise SystemExit("--from-json needs --markdown PATH (the page to write)")
