@@ -10,8 +10,8 @@ intermediate 4d, d/64 heads), the same batch and the same classification head; t
 set of tensors shared by all methods. Adapters: q + v ("query", "value"), r = 8, no dropout.
 
 Training step = zero_grad + forward + cross-entropy + backward + AdamW step. Methods:
-  floor   no adapter, backbone frozen, only the head trains; the embedding output requires grad so that
-          backward still runs through every layer (what any adapter must pay at least)
+  floor   no adapter; only the head and the biases of the q and v layers train, so backward runs through
+          the same layers as with q/v adapters (what any adapter must pay at least)
   lora    peft LoraConfig(r=8, lora_alpha=8)          peanut  peft PeanutConfig(r=8)
   neat    neat_peft NeatConfig(r=8)
 Times: median over `repeats` rounds after `warmup` rounds; in every round each method runs once, and the
@@ -138,8 +138,11 @@ def build_train_model(method: str, base: nn.Module, head: nn.Linear, seed: int) 
     torch.manual_seed(seed)
     encoder = shared_clone(base)
     if method == "floor":
-        # Backward must still reach the bottom layer, as it does with an adapter in layer 0.
-        encoder.embeddings.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+        # Train the biases of the target layers (own copies, not the shared tensors): backward then runs through
+        # exactly the part of the network that q/v adapters need, at no extra matmul cost.
+        for name, module in encoder.named_modules():
+            if name.rsplit(".", 1)[-1] in TARGET_MODULES:
+                module.bias = nn.Parameter(module.bias.detach().clone())
     elif method in ("lora", "peanut"):
         from peft import LoraConfig, PeanutConfig, get_peft_model
 
@@ -606,8 +609,10 @@ def render_markdown(report: dict) -> str:
         f"{fmt_load(mi['loadavg_start'])}, at end {fmt_load(mi.get('loadavg_end'))}",
         f"- Versions: python {mi['python']}, torch {mi['torch']}, peft {mi['peft']}, transformers {mi['transformers']}",
         f"- Setup: random BERT-shaped encoder (transformers BertModel), q+v adapters, r={RANK}, no dropout; a linear "
-        "head on the first token; AdamW. *floor*: no adapter, only the head trains, and the embedding output "
-        "requires grad so that backward still runs through every layer.",
+        "head on the first token; AdamW. *floor*: no adapter; only the head and the biases of the q and v layers "
+        "train, so backward runs through the same layers as with q/v adapters (without the bias, backward "
+        "would stop at the head; making the embedding output require grad instead would add layer 0's input "
+        "gradient, which no adapter needs).",
         f"- Times: medians of {st['repeats']} rounds after {st['warmup']} warm-up rounds (inference: "
         f"{st.get('infer_warmup', st['warmup'])}); in each round every method runs once, in an order that rotates. "
         "Ratios are ratios of medians; in brackets the range of per-round ratios (a noise gauge) and, after `cpu`, "
@@ -625,8 +630,9 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     if st.get("compare_src"):
-        out.insert(-2, f"- `{COMPARE}`: NEAT from the package under `{st['compare_src']}` "
-                       "(another version of neat_peft), trained in the same rounds as the others.")
+        label = st.get("compare_label") or "another version of neat_peft"
+        out.insert(-2, f"- `{COMPARE}`: NEAT from the package under `{st['compare_src']}` ({label}), trained in "
+                       "the same rounds as the others.")
     if st.get("quick"):
         out[2:2] = ["**Quick mode: tiny sizes to check that everything runs; its PASS/MISS marks mean nothing.**", ""]
     out += ["## Targets", "", "| d | target | value | status |", "|---:|---|---:|---|"]
@@ -678,7 +684,8 @@ def run(args) -> dict:
         "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
-        "settings": {"clock": args.clock, "train_only": args.train_only, "compare_src": str(args.compare_src) if args.compare_src else None, "warmup": args.warmup, "infer_warmup": args.infer_warmup, "repeats": args.repeats, "seed": args.seed, "rank": RANK, "quick": args.quick,
+        "settings": {"clock": args.clock, "train_only": args.train_only, "compare_src": str(args.compare_src) if args.compare_src else None,
+                     "compare_label": args.compare_label, "warmup": args.warmup, "infer_warmup": args.infer_warmup, "repeats": args.repeats, "seed": args.seed, "rank": RANK, "quick": args.quick,
                      "targets": TARGET_MODULES},
         "results": [],
     }
@@ -721,13 +728,16 @@ def parse_args(argv=None):
     parser.add_argument("--compare-src", type=Path,
                         help=f"also train NEAT from the neat_peft package under this directory (method {COMPARE!r}), "
                              "interleaved with the others: the effect of a change to the package, measured side by side")
+    parser.add_argument("--compare-label", default="", help="what --compare-src holds, for the report")
     parser.add_argument("--train-only", action="store_true", help="skip the inference measurements")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="which time the PASS/MISS marks use: wall (default) or process CPU time (a shared "
                              "machine; use with --threads 1); both are always reported")
     parser.add_argument("--json", type=Path, help="write the full results here")
     parser.add_argument("--markdown", type=Path, help="write a Markdown report generated from the results here")
-    parser.add_argument("--from-json", type=Path, help="do not measure: render --markdown from this JSON")
+    parser.add_argument("--from-json", type=Path, nargs="+",
+                        help="do not measure: render --markdown from these JSON files (the first is the main run, "
+                             "the others are appended as further runs)")
     args = parser.parse_args(argv)
     if args.d is None:
         args.d = [64, 128] if args.quick else [384, 768, 2048]
@@ -749,16 +759,22 @@ def main(argv=None) -> int:
     if args.from_json:
         if not args.markdown:
             raise SystemExit("--from-json needs --markdown PATH (the page to write)")
-        report = json.loads(args.from_json.read_text())
+        reports = [json.loads(path.read_text()) for path in args.from_json]
     else:
-        report = run(args)
-        print(render_text(report))
+        reports = [run(args)]
+        print(render_text(reports[0]))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=1))
+            args.json.write_text(json.dumps(reports[0], indent=1))
     if args.markdown:
+        pages = [render_markdown(reports[0])]
+        for i, report in enumerate(reports[1:], start=2):
+            # A further run: its headings one level down, under a heading of its own.
+            body = render_markdown(report).split("\n", 1)[1]
+            body = "\n".join("#" + line if line.startswith("#") else line for line in body.splitlines())
+            pages.append(f"## Run {i}: `{report['command']}`\n{body}")
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(render_markdown(report) + "\n")
+        args.markdown.write_text("\n\n".join(pages) + "\n")
     return 0
 
 

@@ -67,11 +67,12 @@ def test_quick_run_json_structure_and_sane_values(quick_run):
     plan, train, infer = result["plan"], result["train"], result["infer"]
     assert plan["d"] == 64 and plan["heads"] == 1 and plan["intermediate"] == 256
 
-    # Equal budgets: LoRA r(d_in + d_out) = NEAT 2 r d_out = PEANuT on q and v; the floor trains the head only.
+    # Equal budgets: LoRA r(d_in + d_out) = NEAT 2 r d_out = PEANuT on q and v; the floor trains the head and
+    # the q and v biases.
     head = 64 * 2 + 2
     adapters = plan["layers"] * 2 * (8 * (64 + 64))
-    assert train["trainable_params"] == {"floor": head, "lora": head + adapters, "peanut": head + adapters,
-                                         "neat": head + adapters}
+    assert train["trainable_params"] == {"floor": head + plan["layers"] * 2 * 64, "lora": head + adapters,
+                                         "peanut": head + adapters, "neat": head + adapters}
 
     for method, t in train["time"].items():
         assert len(t["all_ms"]) == REPEATS and all(ms > 0 for ms in t["all_ms"])
@@ -175,3 +176,21 @@ def test_factored_forward_uses_lora_matmul_layouts(axis):
     if axis == "out":
         assert down.t().is_contiguous()
         assert [[r, d_out], [d_out, d_in]] in mm_shapes and [[d_in, d_out], [d_out, r]] not in mm_shapes, mm_shapes
+
+
+def test_floor_backward_reaches_the_first_layer_and_leaves_the_shared_base_alone():
+    speed = load_speed_module()
+    args = speed.parse_args(["--quick", "--d", "64"])
+    plan = speed.plan_for(64, args)
+    base = speed.make_base(plan, seed=0)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = speed.build_train_model("floor", base, torch.nn.Linear(64, 2), seed=1)
+    optimizer = torch.optim.AdamW(speed.trainable_parameters(model), lr=1e-2)
+    batch = speed.make_batch(plan, 2, 16, seed=2)
+    model(**batch).sum().backward()
+    first_query = model.encoder.encoder.layer[0].attention.self.query
+    assert first_query.bias.grad is not None and first_query.bias.grad.abs().sum() > 0
+    assert first_query.weight.grad is None  # frozen: no weight gradient computed
+    optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    assert not any(p.requires_grad for p in base.parameters())
