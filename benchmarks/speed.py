@@ -96,8 +96,8 @@ def plan_for(d: int, args) -> dict:
             plan["layers"] = 2
             plan["reduced"].append("2 layers instead of 4")
         if not args.seq:
-            plan["infer_seq"] = 64
-            plan["reduced"].append("inference sequence 64 instead of 128")
+            plan["infer_seq"] = 32
+            plan["reduced"].append("inference sequence 32 instead of 128")
     return plan
 
 
@@ -728,7 +728,7 @@ def parse_args(argv=None):
     parser.add_argument("--d", type=int, nargs="+", help="hidden sizes (default 384 768 2048; quick: 64 128)")
     parser.add_argument("--layers", type=int, help="encoder layers (default 4; 2 for d >= 1536)")
     parser.add_argument("--batch", type=int, help="training batch size (default 8)")
-    parser.add_argument("--seq", type=int, help="sequence length (default 128; inference 64 for d >= 1536)")
+    parser.add_argument("--seq", type=int, help="sequence length (default 128; inference 32 for d >= 1536)")
     parser.add_argument("--no-reduce", action="store_true", help="no size reduction for wide models")
     parser.add_argument("--warmup", type=int, default=2, help="training warm-up rounds (default 2)")
     parser.add_argument("--infer-warmup", type=int, default=1, help="inference warm-up rounds (default 1)")
