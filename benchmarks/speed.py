@@ -39,7 +39,6 @@ import copy
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import shlex
