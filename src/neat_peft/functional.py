@@ -94,6 +94,28 @@ def weight_network(
     return h
 
 
+def weight_network_on_columns(
+    columns: torch.Tensor,
+    A: torch.Tensor,
+    encoders: Sequence[torch.Tensor],
+    decoders: Sequence[torch.Tensor],
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """weight_network(columns.t(), ...).t(): the network on every column of `columns` (m x n), as r x n.
+
+    Axis "out" uses it so that W0 is read as stored (A @ W0): a matmul with the transposed view W0.t()
+    runs several times slower on CPU, in the forward and in A's gradient (benchmarks/speed.py).
+    """
+    h = act(A @ columns)
+    saved = []
+    for enc in encoders:
+        saved.append(h)
+        h = act(enc @ h)
+    for i, dec in enumerate(decoders):
+        h = act(dec @ h) + saved[len(decoders) - 1 - i]
+    return h
+
+
 def low_rank_factors(
     W0: torch.Tensor,
     A: torch.Tensor,
@@ -113,7 +135,7 @@ def low_rank_factors(
     if normalize:
         W0 = normalize_weight(W0)
     if axis == "out":
-        return weight_network(W0.t(), A, encoders, decoders, act), B
+        return weight_network_on_columns(W0, A, encoders, decoders, act).t(), B
     if axis == "in":
         return B, weight_network(W0, A, encoders, decoders, act)
     raise ValueError(f"axis must be 'out' or 'in', got {axis!r}")

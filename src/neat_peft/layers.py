@@ -307,7 +307,9 @@ class NeatLayer(nn.Module):
             kernels = down.t().reshape(cfg.r, *conv.weight.shape[1:])
             h = F.conv2d(x, kernels, None, conv.stride, conv.padding, conv.dilation)
             return F.conv2d(h * s, up[:, :, None, None])
-        return F.linear(F.linear(x, down.t()) * s, up)
+        # down^T as a contiguous r x d_in weight, like LoRA's lora_A: autograd then forms down's gradient as
+        # g^T x, not x^T g (a skinny matmul with a transposed operand, several times slower on CPU).
+        return F.linear(F.linear(x, down.t().contiguous()) * s, up)
 
     def _embedding_rows_output(self, adapter_name: str, ids: torch.Tensor) -> torch.Tensor:
         cfg = self.adapter_configs[adapter_name]

@@ -1,0 +1,200 @@
+"""benchmarks/speed.py: its --quick run (structure and sane values, never timings), its memory method, and the
+factor layout that keeps NEAT's forward as cheap as LoRA's (found with that benchmark)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neat_peft import NeatConfig, get_neat_model
+from neat_peft.functional import get_activation, weight_network, weight_network_on_columns
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "speed.py"
+REPEATS = 2
+
+
+def load_speed_module():
+    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--d", "64", "--warmup", "1", "--repeats", str(REPEATS),
+         "--threads", "1", "--profile", "--json", str(out / "speed.json"), "--markdown", str(out / "speed.md")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads((out / "speed.json").read_text()), out
+
+
+def test_quick_run_prints_tables_ratios_and_targets(quick_run):
+    stdout, _, _ = quick_run
+    assert "=== d=64: 2 layers" in stdout
+    for method in ("floor", "lora", "peanut", "neat"):
+        assert f"\n  {method} " in stdout
+    for text in ("neat/lora", "peanut/neat", "neat/floor", "lora/floor", "inference batch 1:", "inference batch 4:",
+                 "profile of one adapted 64x64 layer",
+                 "targets:", "train time NEAT/LoRA <= 1.03", "peak memory NEAT/LoRA (step) <= 1.05",
+                 "cached unmerged inference NEAT/LoRA, batch 1 <= 1.05", "merged NEAT = base model + dW"):
+        assert text in stdout
+    assert "[PASS]" in stdout or "[MISS]" in stdout
+
+
+def test_quick_run_json_structure_and_sane_values(quick_run):
+    _, report, _ = quick_run
+    machine = report["machine"]
+    import peft
+
+    assert machine["torch"] == torch.__version__ and machine["peft"] == peft.__version__
+    assert machine["cores"] >= 1 and machine["torch_threads"] == 1 and machine["cpu"]
+    assert report["settings"]["repeats"] == REPEATS and report["settings"]["quick"] is True
+    (result,) = report["results"]
+    plan, train, infer = result["plan"], result["train"], result["infer"]
+    assert plan["d"] == 64 and plan["heads"] == 1 and plan["intermediate"] == 256
+
+    # Equal budgets: LoRA r(d_in + d_out) = NEAT 2 r d_out = PEANuT on q and v; the floor trains the head and
+    # the q and v biases.
+    head = 64 * 2 + 2
+    adapters = plan["layers"] * 2 * (8 * (64 + 64))
+    assert train["trainable_params"] == {"floor": head + plan["layers"] * 2 * 64, "lora": head + adapters,
+                                         "peanut": head + adapters, "neat": head + adapters}
+
+    for method, t in train["time"].items():
+        assert len(t["all_ms"]) == REPEATS and all(ms > 0 for ms in t["all_ms"])
+        assert t["min_ms"] <= t["median_ms"] <= t["max_ms"] and t["cpu_median_ms"] >= 0
+        mem = train["memory"][method]
+        assert mem["step_peak_mb"] > 0 and mem["resident_mb"] > 0
+        assert mem["total_peak_mb"] == pytest.approx(mem["step_peak_mb"] + mem["resident_mb"])
+    # Ratios are what they claim to be: ratios of the medians printed beside them.
+    times = {m: statistics.median(t["all_ms"]) for m, t in train["time"].items()}
+    for key, entry in train["ratios"].items():
+        num, den = key.split("/")
+        assert entry["ratio"] == pytest.approx(times[num] / times[den])
+        assert entry["per_round_min"] <= entry["per_round_max"]
+    mem = train["memory"]
+    assert train["memory_ratios"]["neat/lora (step)"] == pytest.approx(
+        mem["neat"]["step_peak_mb"] / mem["lora"]["step_peak_mb"])
+
+    assert sorted(infer["batches"]) == ["1", "4"]
+    assert "neat_nocache" in infer["batches"]["1"]["time"]  # what the eval cache saves, at batch 1
+    for batch in infer["batches"].values():
+        assert set(batch["time"]) >= {"base", "lora", "peanut", "neat", "neat_merged"}
+        assert batch["merged_vs_unmerged_max_abs_diff"] < 1e-4
+        assert batch["unmerged_vs_base_max_abs_diff"] > 1e-4  # the update is not trivially zero
+    merge = infer["merge"]
+    assert merge["merged_is_plain_base"] and merge["cache_filled"]
+    assert merge["merged_weight_vs_formula_max_abs_diff"] < 1e-5
+
+    # The FLOP model: PEANuT computes x dW^T (as much as the frozen layer) on top of what NEAT computes.
+    flops = train["matmul_flops"]
+    assert flops["floor"] < flops["lora"] < flops["neat"] < flops["peanut"]
+
+    profile = result["layer_profile"]
+    for method in ("lora", "peanut", "neat"):
+        assert profile[method] and all(row["self_ms_per_iter"] >= 0 and row["op"] for row in profile[method])
+        assert profile[method + "_total_ms_per_iter"] > 0
+
+    statuses = {row["target"]: row["status"] for row in result["targets"]}
+    assert set(statuses.values()) <= {"PASS", "MISS"}
+    assert not any("PEANuT/NEAT" in t for t in statuses)  # those targets are for d = 768 and 2048 only
+    merged_rows = [s for t, s in statuses.items() if t.startswith("merged NEAT = base")]
+    assert merged_rows == ["PASS"]
+
+
+def test_markdown_is_generated_from_the_json(quick_run, tmp_path):
+    _, report, out = quick_run
+    page = (out / "speed.md").read_text()
+    neat_ms = report["results"][0]["train"]["time"]["neat"]["median_ms"]
+    assert "## d = 64" in page and report["command"] in page and report["date"] in page
+    assert f"| neat | {neat_ms:.1f} |" in page
+    assert "Quick mode" in page
+    regenerated = tmp_path / "again.md"
+    load_speed_module().main(["--from-json", str(out / "speed.json"), "--markdown", str(regenerated)])
+    again = regenerated.read_text().splitlines()
+    data_lines = [i for i, line in enumerate(again) if line.startswith("- Data: ")]
+    assert len(data_lines) == 1 and str(out / "speed.json") in again[data_lines[0]]  # where the figures come from
+    del again[data_lines[0]]
+    assert again == page.splitlines()  # otherwise the same page
+
+
+def test_allocator_peak_counts_what_the_function_allocates():
+    speed = load_speed_module()
+    mib = 2**20
+
+    def allocate():
+        a = torch.ones(mib // 4)  # 1 MiB of float32
+        b = torch.ones(2 * mib // 4)  # 2 MiB: both alive, 3 MiB
+        del a, b
+        c = torch.ones(mib // 4)  # after the frees: 1 MiB
+        return c.sum()
+
+    peak = speed.allocator_peak_bytes(allocate)
+    assert 3 * mib <= peak < 3 * mib + 64 * 1024
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+@pytest.mark.parametrize("act", ["relu", "gelu", "sin"])
+def test_network_on_columns_is_the_network_on_rows_transposed(depth, act):
+    g = torch.Generator().manual_seed(depth)
+    columns = torch.randn(12, 7, generator=g, dtype=torch.float64)
+    A = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    encoders = [torch.randn(3, 3, generator=g, dtype=torch.float64) for _ in range(depth)]
+    decoders = [torch.randn(3, 3, generator=g, dtype=torch.float64) for _ in range(depth)]
+    fn = get_activation(act)
+    expected = weight_network(columns.t().contiguous(), A, encoders, decoders, fn).t()
+    torch.testing.assert_close(weight_network_on_columns(columns, A, encoders, decoders, fn), expected)
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_factored_forward_uses_lora_matmul_layouts(axis):
+    """The benchmark's finding as an invariant (no timing here): on CPU, skinny matmuls with a transposed
+    operand ran several times slower, so NEAT reads W0 as stored (A @ W0, not W0^T A^T) and forms the
+    gradient of its first factor as g^T x (as LoRA does for lora_A), not x^T g."""
+    d_in, d_out, r, n = 16, 24, 4, 5
+    torch.manual_seed(0)
+    model = get_neat_model(torch.nn.Sequential(torch.nn.Linear(d_in, d_out)),
+                           NeatConfig(r=r, target_modules=["0"], axis=axis))
+    down, up = model.base_model[0].factors("default")
+    assert down.shape == (d_in, r) and up.shape == (d_out, r)
+    x = torch.randn(n, d_in, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        y = model(x)
+        y.backward(torch.randn_like(y))
+    mm_shapes = [e.input_shapes[:2] for e in prof.events() if e.name == "aten::mm"]
+    assert [[r, n], [n, d_in]] in mm_shapes and [[d_in, n], [n, r]] not in mm_shapes, mm_shapes
+    if axis == "out":
+        assert down.t().is_contiguous()
+        assert [[r, d_out], [d_out, d_in]] in mm_shapes and [[d_in, d_out], [d_out, r]] not in mm_shapes, mm_shapes
+
+
+def test_floor_backward_reaches_the_first_layer_and_leaves_the_shared_base_alone():
+    speed = load_speed_module()
+    args = speed.parse_args(["--quick", "--d", "64"])
+    plan = speed.plan_for(64, args)
+    base = speed.make_base(plan, seed=0)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = speed.build_train_model("floor", base, torch.nn.Linear(64, 2), seed=1)
+    optimizer = torch.optim.AdamW(speed.trainable_parameters(model), lr=1e-2)
+    batch = speed.make_batch(plan, 2, 16, seed=2)
+    model(**batch).sum().backward()
+    first_query = model.encoder.encoder.layer[0].attention.self.query
+    assert first_query.bias.grad is not None and first_query.bias.grad.abs().sum() > 0
+    assert first_query.weight.grad is None  # frozen: no weight gradient computed
+    optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    assert not any(p.requires_grad for p in base.parameters())
