@@ -6,6 +6,17 @@ from .config import NeatConfig  # noqa: E402
 from .layers import BASE_ONLY, NeatLayer  # noqa: E402
 from .model import NeatModel, count_adapter_parameters, get_neat_model, match_lora_budget  # noqa: E402
 
+
+def register_with_peft(*, allow_untested_peft: bool = False):
+    """Make NEAT a peft method (peft_type "NEAT") and return its config class, `NeatPeftConfig`.
+
+    Imports peft only when called (the core never needs it). See `neat_peft.peft_plugin`.
+    """
+    from .peft_plugin import register_with_peft as register
+
+    return register(allow_untested_peft=allow_untested_peft)
+
+
 __all__ = [
     "BASE_ONLY",
     "NeatConfig",
@@ -15,4 +26,5 @@ __all__ = [
     "count_adapter_parameters",
     "get_neat_model",
     "match_lora_budget",
+    "register_with_peft",
 ]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .functional import get_activation
+from .functional import NON_ACT2FN_ACTIVATIONS, get_activation
 
 # peft's own bookkeeping fields: accepted when reading a file, carried through, never interpreted.
 PEFT_META_FIELDS = ("auto_mapping", "peft_version", "peft_type", "revision", "base_model_name_or_path")
@@ -83,8 +84,15 @@ class NeatConfig:
             raise ValueError(f"NeatConfig.axis must be 'out' or 'in', got {self.axis!r}.")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"NeatConfig.dropout must be in [0, 1), got {self.dropout!r}.")
-        if not isinstance(self.scaling, (int, float)) or self.scaling != self.scaling:
+        scaling_is_number = isinstance(self.scaling, (int, float)) and not isinstance(self.scaling, bool)
+        if not scaling_is_number or not math.isfinite(self.scaling):
             raise ValueError(f"NeatConfig.scaling must be a finite number, got {self.scaling!r}.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                "NeatConfig.layers_to_transform cannot be used when target_modules is a string (a regex or "
+                "'all-linear'), as in peft's LoraConfig: write the block indices into the regex instead, e.g. "
+                r"r'.*\.layer\.(4|5|6)\..*\.(query|value)', or pass target_modules as a list of names."
+            )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("NeatConfig.layers_pattern needs layers_to_transform (which block indices to adapt).")
         if isinstance(self.layers_to_transform, int):
@@ -96,8 +104,10 @@ class NeatConfig:
 
     @property
     def peft_compatible(self) -> bool:
-        """True when peft's PEANuT computes exactly this adapter (it knows no axis 'in', dropout or normalising)."""
-        return self.axis == "out" and self.dropout == 0.0 and not self.normalize_weight
+        """True when peft's PEANuT computes exactly this adapter (it knows no axis 'in', dropout, normalising,
+        nor the activations transformers' ACT2FN lacks)."""
+        return (self.axis == "out" and self.dropout == 0.0 and not self.normalize_weight
+                and self.act_fn not in NON_ACT2FN_ACTIVATIONS)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

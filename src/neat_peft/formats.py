@@ -6,7 +6,9 @@ Keys are `base_model.model.<module path>.peanut_A.weight` (r x m), `.peanut_B.we
 under its own path. An adapter peft's PEANuT computes identically (axis "out", no dropout, no
 normalising, nn.Linear targets only) is written with peft_type "PEANUT" and loads in peft; any other
 is written with peft_type "NEAT", which a peft without neat-peft's plugin refuses rather than
-silently computing something else.
+silently computing something else. As in every peft method, a type's keys carry its own prefix: NEAT
+files name the same tensors `.neat_A.weight`, `.neat_B.weight`, `.neat_encoders.<i>.weight`, ...
+(peft's plugin and transformers' `load_adapter` find adapter tensors by that prefix). Both namings are read.
 
 Loads read safetensors only (never pickle); saves write to a temporary file and rename it into place.
 """
@@ -37,6 +39,23 @@ def layer_keys(path: str, depth: int) -> dict[str, str]:
         keys[f"enc{i}"] = f"{PREFIX}{path}.peanut_encoders.{i}.weight"
         keys[f"dec{i}"] = f"{PREFIX}{path}.peanut_decoders.{i}.weight"
     return keys
+
+
+_CONTAINERS = ("A", "B", "encoders", "decoders")
+
+
+def rename_key_prefix(tensors: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
+    """Rename the adapter containers in file keys, e.g. old='peanut_', new='neat_':
+    '...q.peanut_A.weight' -> '...q.neat_A.weight'. Other keys (modules_to_save) are kept as they are."""
+    renamed = {}
+    for key, value in tensors.items():
+        for container in _CONTAINERS:
+            head, sep, tail = key.rpartition(f".{old}{container}.")
+            if sep:
+                key = f"{head}.{new}{container}.{tail}"
+                break
+        renamed[key] = value
+    return renamed
 
 
 def module_to_save_key(path: str, param_name: str) -> str:

@@ -39,6 +39,10 @@ _BUILTIN_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sin": torch.sin,  # the sinusoid the paper also tried
 }
 
+# Built-in names that transformers' ACT2FN lacks: peft's PeanutConfig refuses them, so an adapter using one
+# is not written in peft's format. (Every other built-in name is the same function as ACT2FN's.)
+NON_ACT2FN_ACTIVATIONS = frozenset({"identity", "sin"})
+
 
 def known_activation_names() -> list[str]:
     """Activation names accepted by `get_activation`."""

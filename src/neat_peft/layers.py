@@ -14,6 +14,7 @@ the input without building it (see functional.py for the math).
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Optional
 
 import torch
@@ -75,6 +76,7 @@ class NeatLayer(nn.Module):
         super().__init__()
         self.kind = check_supported(name, base_layer)
         self.base_layer = base_layer
+        self.training = base_layer.training  # wrapping a model in eval mode keeps it in eval mode
         self.d_out, self.d_in = self.base_weight().shape
         self.neat_A = nn.ModuleDict()
         self.neat_B = nn.ModuleDict()
@@ -89,6 +91,16 @@ class NeatLayer(nn.Module):
         self.batch_adapter_names: Optional[list[str]] = None
         self._pristine_weight: Optional[torch.Tensor] = None  # W0 as it was before the first merge (CPU)
         self._cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+
+    # Models read `.weight` / `.bias` of their layers directly (T5 casts to `wo.weight.dtype`, HF ties
+    # embeddings): answer with the base layer's, as peft's tuner layers do.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "bias", None)
 
     # --- W0 in nn.Linear layout, and the way back --------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
@@ -128,6 +140,8 @@ class NeatLayer(nn.Module):
             nn.Linear(r, r, bias=False, **factory) for _ in range(config.depth)
         )
         self.neat_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        for store in (self.neat_A, self.neat_B, self.neat_encoders, self.neat_decoders, self.neat_dropout):
+            store[adapter_name].train(self.training)  # new modules follow the layer's mode (dropout off in eval)
         self.adapter_configs[adapter_name] = config
         self.reset_adapter(adapter_name)
 
@@ -173,22 +187,32 @@ class NeatLayer(nn.Module):
             cfg.normalize_weight,
         )
 
-    def _cache_key(self, adapter_name: str) -> tuple:
+    def _cache_tensors(self, adapter_name: str) -> list[torch.Tensor]:
+        return [self.base_layer.weight, *self.adapter_parameters(adapter_name)]
+
+    @staticmethod
+    def _cache_key(tensors: list[torch.Tensor]) -> tuple:
         # A tensor's _version moves on every in-place change (optimizer steps, load_state_dict, merges);
-        # data_ptr moves when a tensor is replaced or moved. Together they tell when H is stale.
-        tensors = [self.base_layer.weight, *self.adapter_parameters(adapter_name)]
-        return tuple((t.data_ptr(), t._version) for t in tensors)
+        # data_ptr moves when a tensor's storage is swapped. A weak reference to the tensor object itself
+        # catches a replaced Parameter even when the allocator hands the new one the old one's address.
+        return tuple((weakref.ref(t), t.data_ptr(), t._version) for t in tensors)
+
+    @staticmethod
+    def _key_matches(key: tuple, tensors: list[torch.Tensor]) -> bool:
+        return len(key) == len(tensors) and all(
+            ref() is t and ptr == t.data_ptr() and version == t._version for (ref, ptr, version), t in zip(key, tensors)
+        )
 
     def cached_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """factors(), reused across calls in eval mode without autograd (unmerged inference at LoRA's cost)."""
         if self.training or torch.is_grad_enabled():
             return self.factors(adapter_name)
-        key = self._cache_key(adapter_name)
+        tensors = self._cache_tensors(adapter_name)
         hit = self._cache.get(adapter_name)
-        if hit is not None and hit[0] == key:
+        if hit is not None and self._key_matches(hit[0], tensors):
             return hit[1], hit[2]
         down, up = self.factors(adapter_name)
-        self._cache[adapter_name] = (key, down, up)
+        self._cache[adapter_name] = (self._cache_key(tensors), down, up)
         return down, up
 
     def clear_cache(self) -> None:
@@ -197,6 +221,18 @@ class NeatLayer(nn.Module):
     def train(self, mode: bool = True):
         self.clear_cache()
         return super().train(mode)
+
+    def __getstate__(self):
+        # H is derived data (and its key holds weak references, which cannot be pickled): copies start empty.
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.half()/.float() swap weights via `param.data = ...`, which keeps the version counter: the
+        # new storage may land at the old address, so drop H rather than trust the key.
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The materialised update in the base layer's stored layout, computed from the pristine W0."""
@@ -225,8 +261,9 @@ class NeatLayer(nn.Module):
             if cfg.axis == "out" and (self.training or torch.is_grad_enabled()):
                 # The network is row-wise: run it on the looked-up tokens only, not the whole vocabulary.
                 return self._embedding_rows_output(adapter_name, x)
-            rows = F.embedding(x, down, emb.padding_idx, emb.max_norm, emb.norm_type, emb.scale_grad_by_freq,
-                               emb.sparse)
+            # No max_norm here: F.embedding renormalises the table it reads *in place*, which would rewrite B
+            # (axis "in") or the cached H. max_norm is a property of the base table; the update is added after.
+            rows = F.embedding(x, down, emb.padding_idx, None, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
             return F.linear(rows * s, up)
         x = self.neat_dropout[adapter_name](x.to(down.dtype))
         if self.kind == "conv2d":
@@ -282,7 +319,7 @@ class NeatLayer(nn.Module):
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Add the adapters' updates to the base weight. Every update is computed from the pristine W0."""
-        names = [n for n in (adapter_names or self.active_adapters)
+        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
                  if n in self.adapter_configs and n not in self.merged_adapters]
         if not names:
             return
@@ -333,6 +370,7 @@ class ModulesToSave(nn.Module):
     def __init__(self, original_module: nn.Module):
         super().__init__()
         self.original_module = original_module
+        self.training = original_module.training
         self.copies = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disabled = False

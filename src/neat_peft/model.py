@@ -20,6 +20,7 @@ from .formats import (
     module_to_save_key,
     read_config,
     read_weights,
+    rename_key_prefix,
     write_adapter,
 )
 from .layers import BASE_ONLY, ModulesToSave, NeatLayer, check_supported
@@ -257,7 +258,9 @@ class NeatModel(nn.Module):
     # --- merging ---------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights. With safe_merge, non-finite results raise and nothing changes."""
-        names = adapter_names or self.active_adapters
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"No adapter named {unknown}; adapters: {list(self.peft_config)}.")
@@ -270,7 +273,8 @@ class NeatModel(nn.Module):
         except Exception:
             for layer, before in done:  # put back exactly what was there (merges are recomputed from W0)
                 layer.unmerge()
-                layer.merge(before)
+                if before:  # merge([]) is a no-op; merge(None) would merge the active adapters
+                    layer.merge(before)
             raise
 
     def unmerge_adapter(self) -> None:
@@ -327,6 +331,8 @@ class NeatModel(nn.Module):
             data["target_modules"] = sorted(paths)  # the exact modules, so any loader adapts the same ones
             data["inference_mode"] = True
             peft_compatible = config.peft_compatible and kinds == {"linear"}
+            if not peft_compatible:  # a NEAT file: its keys carry NEAT's prefix, as every peft type's do
+                tensors = rename_key_prefix(tensors, "peanut_", "neat_")
             directory = Path(save_directory) if name == DEFAULT_ADAPTER else Path(save_directory) / name
             write_adapter(directory, config_to_json(data, peft_compatible, __version__), tensors)
 
@@ -362,22 +368,28 @@ class NeatModel(nn.Module):
         if name not in self.peft_config:
             raise ValueError(f"No adapter named {name!r}; adapters: {list(self.peft_config)}.")
         config = self.peft_config[name]
+        dilated = [path for path, layer in self.neat_layers() if name in layer.adapter_configs
+                   and layer.kind == "conv2d" and tuple(layer.base_layer.dilation) != (1, 1)]
+        if dilated:  # peft builds lora_A without the base conv's dilation: it would compute something else
+            raise ValueError(
+                f"Cannot export adapter {name!r} as LoRA: peft's LoRA Conv2d has no dilation, and {dilated} "
+                "use dilation != 1. Keep it as a NEAT adapter (save_pretrained) or merge it (merge_and_unload)."
+            )
+        renormed = [path for path, layer in self.neat_layers() if name in layer.adapter_configs
+                    and layer.kind == "embedding" and layer.base_layer.max_norm is not None]
+        if renormed:  # peft's LoRA embedding renormalises lora_A's rows in place: not the same update
+            raise ValueError(
+                f"Cannot export adapter {name!r} as LoRA: the embeddings {renormed} have max_norm set, and peft's "
+                "LoRA applies max_norm to its lora_A rows, which changes the update. Keep it as a NEAT adapter "
+                "(save_pretrained) or merge it (merge_and_unload)."
+            )
         tensors, paths, kinds = {}, [], set()
         with torch.no_grad():
             for path, layer in self.neat_layers():
                 if name not in layer.adapter_configs:
                     continue
-                down, up = layer.factors(name, layer.pristine_weight())
-                lora_A, lora_B = down.t(), config.scaling * up
-                if layer.kind == "embedding":
-                    tensors[f"base_model.model.{path}.lora_embedding_A"] = lora_A
-                    tensors[f"base_model.model.{path}.lora_embedding_B"] = lora_B
-                else:
-                    if layer.kind == "conv2d":
-                        lora_A = lora_A.reshape(config.r, *layer.base_layer.weight.shape[1:])
-                        lora_B = lora_B[:, :, None, None]
-                    tensors[f"base_model.model.{path}.lora_A.weight"] = lora_A
-                    tensors[f"base_model.model.{path}.lora_B.weight"] = lora_B
+                for key, tensor in lora_tensors(layer, name).items():
+                    tensors[f"base_model.model.{path}.{key}"] = tensor
                 paths.append(path)
                 kinds.add(layer.kind)
             for path, saved in self._saved_modules():
@@ -388,6 +400,21 @@ class NeatModel(nn.Module):
                       lora_config_json(config.to_dict(), config.r, paths, "conv1d" in kinds), tensors)
 
 
+def lora_tensors(layer: NeatLayer, adapter_name: str) -> dict[str, torch.Tensor]:
+    """peft LoRA tensors (keys relative to the layer) computing exactly this adapter's update:
+    dW = s * up @ down^T = lora_B @ lora_A with lora_A = down^T, lora_B = s * up (LoRA scaling 1)."""
+    config = layer.adapter_configs[adapter_name]
+    with torch.no_grad():
+        down, up = layer.factors(adapter_name, layer.pristine_weight())
+        lora_A, lora_B = down.t().contiguous(), (config.scaling * up).contiguous()
+    if layer.kind == "embedding":
+        return {"lora_embedding_A": lora_A, "lora_embedding_B": lora_B}
+    if layer.kind == "conv2d":
+        lora_A = lora_A.reshape(config.r, *layer.base_layer.weight.shape[1:])
+        lora_B = lora_B[:, :, None, None]
+    return {"lora_A.weight": lora_A, "lora_B.weight": lora_B}
+
+
 def _read_checked(model: nn.Module, model_id, is_trainable: bool) -> tuple[NeatConfig, dict[str, torch.Tensor]]:
     """Read an adapter directory and check it fits `model` (targets, keys, shapes). Changes nothing."""
     data = read_config(model_id)
@@ -396,7 +423,7 @@ def _read_checked(model: nn.Module, model_id, is_trainable: bool) -> tuple[NeatC
     except (TypeError, ValueError) as e:
         raise ValueError(f"{str(Path(model_id) / 'adapter_config.json')!r}: {e}") from None
     config = dataclasses.replace(config, inference_mode=not is_trainable)
-    tensors = read_weights(model_id)
+    tensors = rename_key_prefix(read_weights(model_id), "neat_", "peanut_")  # read either naming
     try:
         targets = find_targets(model, config)
         saves = find_modules_to_save(model, config.modules_to_save)

@@ -8,7 +8,7 @@ from typing import Optional, Union
 from torch import nn
 
 from .config import NeatConfig
-from .layers import NeatLayer, check_supported, layer_kind
+from .layers import ModulesToSave, NeatLayer, check_supported, layer_kind
 
 # Defaults when target_modules is None, by transformers `config.model_type` (attention query and value).
 DEFAULT_TARGET_MODULES = {
@@ -27,7 +27,9 @@ DEFAULT_TARGET_MODULES = {
     "phi3": ["qkv_proj"],
 }
 
-_DEFAULT_LAYER_PATTERN = r".*\.[^.]*\.(\d+)\."
+# peft's rule: the first numbered segment after a dot is the block index (lazy, so the expert index in
+# "layers.1.experts.0.w1" is not taken for the layer index).
+_DEFAULT_LAYER_PATTERN = r".*?\.[^.]*\.(\d+)\."
 
 
 def _name_matches(name: str, patterns: Union[str, list[str]]) -> bool:
@@ -37,16 +39,35 @@ def _name_matches(name: str, patterns: Union[str, list[str]]) -> bool:
 
 
 def _layer_index(name: str, layers_pattern: Optional[Union[str, list[str]]]) -> Optional[int]:
-    if layers_pattern is None:
+    if not layers_pattern:
         match = re.match(_DEFAULT_LAYER_PATTERN, name)
     else:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         match = None
-        for pattern in patterns:
-            match = re.match(rf".*\.{re.escape(pattern)}\.(\d+)\.", name)
+        for pattern in patterns:  # a regex, as in peft; may be the model's top-level ModuleList
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
             if match:
                 break
     return int(match.group(1)) if match else None
+
+
+def _is_target(name: str, config: NeatConfig, targets: Union[str, list[str]]) -> bool:
+    """peft's check_target_module_exists: exclusions first, then a regex (full match), an exact name, or a
+    name suffix; layers_to_transform filters suffix matches only (an exact name says which module already)."""
+    if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
+        return False
+    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
+        return False  # a module trained in full is never also adapted
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    if not any(name.endswith("." + t) for t in targets):
+        return False
+    if not config.layers_to_transform:
+        return True
+    index = _layer_index(name, config.layers_pattern)
+    return index is not None and index in config.layers_to_transform
 
 
 def _all_linear_names(model: nn.Module, config: NeatConfig) -> list[str]:
@@ -56,8 +77,11 @@ def _all_linear_names(model: nn.Module, config: NeatConfig) -> list[str]:
     for name, module in model.named_modules():
         if module is output_layer or (config.modules_to_save and _name_matches(name, config.modules_to_save)):
             skip.add(name)
-    return [name for name, m in model.named_modules()
-            if layer_kind(m) in ("linear", "conv1d") and name not in skip and not _inside(name, skip)]
+
+    def is_linear(m: nn.Module) -> bool:  # an already adapted linear layer counts as one
+        return (m.kind if isinstance(m, NeatLayer) else layer_kind(m)) in ("linear", "conv1d")
+
+    return [name for name, m in model.named_modules() if is_linear(m) and name not in skip and not _inside(name, skip)]
 
 
 def _inside(name: str, prefixes: set[str]) -> bool:
@@ -81,22 +105,19 @@ def find_targets(model: nn.Module, config: NeatConfig) -> list[tuple[str, nn.Mod
     """(name, module) of every module the config adapts, in model order. Raises a clear ValueError if the
     config selects nothing or selects a layer type NEAT cannot adapt. Reads the model; changes nothing."""
     targets = resolve_target_modules(model, config)
-    if targets == "all-linear":
+    if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = _all_linear_names(model, config)
+    # Never adapt the inside of an adapted layer or of a module trained in full (its original and copies).
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, (NeatLayer, ModulesToSave))}
     found = []
     for name, module in model.named_modules():
-        if not name or not _name_matches(name, targets):
+        if not name or _inside(name, wrapped) or not _is_target(name, config, targets):
             continue
-        if _inside(name, {n for n, _ in found}) or ".base_layer" in name or ".neat_" in name:
-            continue  # never adapt the inside of an adapted layer
-        if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
+        if _inside(name, {n for n, _ in found}):
             continue
-        if config.layers_to_transform is not None:
-            index = _layer_index(name, config.layers_pattern)
-            if index is None or index not in config.layers_to_transform:
-                continue
         if not isinstance(module, NeatLayer):
             check_supported(name, module)
+            _check_called_through_forward(model, name)
         found.append((name, module))
     if not found:
         names = [n for n, m in model.named_modules() if n and layer_kind(m) is not None]
@@ -108,6 +129,17 @@ def find_targets(model: nn.Module, config: NeatConfig) -> list[tuple[str, nn.Mod
             + ". Pass names or suffixes of these, or a regex."
         )
     return found
+
+
+def _check_called_through_forward(model: nn.Module, name: str) -> None:
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        raise ValueError(
+            f"Cannot adapt {name!r}: nn.MultiheadAttention uses its out_proj's weight directly instead of calling "
+            "it, so a NEAT adapter there would be silently ignored. Target other layers, or rebuild the attention "
+            "with separate nn.Linear projections."
+        )
 
 
 def find_modules_to_save(model: nn.Module, names: Optional[list[str]]) -> list[tuple[str, nn.Module]]:
