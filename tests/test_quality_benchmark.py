@@ -157,3 +157,33 @@ def test_bbc_csv_is_written_once_with_its_columns(tmp_path, monkeypatch):
     with open(path, encoding="utf-8", newline="") as f:
         assert list(csv.DictReader(f)) == [{"text": "Title, with comma | \"quoted\" body", "label": "sport",
                                             "title": "Title, with comma", "file": "sport/001.txt"}]
+
+
+@needs_data
+def test_results_doc_from_the_quick_run(quick_run, tmp_path):
+    import results_doc
+
+    out, data = quick_run
+    doc = tmp_path / "docs" / "RESULTS.md"
+    doc.parent.mkdir()
+    text = results_doc.build(out, doc)
+    assert (tmp_path / "docs" / "results" / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    assert data["machine"]["cpu"] in text and data["versions"]["torch"] in text
+    for inv in data["invocations"]:
+        assert " ".join(inv["argv"]) in text
+    for r in data["runs"]:
+        assert f"{100 * r['test']['accuracy']:.1f} ± 0.0" in text
+    assert "nan" not in text.lower().replace("nanoseconds", "")
+
+
+def test_small_norm_normalize_weight_is_scale_free():
+    """With normalize_weight the network reads W0 / rms(W0): the same input at any weight scale, so the relative
+    loss curve is the same for W0 = c * W (a check of the benchmark's premise, and of the core option)."""
+    import small_norm
+
+    a = small_norm.one_run(0.02, "neat + normalize_weight", 1e-2, 0, steps=6)["relative_loss"]
+    b = small_norm.one_run(0.5, "neat + normalize_weight", 1e-2, 0, steps=6)["relative_loss"]
+    plain_a = small_norm.one_run(0.02, "neat", 1e-2, 0, steps=6)["relative_loss"]
+    plain_b = small_norm.one_run(0.5, "neat", 1e-2, 0, steps=6)["relative_loss"]
+    assert a == pytest.approx(b, rel=1e-4)
+    assert plain_a[6] != pytest.approx(plain_b[6], rel=1e-3)  # without it the scale of W0 matters

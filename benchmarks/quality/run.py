@@ -336,6 +336,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int)
     p.add_argument("--steps", type=int, help="optimizer steps (default: one epoch of the training subset)")
     p.add_argument("--deadline-minutes", type=float, help="skip the runs that would end after this (recorded)")
+    p.add_argument("--stop-at", help="UTC clock time HH:MM: skip the runs that would end after it (recorded)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out/quality.json")
     p.add_argument("--report", action="store_true", help="write the Markdown table and the plot at the end")
     return p.parse_args(argv)
@@ -372,6 +373,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench.data["quick"] = bool(args.quick)
     bench.save()
     deadline = args.deadline_minutes * 60 if args.deadline_minutes else None
+    if args.stop_at:
+        now = dt.datetime.now(dt.timezone.utc)
+        hour, minute = (int(x) for x in args.stop_at.split(":"))
+        stop = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if stop < now - dt.timedelta(hours=12):
+            stop += dt.timedelta(days=1)
+        until_stop = (stop - now).total_seconds()
+        deadline = until_stop if deadline is None else min(deadline, until_stop)
     for task in tasks:
         run_task(bench, task, methods, settings, args.tune, deadline, args.lr_from)
     bench.data["finished"] = _now()
