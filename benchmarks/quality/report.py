@@ -162,7 +162,7 @@ def plot(data: dict[str, Any], path: str | Path) -> None:
         rows = [r for r in summarize(data, task) if r["n"] and r["trainable_params"]]
         for i, row in enumerate(rows):
             m, s = mean_std(row["test_accuracy"])
-            marker = {"neat": "o", "lora": "s", "full": "D", "head-only": "^"}.get(row["family"], "x")
+            marker = {"lora": "s", "full": "D", "head-only": "^"}.get(row["family"], "o")
             ax.errorbar(row["trainable_params"], 100 * m, yerr=100 * s, fmt=marker, capsize=3,
                         label=f"{row['label']} (n={row['n']})", color=f"C{i % 10}")
         base = majority(data, task)

@@ -7,9 +7,9 @@ Each run is `neat-peft train` (the CLI's own `main`, called in this process so t
 transformers is paid once) with the built-in text-classification recipe, the task's data overrides, the size
 overrides below and the method's overrides; the benchmark reads the run directory's metrics.json and
 log_history.json. Protocol: for every task, each family's representative method (head-only, full, LoRA r=8,
-NEAT at LoRA r=8's budget) is trained at seed 0 for every learning rate of the grid; the rate with the best
-validation accuracy is then used for every method of that family (LoRA r=1 takes LoRA r=8's, every NEAT
-variant NEAT r=8's; --tune per-method tunes each method) at seeds 0..N-1. The head always trains at
+NEAT at LoRA r=8's budget, NEAT with normalize_weight) is trained at seed 0 for every learning rate of the
+grid; the rate with the best validation accuracy is then used for every method of that family (LoRA r=1 takes
+LoRA r=8's, the other NEAT variants NEAT r=8's; --tune per-method tunes each method) at seeds 0..N-1. The head always trains at
 train.head_lr (fixed, 2e-3) except for head-only, where the head's rate is the tuned one.
 
 The seed also selects the split and the subset (the CLI seeds its split with train.seed), so the spread over
