@@ -132,14 +132,15 @@ def _synthetic(accs_by_method):
 
 
 def test_report_mean_and_sample_std(tmp_path):
-    data = _synthetic({"a": [0.8, 0.9, 1.0], "b": [0.5, 0.5, 0.5]})
-    data["runs"].append({"task": "t", "method": "b", "lr": 1e-2, "seed": 0, "status": "failed"})  # not chosen lr
+    data = _synthetic({"a": [0.8, 0.9, 1.0], "b": [0.5, 0.5]})
+    data["runs"].append({"task": "t", "method": "b", "lr": 1e-2, "seed": 0, "status": "failed"})  # another lr
+    data["runs"].append({"task": "t", "method": "b", "lr": 1e-3, "seed": 2, "status": "failed"})
     path = tmp_path / "q.json"
     path.write_text(json.dumps(data))
     md_path, png = report.write_report(path, tmp_path)
     md = md_path.read_text()
     assert "| A | 1,000 | 0.001 | 3 | 90.0 ± 10.0 | 90.0 ± 10.0 | 45.0 ± 5.0 | 1 | 5 |" in md
-    assert "| B (1 failed, 0 skipped) | 10 | 0.001 | 3 | 50.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 |" in md
+    assert "| B (1 failed, 0 skipped) | 10 | 0.001 | 2 | 50.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 |" in md
     assert "| majority class (x) | 0 | – | 3 | – | 25.0 ± 0.0 | 10.0 ± 0.0 |" in md
     assert png.read_bytes()[:4] == b"\x89PNG"
 

@@ -52,8 +52,12 @@ def summarize(data: dict[str, Any], task: str) -> list[dict[str, Any]]:
     entry = data["tasks"][task]
     rows = []
     for method, runs in final_runs(data, task).items():
-        failed = [r for r in data["runs"] if r["task"] == task and r["method"] == method and r["status"] == "failed"]
-        skipped = [r for r in data["runs"] if r["task"] == task and r["method"] == method and r["status"] == "skipped"]
+        lr = entry.get("chosen_lr", {}).get(method)
+        # Runs at the chosen rate that did not give a result (failed: e.g. a non-finite loss; skipped: time limit).
+        at_lr = [r for r in data["runs"] if r["task"] == task and r["method"] == method and r.get("lr") == lr
+                 and r["seed"] < entry["settings"]["seeds"]]
+        failed = [r for r in at_lr if r["status"] == "failed"]
+        skipped = [r for r in at_lr if r["status"] == "skipped"]
         rows.append({
             "task": task, "method": method, "label": entry["method_labels"].get(method, method),
             "family": entry["families"].get(method), "lr": entry.get("chosen_lr", {}).get(method),
@@ -131,8 +135,13 @@ def task_table(data: dict[str, Any], task: str) -> str:
 
 def settings_line(data: dict[str, Any], task: str) -> str:
     s = data["tasks"][task]["settings"]
-    return (f"{s['train_examples']} training examples ({s['steps']} steps of batch {s['batch_size']}), "
-            f"{s['validation_examples']} validation, {s['test_examples']} test examples, max_length {s['max_length']}, "
+    used = next((r.get("data_used") for r in data["runs"] if r["task"] == task and r["status"] == "ok"), None) or {
+        "train": s["train_examples"], "validation": s["validation_examples"], "test": s["test_examples"]}
+    return (f"{used['train']} training examples ({s['steps']} steps of batch {s['batch_size']}), "
+            f"{used['validation']} validation, {used['test']} test examples"
+            + (f" (the whole split: smaller than the caps of {s['validation_examples']}/{s['test_examples']})"
+               if used["test"] < s["test_examples"] or used["validation"] < s["validation_examples"] else "")
+            + f", max_length {s['max_length']}, "
             f"learning-rate grid {', '.join(f'{g:g}' for g in s['grid'])}, {s['seeds']} seed(s)")
 
 
@@ -160,16 +169,21 @@ def plot(data: dict[str, Any], path: str | Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in summarize(data, task) if r["n"] and r["trainable_params"]]
+        seen: dict[int, int] = {}
         for i, row in enumerate(rows):
             m, s = mean_std(row["test_accuracy"])
+            # Methods with (nearly) the same parameter count are spread a little along x so their bars stay visible.
+            bucket = round(math.log10(row["trainable_params"]) * 20)
+            shift = 1.06 ** seen.get(bucket, 0)
+            seen[bucket] = seen.get(bucket, 0) + 1
             marker = {"lora": "s", "full": "D", "head-only": "^"}.get(row["family"], "o")
-            ax.errorbar(row["trainable_params"], 100 * m, yerr=100 * s, fmt=marker, capsize=3,
+            ax.errorbar(row["trainable_params"] * shift, 100 * m, yerr=100 * s, fmt=marker, capsize=3,
                         label=f"{row['label']} (n={row['n']})", color=f"C{i % 10}")
         base = majority(data, task)
         if base:
             ax.axhline(100 * mean_std(base["accuracy"])[0], color="grey", ls="--", lw=1, label="majority class")
         ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters (log scale; includes the classifier head)")
+        ax.set_xlabel("trainable parameters (log scale; includes the classifier head; equal counts spread slightly)")
         ax.set_ylabel("test accuracy % (mean ± std over seeds)")
         ax.set_title(task)
         ax.grid(alpha=0.3, which="both")

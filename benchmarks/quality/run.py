@@ -287,6 +287,7 @@ def run_task(bench: Benchmark, task: Task, methods: list[Method], settings: dict
         bench.save()
         print(f"{task.name}: learning rates from {lr_from}: {entry['chosen_lr']}", flush=True)
     else:
+        entry.pop("lr_from", None)
         tune_learning_rates(bench, task, task_overrides, methods, settings, tune, deadline, entry)
     for seed in range(settings["seeds"]):
         for m in methods:
