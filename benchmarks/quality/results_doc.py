@@ -199,8 +199,12 @@ def analysis_section(analysis: dict[str, Any], rel_png: dict[str, str]) -> str:
     if b:
         ratio_a = sa["mean_w0_energy_right"] / first["random_right"]
         ratio_b = b["summary"]["mean_w0_energy_right"] / first["random_right"]
-        parts.append(f"Reading: the spectra of the two updates look alike (both use their whole rank r, with a "
-                     f"similar decay), but where they point differs. NEAT's ΔW puts {ratio_a:.1f}x a random "
+        full_rank = all(x["numerical_rank"] == int(run["run"]["r"]) for run in (a, b) for x in run["layers"].values())
+        rank_text = ("both have numerical rank r in every layer, " if full_rank else "")
+        parts.append(f"Reading: the spectra of the two updates are alike ({rank_text}mean effective rank "
+                     f"{sa['mean_effective_rank']:.2f} vs {b['summary']['mean_effective_rank']:.2f}, relative size "
+                     f"{sa['mean_relative_norm']:.2f} vs {b['summary']['mean_relative_norm']:.2f}), but where they "
+                     f"point differs. NEAT's ΔW puts {ratio_a:.1f}x a random "
                      f"direction's share of its energy into W0's 16 dominant input directions, LoRA's "
                      f"{ratio_b:.1f}x: NEAT's row space is the column space of H = relu(W0ᵀAᵀ), built from W0 "
                      "itself, so its update follows the directions the pre-trained weight already uses. This is "
@@ -288,7 +292,7 @@ def build(results: Path, doc: Path) -> str:
     edge = [f"{task}: {entry['method_labels'][m]} ({lr:g})" for task, entry in data["tasks"].items()
             for m, lr in entry.get("chosen_lr", {}).items()
             if lr is not None and lr in (min(entry["settings"]["grid"]), max(entry["settings"]["grid"]))]
-    out.append(LIMITS)
+    out.append(LIMITS.rstrip("\n"))
     if edge:
         out.append("- Chosen learning rates at an end of the grid (a better rate may lie beyond it): "
                    + "; ".join(edge) + ".")
