@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir")
     ex.add_argument("out")
 
+    an = sub.add_parser("analyze", help="singular values, effective rank and |dW|/|W0| of a run's update per layer")
+    an.add_argument("run_dir")
+    an.add_argument("--compare", help="a second run (e.g. LoRA on the same task) shown side by side")
+    an.add_argument("--out", help="output folder (default: RUN_DIR-analysis)")
+
     sub.add_parser("recipe-keys", help="list every recipe key with its default and meaning")
     return parser
 
@@ -105,6 +110,10 @@ def dispatch(args: argparse.Namespace) -> None:
         from .commands import run_merge
 
         run_merge(args.run_dir, args.out)
+    elif args.command == "analyze":
+        from .analyze import run_analyze
+
+        run_analyze(args.run_dir, args.compare, args.out)
     elif args.command == "export-lora":
         from .commands import run_export_lora
 
