@@ -179,6 +179,7 @@ def label_ids(dataset) -> list[int]:
 def training_arguments(config: dict[str, Any], run_dir: Path, for_training: bool = True):
     from transformers import TrainingArguments
 
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(rundir.checkpoints_dir(run_dir)),
         per_device_train_batch_size=config["train.batch_size"],
@@ -198,8 +199,9 @@ def training_arguments(config: dict[str, Any], run_dir: Path, for_training: bool
         seed=config["train.seed"], data_seed=config["train.seed"],
         report_to="none", disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
         prediction_loss_only=config["task"] == "causal-lm", dataloader_num_workers=0,
-        # torchrun on CPU: transformers needs the backend named to set up DDP (NCCL is for GPUs only).
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
+        # Several processes on CPU (torchrun): accelerate wraps the model in DDP only when told the run is on CPU;
+        # without use_cpu every process silently trained its own copy. gloo: NCCL is for GPUs only.
+        use_cpu=cpu_processes, ddp_backend="gloo" if cpu_processes else None,
     )
 
 
