@@ -76,7 +76,8 @@ def main() -> None:
     runs = []
     print(f"model {args.model}, {args.steps} steps x global batch {args.batch}, max_length 64, NEAT r=8 q+v + head; "
           f"{os.cpu_count()} CPUs")
-    print(f"{'run':>3}  {'way':8}  {'train ex/s':>10}  {'train s':>7}  {'wall s':>6}  {'final loss':>10}  {'load 1m':>7}")
+    print(f"{'run':>3}  {'way':8}  {'train ex/s':>10}  {'train s':>7}  {'wall s':>6}  {'final loss':>10}  "
+          f"{'load 1m':>7}")
     with tempfile.TemporaryDirectory(prefix="ddp_throughput_") as tmp:
         for repeat in range(args.repeats):
             order = names[repeat % len(names):] + names[:repeat % len(names)]

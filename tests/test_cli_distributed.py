@@ -34,7 +34,8 @@ TWO_PROCESSES = {
     "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
     # accelerate's multi-process launcher (it runs torchrun); neat-peft selects CPU + gloo itself.
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"],
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "0"],
 }
 
 
