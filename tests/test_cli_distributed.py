@@ -31,7 +31,7 @@ RUN = ["data.max_train_examples=48", "data.max_validation_examples=16", "data.ma
        "train.eval_batch_size=32", "train.lr=0.01", "train.head_lr=0.01", "method.dropout=0.0"]
 RTOL, ATOL = 1e-5, 1e-6  # fp32: the two runs sum the same gradients in a different order
 TWO_PROCESSES = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
     # accelerate's multi-process launcher (it runs torchrun); neat-peft selects CPU + gloo itself.
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
