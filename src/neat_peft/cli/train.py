@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from . import data as data_mod
-from . import features, models, recipe, report, rundir
+from . import features, launch, models, recipe, report, rundir
 from .errors import CliError
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -141,6 +141,8 @@ def make_callbacks(examples_per_step: int, primary: str):
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                launch.record(folder, args.world_size, args.per_device_train_batch_size,
+                              args.gradient_accumulation_steps)
                 rundir.atomic_write_text(folder / rundir.COMPLETE_MARKER, f"{state.global_step}\n")
             if os.environ.get(KILL_ENV) == str(state.global_step):
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -179,6 +181,7 @@ def label_ids(dataset) -> list[int]:
 def training_arguments(config: dict[str, Any], run_dir: Path, for_training: bool = True):
     from transformers import TrainingArguments
 
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(rundir.checkpoints_dir(run_dir)),
         per_device_train_batch_size=config["train.batch_size"],
@@ -198,8 +201,9 @@ def training_arguments(config: dict[str, Any], run_dir: Path, for_training: bool
         seed=config["train.seed"], data_seed=config["train.seed"],
         report_to="none", disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
         prediction_loss_only=config["task"] == "causal-lm", dataloader_num_workers=0,
-        # torchrun on CPU: transformers needs the backend named to set up DDP (NCCL is for GPUs only).
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
+        # Several processes on CPU (torchrun): accelerate wraps the model in DDP only when told the run is on CPU;
+        # without use_cpu every process silently trained its own copy. gloo: NCCL is for GPUs only.
+        use_cpu=cpu_processes, ddp_backend="gloo" if cpu_processes else None,
     )
 
 
@@ -250,6 +254,7 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
         check_resume_config(saved, config, bool(config_path or overrides), run_dir)
         config = saved
         config["output.dir"] = str(run_dir)
+        launch.check_resume(rundir.last_complete_checkpoint(run_dir), run_dir, config)
         splits = data_mod.read_splits(run_dir)
     elif config["task"] == "image-classification":
         splits = data_mod.build_image_splits(config)
@@ -360,4 +365,5 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
         print()
         print(report.final_table(metrics))
         print(f"\nsaved: {run_dir}/ (adapter or weights, config.yaml, metrics.json, training_curves.png, split/)")
+    launch.finish()
     return metrics

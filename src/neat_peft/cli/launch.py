@@ -1,0 +1,82 @@
+"""The number of processes of a run: recorded with every checkpoint, and checked by --resume.
+
+Under torchrun / accelerate launch one optimizer step consumes a global batch of
+processes × train.batch_size × train.grad_accum_steps examples, each process its own share. A checkpoint holds
+one RNG state per process, and Trainer's resume skips the batches already seen counted in per-process batches.
+Resumed with another number of processes, the global batch, the data order and the restored RNG states no
+longer match the checkpoint: the run would go on as a different run while looking like a resumed one. So the
+checkpoint records the number of processes (LAUNCH_FILE) and --resume refuses a different one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from . import rundir
+from .errors import CliError
+
+LAUNCH_FILE = "launch.json"
+
+
+def world_size() -> int:
+    """Processes in this launch (torchrun and accelerate launch set WORLD_SIZE; a plain run has none)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def record(checkpoint: Path, world_size: int, batch_size: int, grad_accum_steps: int) -> None:
+    """Write the checkpoint's launch record (before its completion marker, so a complete checkpoint has one)."""
+    rundir.atomic_write_text(Path(checkpoint) / LAUNCH_FILE, json.dumps({
+        "world_size": world_size, "per_process_batch_size": batch_size, "grad_accum_steps": grad_accum_steps,
+        "global_batch_size": world_size * batch_size * grad_accum_steps}, indent=1) + "\n")
+
+
+def recorded_world_size(checkpoint: Path) -> Optional[int]:
+    """The number of processes that wrote `checkpoint`, or None if unknown.
+
+    Checkpoints written before LAUNCH_FILE existed are read from Trainer's RNG files instead: one
+    rng_state_<rank>.pth per process under several processes, a single rng_state.pth for one."""
+    checkpoint = Path(checkpoint)
+    launch = checkpoint / LAUNCH_FILE
+    if launch.is_file():
+        return int(json.loads(launch.read_text())["world_size"])
+    per_rank = list(checkpoint.glob("rng_state_*.pth"))
+    if per_rank:
+        return len(per_rank)
+    return 1 if (checkpoint / "rng_state.pth").is_file() else None
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" + ("" if n == 1 else "es")
+
+
+def check_resume(checkpoint: Optional[Path], run_dir: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume `checkpoint` with a different number of processes than wrote it (nothing is changed)."""
+    if checkpoint is None:  # nothing to resume from: the run starts again, with any number of processes
+        return
+    recorded, now = recorded_world_size(checkpoint), world_size()
+    if recorded is None or recorded == now:
+        return
+    per_process = config["train.batch_size"] * config["train.grad_accum_steps"]
+    again = (f"neat-peft train -o {run_dir} --resume" if recorded == 1 else
+             f"torchrun --nproc_per_node {recorded} -m neat_peft.cli.main train -o {run_dir} --resume")
+    raise CliError(
+        f"--resume: the run in '{run_dir}' was trained with {_processes(recorded)} (its last checkpoint, "
+        f"{checkpoint.name}, was written with a global batch of {recorded} × {per_process} examples), but this "
+        f"launch has {_processes(now)}. Resuming with another number of processes would change the global batch "
+        "and the data order, so the run would not continue as it was. Nothing was changed. Relaunch with "
+        f"{_processes(recorded)}: `{again}`, or start a new run with --overwrite.")
+
+
+def finish() -> None:
+    """End a multi-process run together: wait until rank 0 has written the run, then close the process group.
+
+    Left to interpreter exit, a rank that is done early tears its gloo connections down while rank 0 still
+    writes; once here that aborted that rank (SIGABRT) and torchrun then killed rank 0 mid-write."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
