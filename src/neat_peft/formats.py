@@ -74,7 +74,8 @@ def config_to_json(config_dict: dict[str, Any], peft_compatible: bool, version: 
     return data
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp) on a temporary file beside `path`, fsync it, then rename it over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -96,9 +97,9 @@ def write_adapter(directory: str | os.PathLike, config_json: dict[str, Any], ten
         raise ValueError(f"Cannot save the adapter into {str(directory)!r}: it is a file, not a directory.")
     directory.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(directory / weights_name, lambda tmp: save_file(contiguous, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / weights_name, lambda tmp: save_file(contiguous, tmp, metadata={"format": "pt"}))
     text = json.dumps(config_json, indent=2, sort_keys=True, default=_json_default) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
 def _json_default(value):

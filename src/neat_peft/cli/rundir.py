@@ -7,13 +7,12 @@ run (unless --overwrite), an unfinished one (unless --resume or --overwrite) or 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ..formats import atomic_write
 from .errors import CliError
 
 RUN_FILES = ("config.yaml", "run.json", "split", "checkpoints", "adapter", "model", "head.safetensors",
@@ -25,17 +24,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder and rename it into place (readers never see half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def state(run_dir: Path) -> str:
