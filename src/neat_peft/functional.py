@@ -78,42 +78,34 @@ def weight_network(
     encoders: Sequence[torch.Tensor],
     decoders: Sequence[torch.Tensor],
     act: Callable[[torch.Tensor], torch.Tensor],
+    on_columns: bool = False,
 ) -> torch.Tensor:
     """Pass each row of `rows` (n x m) through NEAT's network; A is r x m, encoders/decoders are r x r.
 
     The network is row-wise, so net(rows)[i] depends on rows[i] alone (used to adapt an embedding
-    by running only the looked-up rows).
+    by running only the looked-up rows). With on_columns=True, `rows` is m x n (one input per column)
+    and the result is r x n: weight_network(X.t()).t(), computed as W @ h so X is read as stored.
     """
-    h = act(F.linear(rows, A))
+    def layer(weight, h):
+        return weight @ h if on_columns else F.linear(h, weight)
+
+    h = act(layer(A, rows))
     saved = []
     for enc in encoders:
         saved.append(h)
-        h = act(F.linear(h, enc))
+        h = act(layer(enc, h))
     for i, dec in enumerate(decoders):
-        h = act(F.linear(h, dec)) + saved[len(decoders) - 1 - i]
+        h = act(layer(dec, h)) + saved[len(decoders) - 1 - i]
     return h
 
 
-def weight_network_on_columns(
-    columns: torch.Tensor,
-    A: torch.Tensor,
-    encoders: Sequence[torch.Tensor],
-    decoders: Sequence[torch.Tensor],
-    act: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """weight_network(columns.t(), ...).t(): the network on every column of `columns` (m x n), as r x n.
+def weight_network_on_columns(columns, A, encoders, decoders, act) -> torch.Tensor:
+    """The network on every column of `columns` (m x n), as r x n.
 
     Axis "out" uses it so that W0 is read as stored (A @ W0): a matmul with the transposed view W0.t()
     runs several times slower on CPU, in the forward and in A's gradient (benchmarks/speed.py).
     """
-    h = act(A @ columns)
-    saved = []
-    for enc in encoders:
-        saved.append(h)
-        h = act(enc @ h)
-    for i, dec in enumerate(decoders):
-        h = act(dec @ h) + saved[len(decoders) - 1 - i]
-    return h
+    return weight_network(columns, A, encoders, decoders, act, on_columns=True)
 
 
 def low_rank_factors(
