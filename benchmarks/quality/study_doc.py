@@ -24,7 +24,7 @@ import stats  # noqa: E402
 from protocol import Job, Protocol  # noqa: E402
 from study import estimate  # noqa: E402
 
-RESUME = "nice -n 19 python benchmarks/quality/study.py run --workers {workers}"
+RESUME = "nice -n 19 python benchmarks/quality/study.py run   # --workers auto: the pilot's decision"
 
 
 def pct(x: float) -> str:
@@ -280,14 +280,18 @@ def build(results: Path, doc: Path) -> str:
     out.append("## Compute\n")
     if pilot:
         out.append(f"Timed pilot (`python benchmarks/quality/study.py pilot`, {pilot['created']}): each task's "
-                   f"LoRA r=8 run cut to {pilot['pilot_steps']} steps at the real data sizes, plus NEAT, full "
-                   "fine-tuning and head-only on sentiment for the per-family cost:\n")
+                   f"NEAT r=8 run cut to {pilot['pilot_steps']} steps at the real data sizes, plus LoRA, full "
+                   "fine-tuning and head-only on sentiment for the per-family cost, run while the study's first "
+                   "worker was training (the machine as the study sees it):\n")
         out.append("| task | method | s per step | s per validation | start-up + test + save s | CPU share | "
                    "load average |\n|---|---|---:|---:|---:|---:|---|")
         for p in pilot["single"]:
             out.append(f"| {p['task']} | {p['method']} | {p['seconds_per_step']:.2f} | "
                        f"{p['seconds_per_validation']:.1f} | {p['other_seconds']:.0f} | {p['cpu_share']:.2f} | "
                        f"{p['load_average']} |")
+        for f in pilot.get("failed", []):
+            out.append(f"| {f['task']} | {f['method']} | failed: {f['error'][-160:].splitlines()[-1]} | | | | |")
+        out.append("")
         par = pilot.get("parallel")
         if par:
             out.append(f"\nTwo runs at once: {par['pair_wall_seconds']:.0f} s for the pair vs "
@@ -306,8 +310,7 @@ def build(results: Path, doc: Path) -> str:
                        "(steps x s/step scaled by the family's cost on sentiment, validations, test, start-up). "
                        "The machine's load varies a lot; read these as the order of magnitude.\n")
     out.append("Resume (skips every finished run; the JSON is rewritten after each run):\n")
-    workers = (pilot or {}).get("parallel", {}).get("workers", 1)
-    out.append("```bash\n" + RESUME.format(workers=workers)
+    out.append("```bash\n" + RESUME
                + "\npython benchmarks/quality/study_doc.py        # this file\n```\n")
 
     for task in v.proto.tasks:
