@@ -94,6 +94,11 @@ def test_report_from_the_quick_run(quick_run, tmp_path):
     assert (tmp_path / "docs" / "results" / "bbc-news_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_first_word_scoring_of_generated_answers():
+    assert [study.first_word(t) for t in (" Positive.", "neutral\nBecause", "**negative**", "", "The tweet")] == [
+        "positive", "neutral", "negative", "", "the"]
+
+
 def test_protocol_grids_seeds_and_pairs_are_the_issues():
     m = protocol.METHODS
     assert protocol.GRID_LR == (3e-4, 1e-3, 3e-3, 1e-2) and protocol.GRID_SCALE == (0.1, 1.0)
@@ -106,6 +111,9 @@ def test_protocol_grids_seeds_and_pairs_are_the_issues():
         protocol.SWEEP_R)
     assert "method.depth=1" in m["neat-r8-depth1"].overrides
     assert protocol.TASKS["bbc-news"].input_size == "data.max_length=128"
+    llm = protocol.STUDY.methods_of("smollm2")
+    assert sorted(llm) == ["lora-r1", "lora-r8", "neat-r1", "neat-r8"] and protocol.TASKS["smollm2"].generation
+    assert {j.seed for j in protocol.STUDY.jobs({}, full=True) if j.task == "smollm2"} == {0}
 
 
 def _small_protocol() -> Protocol:
@@ -148,11 +156,18 @@ def test_plan_tunes_first_then_seeds_the_chosen_cell_and_sweeps_at_r8s_cell():
     assert len(proto.jobs({}, full=True)) == 2 + 4 + 2 + 4 + 1
 
 
-def test_study_refuses_a_json_of_another_protocol(tmp_path):
+def test_study_refuses_a_json_of_another_protocol_and_accepts_an_extended_one(tmp_path):
     s = study.Study(tmp_path, protocol.QUICK, True)
     s.save()
-    with pytest.raises(SystemExit, match="another protocol"):
+    with pytest.raises(SystemExit, match=r"changed: tasks\.bbc-news"):
         study.Study(tmp_path, protocol.STUDY, False)
+    old = json.loads(json.dumps(protocol.QUICK.snapshot()))
+    more = Protocol({**protocol.QUICK.tasks, "sentiment": protocol.TASKS["sentiment"]}, protocol.QUICK.methods)
+    assert Protocol.incompatible(old, json.loads(json.dumps(more.snapshot()))) == []
+    del old["tasks"]["bbc-news"]["generation"]  # written before the field existed: reads as its default
+    assert Protocol.incompatible(old, json.loads(json.dumps(protocol.QUICK.snapshot()))) == []
+    old["methods"]["lora-r8"]["overrides"] = ["method.name=lora", "method.r=4"]
+    assert Protocol.incompatible(old, json.loads(json.dumps(protocol.QUICK.snapshot()))) == ["methods.lora-r8"]
 
 
 # Seeds 0..4 of a hand-made study: NEAT ahead of LoRA at r=8 on every seed; r=1 pair absent.

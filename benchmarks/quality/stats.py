@@ -62,8 +62,8 @@ def verdict(result: Optional[dict], a: str, b: str, scale: float = 100.0, unit: 
 
 def plateaued(curve: list[dict], points: float) -> Optional[bool]:
     """True when the last third of a validation-accuracy curve gains less than `points` over the best before it
-    (the run had stopped improving); None for curves too short to tell (under 3 points)."""
-    accs = [c["accuracy"] for c in curve]
+    (the run had stopped improving); None for curves too short to tell (under 3 points) or without accuracy."""
+    accs = [c["accuracy"] for c in curve if "accuracy" in c]
     if len(accs) < 3:
         return None
     cut = len(accs) - max(1, len(accs) // 3)

@@ -100,18 +100,69 @@ def run_one(proto: Protocol, job: Job, out: Path, extra: list[str]) -> dict[str,
         return record
     metrics = json.loads(metrics_path.read_text())
     history = json.loads((run_dir / "log_history.json").read_text())["log_history"]
-    curve = [{"step": h["step"], "accuracy": h["eval_accuracy"], "macro_f1": h["eval_macro_f1"],
-              "loss": h["eval_loss"], "seconds": h.get("eval_runtime")} for h in history if "eval_accuracy" in h]
     record.update(
         status="ok", trainable_params=metrics["trainable_params"], total_params=metrics["total_params"],
         adapter_params=metrics["method_info"].get("adapter_params"), adapted_modules=metrics["method_info"].get(
             "targets"), train_seconds=metrics["train_seconds"], steps=metrics["steps"],
-        validation=curve[-1] if curve else {}, validation_curve=curve,
-        test={k: metrics["test"][k] for k in ("accuracy", "macro_f1", "examples")},
-        majority_baseline={k: metrics["majority_baseline"][k] for k in ("accuracy", "macro_f1", "label")},
         train_loss=[{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         data_used=metrics["data"].get("used"), split_sha256=split_digest(run_dir))
+    if task.generation:
+        curve = [{"step": h["step"], "loss": h["eval_loss"], "seconds": h.get("eval_runtime")}
+                 for h in history if "eval_loss" in h]
+        start = time.perf_counter()
+        scores = generation_accuracy(run_dir)
+        record.update(validation={**scores["validation"], "loss": curve[-1]["loss"] if curve else None},
+                      validation_curve=curve, test={**scores["test"], "loss": metrics["test"]["loss"]},
+                      majority_baseline=scores["majority_baseline"], generation_seconds=time.perf_counter() - start,
+                      wall_seconds=time.perf_counter() - start + record["wall_seconds"])
+        return record
+    curve = [{"step": h["step"], "accuracy": h["eval_accuracy"], "macro_f1": h["eval_macro_f1"],
+              "loss": h["eval_loss"], "seconds": h.get("eval_runtime")} for h in history if "eval_accuracy" in h]
+    record.update(validation=curve[-1] if curve else {}, validation_curve=curve,
+                  test={k: metrics["test"][k] for k in ("accuracy", "macro_f1", "examples")},
+                  majority_baseline={k: metrics["majority_baseline"][k] for k in ("accuracy", "macro_f1", "label")})
     return record
+
+
+def first_word(text: str) -> str:
+    """The answer as scored: its first word, lowercased, without surrounding punctuation."""
+    words = text.strip().split()
+    return words[0].strip(".,;:!?\"'()*").lower() if words else ""
+
+
+def generation_accuracy(run_dir: Path, max_new_tokens: int = 4) -> dict[str, Any]:
+    """Greedy decoding of every validation and test prompt of a finished causal-LM run; an answer is correct
+    when its first word is the reference response. Also the majority class (the training split's most frequent
+    response) scored the same way."""
+    from collections import Counter
+
+    import torch
+    from neat_peft.cli import features, models
+    from neat_peft.cli.commands import open_run
+
+    path, config, splits = open_run(str(run_dir))
+    tokenizer = models.load_tokenizer(config)
+    model = models.load_trained(path, config, splits.labels)
+    majority = Counter(r["response"].strip().lower() for r in splits.rows["train"]).most_common(1)[0][0]
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for part in ("validation", "test"):
+            answers = []
+            for row in splits.rows[part]:
+                enc = tokenizer(features.prompt_text(tokenizer, row["prompt"]), return_tensors="pt",
+                                add_special_tokens=False)
+                ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                     max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                answers.append(first_word(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:],
+                                                           skip_special_tokens=True)))
+            truth = [r["response"].strip().lower() for r in splits.rows[part]]
+            out[part] = {"accuracy": sum(a == t for a, t in zip(answers, truth)) / len(truth),
+                         "examples": len(truth), "answers": dict(Counter(answers).most_common(5))}
+            if part == "test":
+                out["majority_baseline"] = {"accuracy": sum(t == majority for t in truth) / len(truth),
+                                            "label": majority}
+    return out
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -135,10 +186,14 @@ class Study:
         out.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():
             self.data = json.loads(self.path.read_text())
-            if self.data["protocol"] != json.loads(json.dumps(proto.snapshot())):
-                raise SystemExit(f"{self.path} was run under another protocol than protocol.py now defines; its "
-                                 "runs would not be comparable with new ones. Use another --out, or restore "
-                                 "protocol.py as it was (git log benchmarks/quality/protocol.py).")
+            new = json.loads(json.dumps(proto.snapshot()))
+            changed = Protocol.incompatible(self.data["protocol"], new)
+            if changed:
+                raise SystemExit(f"{self.path} was run under another protocol than protocol.py now defines "
+                                 f"(changed: {', '.join(changed)}); its runs would not be comparable with new ones. "
+                                 "Use another --out, or restore protocol.py as it was (git log "
+                                 "benchmarks/quality/protocol.py).")
+            self.data["protocol"] = new  # the same, or extended by new tasks or methods
         else:
             self.data = {"schema": SCHEMA, "study": "neat-vs-lora", "quick": quick, "created": now(),
                          "protocol": proto.snapshot(), "machine": machine_info(), "versions": versions(),

@@ -57,7 +57,7 @@ class View:
         if cell is None:
             return {}
         out = {}
-        for seed in range(max(1, self.proto.methods[method].seeds)):
+        for seed in range(max(1, self.proto.seeds_of(task, method))):
             rec = self.records.get(Job(task, method, *cell, seed, "").key)
             if rec is not None:
                 out[seed] = rec
@@ -73,7 +73,7 @@ class View:
 
 
 def tuning_table(v: View, task: str) -> str:
-    methods = [m for m in v.proto.methods.values() if not m.tuned_as]
+    methods = [m for m in v.proto.methods_of(task).values() if not m.tuned_as]
     lines = []
     for m in methods:
         chosen = v.chosen(task, m.name)
@@ -93,25 +93,26 @@ def tuning_table(v: View, task: str) -> str:
 def main_table(v: View, task: str) -> str:
     lines = ["| method | trainable params | chosen cell | seeds done / planned | val acc % | test acc % | "
              "run wall min | peak RSS MB | CPU share | plateaued |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for m in v.proto.methods.values():
+    for m in v.proto.methods_of(task).values():
         if m.tuned_as:
             continue
         all_runs = list(v.seed_runs(task, m.name).values())
         runs = [r for r in all_runs if r["status"] == "ok"]
         diverged = len(all_runs) - len(runs)
         chosen = v.chosen(task, m.name)
-        flat = [stats.plateaued(r["validation_curve"], v.data["protocol"]["plateau_points"]) for r in runs]
+        flat = [x for x in (stats.plateaued(r["validation_curve"], v.data["protocol"]["plateau_points"])
+                            for r in runs) if x is not None]
         params = f"{runs[0]['trainable_params']:,}" if runs else "–"
         wall = stats.mean_std([r["wall_seconds"] / 60 for r in runs])[0]
         rss = stats.mean_std([r["peak_rss_mb"] for r in runs])[0]
         share = stats.mean_std([r["cpu_share"] for r in runs])[0]
         label = m.label + (f" ({diverged} seed(s) diverged, left out)" if diverged else "")
         lines.append(f"| {label} | {params} | {'pending' if chosen is None else cell_text(*chosen)} | "
-                     f"{len(runs)} / {m.seeds} | {fmt_ms([r['validation']['accuracy'] for r in runs])} | "
+                     f"{len(runs)} / {v.proto.seeds_of(task, m.name)} | {fmt_ms([r['validation']['accuracy'] for r in runs])} | "
                      f"{fmt_ms([r['test']['accuracy'] for r in runs])} | "
                      f"{'–' if math.isnan(wall) else f'{wall:.1f}'} | {'–' if math.isnan(rss) else f'{rss:.0f}'} | "
                      f"{'–' if math.isnan(share) else f'{share:.2f}'} | "
-                     f"{sum(bool(x) for x in flat)} of {len(flat)} |")
+                     f"{f'{sum(flat)} of {len(flat)}' if flat else '–'} |")
     base = v.majority(task)
     if base:
         lines.append(f"| majority class | 0 | – | {len(base)} | – | {fmt_ms(list(base.values()))} | – | – | – | – |")
@@ -121,6 +122,8 @@ def main_table(v: View, task: str) -> str:
 def pair_lines(v: View, task: str) -> list[str]:
     out = []
     for a, b in v.proto.pairs:
+        if a not in v.proto.methods_of(task) or b not in v.proto.methods_of(task):
+            continue
         la, lb = v.proto.methods[a].label, v.proto.methods[b].label
         result = stats.paired(v.test_acc(task, a), v.test_acc(task, b))
         out.append(f"- {la} − {lb} (test accuracy, paired by seed): {stats.verdict(result, la, lb)}.")
@@ -130,7 +133,7 @@ def pair_lines(v: View, task: str) -> list[str]:
 def sweep_points(v: View, task: str) -> dict[str, list[tuple[int, int, float]]]:
     """family -> [(r, trainable params, test accuracy)] at seed 0, chosen cells (r=1 and 8 from their tuning)."""
     out: dict[str, list] = {}
-    for m in v.proto.methods.values():
+    for m in v.proto.methods_of(task).values():
         if m.family not in ("neat", "lora") or m.r is None or "method.depth=1" in m.overrides:
             continue
         rec = v.seed_runs(task, m.name).get(0)
@@ -171,8 +174,9 @@ def plot_sweep(v: View, task: str, path: Path) -> bool:
 
 
 def plot_curves(v: View, task: str, path: Path) -> bool:
-    runs = [(m, v.seed_runs(task, m.name).get(0)) for m in v.proto.methods.values() if not m.tuned_as]
+    runs = [(m, v.seed_runs(task, m.name).get(0)) for m in v.proto.methods_of(task).values() if not m.tuned_as]
     runs = [(m, r) for m, r in runs if r is not None and r["status"] == "ok" and r["validation_curve"]]
+    key = "loss" if v.proto.tasks[task].generation else "accuracy"  # an LLM run is scored once, at its end
     if not runs:
         return False
     import matplotlib
@@ -183,9 +187,10 @@ def plot_curves(v: View, task: str, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for m, r in runs:
         curve = r["validation_curve"]
-        ax.plot([c["step"] for c in curve], [100 * c["accuracy"] for c in curve], marker=".", label=m.label)
+        ax.plot([c["step"] for c in curve], [(100 if key == "accuracy" else 1) * c[key] for c in curve], marker=".",
+                label=m.label)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation accuracy %")
+    ax.set_ylabel("validation accuracy %" if key == "accuracy" else "validation loss (response tokens)")
     ax.set_title(f"{task}: validation curves, seed 0, chosen cells")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -228,7 +233,8 @@ def build(results: Path, doc: Path) -> str:
         done, total = task_status(v, task)
         out.append(f"**{task}** ({done} of {total} runs):\n")
         out += pair_lines(v, task)
-        pending = [mm.label for mm in v.proto.methods.values() if not mm.tuned_as and v.chosen(task, mm.name) is None]
+        pending = [mm.label for mm in v.proto.methods_of(task).values()
+                   if not mm.tuned_as and v.chosen(task, mm.name) is None]
         if pending:
             out.append(f"- Tuning still pending for: {', '.join(pending)}.")
         out.append("")
@@ -250,7 +256,8 @@ def build(results: Path, doc: Path) -> str:
         f"never wins). The classifier head trains at {snap['head_lr']:g} for every method but head-only. LoRA: "
         "peft, alpha = 2r fixed, dropout 0. NEAT: relu, axis out, depth 0 unless the row says depth 1.",
         "- Seeds: " + "; ".join(f"{mm.label} {mm.seeds}" for mm in v.proto.methods.values() if not mm.tuned_as)
-        + ". Seed 0 at the chosen cell is the tuning run itself (selection used validation only; test is untouched "
+        + "".join(f" ({name}: {t.seeds} seed(s), methods {', '.join(t.methods or ())})"
+                  for name, t in v.proto.tasks.items() if t.seeds) + ". Seed 0 at the chosen cell is the tuning run itself (selection used validation only; test is untouched "
         "by it). The seed draws the split and the subset once (the CLI seeds its split with train.seed), and "
         "every method uses it at that seed: the design is paired (the runs' `split_sha256` fields show it).",
         f"- Accuracy vs parameters: LoRA and NEAT at r in {{{', '.join(map(str, snap['sweep_r']))}}}, seed 0; r=2, 4 "
@@ -267,7 +274,6 @@ def build(results: Path, doc: Path) -> str:
         out.append(f"- {name}: {t['description']}; {t['train_examples']} training examples, {t['epochs']} epochs "
                    f"= {t['steps']} steps of batch {t['batch_size']}, {t['validation_examples']} validation and "
                    f"{t['test_examples']} test examples, `{t['input_size']}`. Data: {t['source_note']}")
-    out.append("- Not run yet: the LLM row (SmolLM2-135M-Instruct, generation accuracy); see the status above.")
     out.append(f"\nMachine: {m['cpu']}, {m['cores']} logical cores, shared with other jobs (load average when the "
                f"study started: {m['load_average']}); {m['platform']}, Python {m['python']}; "
                + ", ".join(f"{k} {val}" for k, val in ver.items() if val) + ".\n")
