@@ -224,6 +224,24 @@ def test_report_states_a_verdict_only_where_the_interval_excludes_zero(tmp_path,
     assert "lr 0.001, s 1: **80.0**" in text and "lr 0.01: 69.0" in text
 
 
+def test_estimate_from_a_hand_made_pilot():
+    proto = _small_protocol()  # task t: 20 steps, validation every 2 (10 points), 80 validation, 100 test
+    pilot = {"single": [
+        {"task": "t", "method": "neat-r8", "family": "neat", "seconds_per_step": 2.0, "seconds_per_validation": 8.0,
+         "other_seconds": 30.0},
+        {"task": "sentiment", "method": "neat-r8", "family": "neat", "seconds_per_step": 1.0},
+        {"task": "sentiment", "method": "lora-r8", "family": "lora", "seconds_per_step": 0.5}],
+        "parallel": {"workers": 2, "throughput_gain": 1.6}}
+    neat = 20 * 2.0 + 10 * 8.0 + 30.0 + (100 / 80 - 1) * 8.0  # steps, validations, start-up, the longer test
+    lora = 20 * 2.0 * 0.5 + 10 * 8.0 + 30.0 + (100 / 80 - 1) * 8.0  # LoRA's step costs half NEAT's on sentiment
+    done = {"t/neat-r8_lr0.001_s0.1_seed0": {"status": "ok", "validation": {"accuracy": 0.5}, "wall_seconds": 3600.0}}
+    est = study.estimate(proto, done, pilot)["summary"]
+    n_neat, n_lora = 2 + 4 + 1 - 1, 2 + 4  # NEAT: 2 cells, 4 seeds, the r=2 sweep, less the one done
+    assert est["done_hours"] == 1.0 and est["runs"] == 13 and est["done_runs"] == 1
+    assert est["remaining_run_hours"] == pytest.approx((n_neat * neat + n_lora * lora) / 3600)
+    assert est["remaining_wall_hours"] == pytest.approx(est["remaining_run_hours"] / 1.6)
+
+
 def test_plateau_rule():
     flat = [{"accuracy": a} for a in (0.5, 0.7, 0.8, 0.8, 0.805, 0.8)]
     rising = [{"accuracy": a} for a in (0.5, 0.6, 0.65, 0.7, 0.75, 0.8)]

@@ -130,7 +130,7 @@ def first_word(text: str) -> str:
     return words[0].strip(".,;:!?\"'()*").lower() if words else ""
 
 
-def generation_accuracy(run_dir: Path, max_new_tokens: int = 4) -> dict[str, Any]:
+def generation_accuracy(run_dir: Path, max_new_tokens: int = 4, batch_size: int = 16) -> dict[str, Any]:
     """Greedy decoding of every validation and test prompt of a finished causal-LM run; an answer is correct
     when its first word is the reference response. Also the majority class (the training split's most frequent
     response) scored the same way."""
@@ -145,17 +145,19 @@ def generation_accuracy(run_dir: Path, max_new_tokens: int = 4) -> dict[str, Any
     model = models.load_trained(path, config, splits.labels)
     majority = Counter(r["response"].strip().lower() for r in splits.rows["train"]).most_common(1)[0][0]
     out: dict[str, Any] = {}
+    tokenizer.padding_side = "left"  # batched decoding: every prompt ends where generation starts
     with torch.no_grad():
         for part in ("validation", "test"):
             answers = []
-            for row in splits.rows[part]:
-                enc = tokenizer(features.prompt_text(tokenizer, row["prompt"]), return_tensors="pt",
-                                add_special_tokens=False)
+            rows = splits.rows[part]
+            for i in range(0, len(rows), batch_size):
+                texts = [features.prompt_text(tokenizer, r["prompt"]) for r in rows[i:i + batch_size]]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
                 ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                                      max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
-                answers.append(first_word(tokenizer.decode(ids[0, enc["input_ids"].shape[1]:],
-                                                           skip_special_tokens=True)))
+                answers += [first_word(tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True))
+                            for row in ids]
             truth = [r["response"].strip().lower() for r in splits.rows[part]]
             out[part] = {"accuracy": sum(a == t for a, t in zip(answers, truth)) / len(truth),
                          "examples": len(truth), "answers": dict(Counter(answers).most_common(5))}
@@ -357,6 +359,11 @@ def pilot_main(args: argparse.Namespace) -> int:
             result["single"].append(pilot_timing(rec))
             print(f"pilot {job.task} {job.method}: {json.dumps(result['single'][-1])}", flush=True)
         atomic_write_json(path, result)
+    if "parallel" in result:  # measured by an earlier pilot: only the probes were missing
+        result["estimate"] = estimate(STUDY, {}, result)
+        atomic_write_json(path, result)
+        print(json.dumps(result["estimate"]["summary"], indent=1))
+        return 0
     # Two at once: the same sentiment probe at seeds 1 and 2; gain = 2 x (one run's wall) / (the pair's wall).
     t0 = time.perf_counter()
     pair = collect([Job("sentiment", "neat-r8", 1e-3, 1.0, s, "pilot") for s in (1, 2)])
@@ -407,15 +414,17 @@ def job_seconds(proto: Protocol, job: Job, pilot: dict[str, Any]) -> float:
 def estimate(proto: Protocol, records: dict[str, dict[str, Any]], pilot: dict[str, Any]) -> dict[str, Any]:
     """Total and remaining compute (run wall seconds on this machine, as loaded as during the pilot). Finished
     runs count at their measured wall time; the rest at the pilot's prediction."""
-    per_task: dict[str, dict[str, float]] = {}
+    per_task: dict[str, dict[str, Any]] = {}
+    probed = {p["task"] for p in pilot["single"] if p["method"] == "neat-r8"}
     for job in proto.jobs(records, full=True):
-        entry = per_task.setdefault(job.task, {"runs": 0, "done_runs": 0, "done_hours": 0.0, "remaining_hours": 0.0})
+        entry = per_task.setdefault(job.task, {"runs": 0, "done_runs": 0, "done_hours": 0.0, "remaining_hours": 0.0,
+                                               "estimated": job.task in probed})
         entry["runs"] += 1
         rec = records.get(job.key)
         if rec is not None:
             entry["done_runs"] += 1
             entry["done_hours"] += rec.get("wall_seconds", 0) / 3600
-        else:
+        elif entry["estimated"]:
             entry["remaining_hours"] += job_seconds(proto, job, pilot) / 3600
     workers = pilot.get("parallel", {}).get("workers", 1)
     gain = pilot.get("parallel", {}).get("throughput_gain", 1.0) if workers == 2 else 1.0
@@ -423,7 +432,8 @@ def estimate(proto: Protocol, records: dict[str, dict[str, Any]], pilot: dict[st
     return {"per_task": per_task, "summary": {
         "runs": sum(e["runs"] for e in per_task.values()), "done_runs": sum(e["done_runs"] for e in per_task.values()),
         "done_hours": sum(e["done_hours"] for e in per_task.values()), "remaining_run_hours": total,
-        "workers": workers, "remaining_wall_hours": total / gain}}
+        "workers": workers, "remaining_wall_hours": total / gain,
+        "not_estimated": [t for t, e in per_task.items() if not e["estimated"]]}}
 
 
 def status_main(args: argparse.Namespace) -> int:

@@ -226,8 +226,9 @@ def build(results: Path, doc: Path) -> str:
                f"{data.get('updated', '?')})."
                + (f" Estimated remaining compute: {est['summary']['remaining_run_hours']:.0f} run-hours, about "
                   f"{est['summary']['remaining_wall_hours']:.0f} hours of wall time with "
-                  f"{est['summary']['workers']} run(s) at once on this machine as loaded as during the pilot."
-                  if est else "") + "\n")
+                  f"{est['summary']['workers']} run(s) at once on this machine as loaded as during the pilot"
+                  + (f", not counting {', '.join(est['summary']['not_estimated'])} (no pilot probe yet)"
+                     if est["summary"].get("not_estimated") else "") + "." if est else "") + "\n")
     out.append("## Summary\n")
     for task in v.proto.tasks:
         done, total = task_status(v, task)
@@ -307,11 +308,12 @@ def build(results: Path, doc: Path) -> str:
             out.append("| task | runs finished / planned | run-hours done | run-hours remaining (estimate) |\n"
                        "|---|---:|---:|---:|")
             for task, e in est["per_task"].items():
-                out.append(f"| {task} | {e['done_runs']} / {e['runs']} | {e['done_hours']:.1f} | "
-                           f"{e['remaining_hours']:.1f} |")
+                left = f"{e['remaining_hours']:.1f}" if e.get("estimated", True) else "not estimated (no pilot probe)"
+                out.append(f"| {task} | {e['done_runs']} / {e['runs']} | {e['done_hours']:.1f} | {left} |")
             s = est["summary"]
             out.append(f"| all | {s['done_runs']} / {s['runs']} | {s['done_hours']:.1f} | "
-                       f"{s['remaining_run_hours']:.1f} |\n")
+                       f"{s['remaining_run_hours']:.1f}"
+                       + (f" + {', '.join(s['not_estimated'])}" if s.get("not_estimated") else "") + " |\n")
             out.append("Finished runs count at their measured wall time, the others at the pilot's prediction "
                        "(steps x s/step scaled by the family's cost on sentiment, validations, test, start-up). "
                        "The machine's load varies a lot; read these as the order of magnitude.\n")
