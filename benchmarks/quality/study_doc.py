@@ -92,7 +92,8 @@ def tuning_table(v: View, task: str) -> str:
 
 def main_table(v: View, task: str) -> str:
     lines = ["| method | trainable params | chosen cell | seeds done / planned | val acc % | test acc % | "
-             "run wall min | peak RSS MB | CPU share | plateaued |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "run wall min | peak RSS MB | CPU share | plateaued |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in v.proto.methods_of(task).values():
         if m.tuned_as:
             continue
@@ -108,14 +109,16 @@ def main_table(v: View, task: str) -> str:
         share = stats.mean_std([r["cpu_share"] for r in runs])[0]
         label = m.label + (f" ({diverged} seed(s) diverged, left out)" if diverged else "")
         lines.append(f"| {label} | {params} | {'pending' if chosen is None else cell_text(*chosen)} | "
-                     f"{len(runs)} / {v.proto.seeds_of(task, m.name)} | {fmt_ms([r['validation']['accuracy'] for r in runs])} | "
+                     f"{len(runs)} / {v.proto.seeds_of(task, m.name)} | "
+                     f"{fmt_ms([r['validation']['accuracy'] for r in runs])} | "
                      f"{fmt_ms([r['test']['accuracy'] for r in runs])} | "
                      f"{'–' if math.isnan(wall) else f'{wall:.1f}'} | {'–' if math.isnan(rss) else f'{rss:.0f}'} | "
                      f"{'–' if math.isnan(share) else f'{share:.2f}'} | "
                      f"{f'{sum(flat)} of {len(flat)}' if flat else '–'} |")
     base = v.majority(task)
     if base:
-        lines.append(f"| majority class | 0 | – | {len(base)} | – | {fmt_ms(list(base.values()))} | – | – | – | – |")
+        lines.append(f"| majority class | 0 | – | {len(base)} | – | {fmt_ms(list(base.values()))} | "
+                     "– | – | – | – |")
     return "\n".join(lines)
 
 
@@ -249,16 +252,18 @@ def build(results: Path, doc: Path) -> str:
         "- Every run is one `neat-peft train` (the CLI's own entry point, `benchmarks/quality/study.py` calls it in "
         "a fresh process per run with 1 torch thread) with the task's data and size overrides, the method's "
         "overrides, the learning rate, NEAT's scale s and the seed; each run's exact command is in `study.json`.",
-        f"- Tuning, on validation only, at seed 0: learning rate over {', '.join(f'{x:g}' for x in snap['grid_lr'])} "
-        f"for the adapters and head-only (whose rate is the head's), {', '.join(f'{x:g}' for x in snap['grid_full_lr'])} "
-        "for full fine-tuning (at the adapters' rates full fine-tuning of 22M weights diverges: a stated "
-        f"deviation); NEAT also over s in {{{', '.join(f'{x:g}' for x in snap['grid_scale'])}}}. The cell with the "
+        "- Tuning, on validation only, at seed 0: learning rate over "
+        f"{', '.join(f'{x:g}' for x in snap['grid_lr'])} for the adapters and head-only (whose rate is the "
+        f"head's), {', '.join(f'{x:g}' for x in snap['grid_full_lr'])} for full fine-tuning (a stated deviation: "
+        "the usual range for fine-tuning every weight of a BERT-size model, a decade and a half below the "
+        f"adapters'); NEAT also over s in {{{', '.join(f'{x:g}' for x in snap['grid_scale'])}}}. The cell with the "
         "best validation accuracy at the end of training is chosen (first in grid order on ties; a diverged run "
         f"never wins). The classifier head trains at {snap['head_lr']:g} for every method but head-only. LoRA: "
         "peft, alpha = 2r fixed, dropout 0. NEAT: relu, axis out, depth 0 unless the row says depth 1.",
         "- Seeds: " + "; ".join(f"{mm.label} {mm.seeds}" for mm in v.proto.methods.values() if not mm.tuned_as)
         + "".join(f" ({name}: {t.seeds} seed(s), methods {', '.join(t.methods or ())})"
-                  for name, t in v.proto.tasks.items() if t.seeds) + ". Seed 0 at the chosen cell is the tuning run itself (selection used validation only; test is untouched "
+                  for name, t in v.proto.tasks.items() if t.seeds)
+        + ". Seed 0 at the chosen cell is the tuning run itself (selection used validation only; test is untouched "
         "by it). The seed draws the split and the subset once (the CLI seeds its split with train.seed), and "
         "every method uses it at that seed: the design is paired (the runs' `split_sha256` fields show it).",
         f"- Accuracy vs parameters: LoRA and NEAT at r in {{{', '.join(map(str, snap['sweep_r']))}}}, seed 0; r=2, 4 "
