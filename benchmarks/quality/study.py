@@ -395,16 +395,18 @@ def pilot_timing(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_seconds(proto: Protocol, job: Job, pilot: dict[str, Any]) -> float:
-    """A run's predicted wall time: the pilot's per-step cost of its task (NEAT r=8), times the ratio of its
-    family to NEAT measured on sentiment, plus validations, the test pass (as validations, per example) and
-    start-up."""
+    """A run's predicted wall time: the pilot's wall seconds per step of its task (NEAT r=8), times its family's
+    cost relative to NEAT measured on sentiment, plus validations, the test pass (as validations, per example)
+    and start-up. The family ratio compares CPU seconds per step (wall x CPU share), so that probes run under
+    different loads still compare the methods' work, not the machine's business at that moment."""
     task = proto.tasks[job.task]
     single = pilot["single"]
     base = next(p for p in single if p["task"] == job.task and p["method"] == "neat-r8")
     sent = next(p for p in single if p["task"] == "sentiment" and p["method"] == "neat-r8")
     fam = next((p for p in single if p["task"] == "sentiment" and p["family"] == proto.methods[job.method].family),
                sent)
-    per_step = base["seconds_per_step"] * fam["seconds_per_step"] / sent["seconds_per_step"]
+    per_step = base["seconds_per_step"] * (fam["seconds_per_step"] * fam["cpu_share"]) / (
+        sent["seconds_per_step"] * sent["cpu_share"])
     evals = task.steps // task.eval_every
     test_passes = task.test_examples / task.validation_examples
     return (task.steps * per_step + evals * base["seconds_per_validation"]

@@ -293,8 +293,9 @@ def build(results: Path, doc: Path) -> str:
     if pilot:
         out.append(f"Timed pilot (`python benchmarks/quality/study.py pilot`, {pilot['created']}): each task's "
                    f"NEAT r=8 run cut to {pilot['pilot_steps']} steps at the real data sizes, plus LoRA, full "
-                   "fine-tuning and head-only on sentiment for the per-family cost, run while the study's first "
-                   "worker was training (the machine as the study sees it):\n")
+                   "fine-tuning and head-only on sentiment for the per-family cost (compared in CPU seconds per step: "
+                   "wall x CPU share). The CPU share and load average columns show how busy the machine was "
+                   "during each probe:\n")
         out.append("| task | method | s per step | s per validation | start-up + test + save s | CPU share | "
                    "load average |\n|---|---|---:|---:|---:|---:|---|")
         for p in pilot["single"]:
