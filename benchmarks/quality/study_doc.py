@@ -177,28 +177,42 @@ def plot_sweep(v: View, task: str, path: Path) -> bool:
 
 
 def plot_curves(v: View, task: str, path: Path) -> bool:
-    runs = [(m, v.seed_runs(task, m.name).get(0)) for m in v.proto.methods_of(task).values() if not m.tuned_as]
-    runs = [(m, r) for m, r in runs if r is not None and r["status"] == "ok" and r["validation_curve"]]
-    key = "loss" if v.proto.tasks[task].generation else "accuracy"  # an LLM run is scored once, at its end
-    if not runs:
+    """One panel per tuned method: the validation curve of each of its finished seed-0 cells (the chosen one
+    thick). Classification tasks plot accuracy; the LLM row its validation loss (it is scored once, at the end)."""
+    methods = [m for m in v.proto.methods_of(task).values() if not m.tuned_as]
+    panels = []
+    for m in methods:
+        runs = [(cell, v.records.get(Job(task, m.name, *cell, 0, "").key)) for cell in m.grid]
+        runs = [(cell, r) for cell, r in runs if r is not None and r["status"] == "ok" and r["validation_curve"]]
+        if runs:
+            panels.append((m, runs))
+    if not panels:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for m, r in runs:
-        curve = r["validation_curve"]
-        ax.plot([c["step"] for c in curve], [(100 if key == "accuracy" else 1) * c[key] for c in curve], marker=".",
-                label=m.label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation accuracy %" if key == "accuracy" else "validation loss (response tokens)")
-    ax.set_title(f"{task}: validation curves, seed 0, chosen cells")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    key = "loss" if v.proto.tasks[task].generation else "accuracy"
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(5.0, 4.2 * cols), 3.4 * rows), squeeze=False, sharey=True)
+    for ax, (m, runs) in zip(axes.flat, panels):
+        chosen = v.chosen(task, m.name)
+        for cell, r in runs:
+            curve = r["validation_curve"]
+            ax.plot([c["step"] for c in curve], [(100 if key == "accuracy" else 1) * c[key] for c in curve],
+                    lw=2.5 if cell == chosen else 1, marker=".", label=cell_text(*cell))
+        ax.set_title(m.label, fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("validation accuracy %" if key == "accuracy" else "validation loss")
+    fig.suptitle(f"{task}: tuning runs at seed 0 (chosen cell thick)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
 
