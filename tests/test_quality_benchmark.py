@@ -131,7 +131,7 @@ def _rec(job: Job, val: float, test: float, status: str = "ok") -> dict:
         return base
     return {**base, "validation": {"accuracy": val}, "test": {"accuracy": test, "macro_f1": test},
             "trainable_params": 1000, "validation_curve": [{"step": s, "accuracy": val} for s in (1, 2, 3)],
-            "wall_seconds": 60.0, "peak_rss_mb": 900.0, "cpu_share": 0.5,
+            "wall_seconds": 60.0, "peak_rss_mb": 900.0, "cpu_share": 0.5, "split_sha256": f"split-of-seed-{job.seed}",
             "majority_baseline": {"accuracy": 0.25, "macro_f1": 0.1, "label": "x"}}
 
 
@@ -221,6 +221,7 @@ def test_report_states_a_verdict_only_where_the_interval_excludes_zero(tmp_path,
         assert "better than" not in text
     assert f"| NEAT r=8 | 1,000 | lr 0.001, s 1 | 5 / 5 | 80.0 ± 0.0 | {study_doc.fmt_ms(NEAT)} |" in text
     assert "NEAT r=1" not in text  # not in this protocol
+    assert "Pairing checked: at each of seeds [0, 1, 2, 3, 4] every finished run used the same split" in text
     assert "lr 0.001, s 1: **80.0**" in text and "lr 0.01: 69.0" in text
 
 
@@ -298,3 +299,11 @@ def test_small_norm_normalize_weight_is_scale_free():
     plain_b = small_norm.one_run(0.5, "neat", 1e-2, 0, steps=6)["relative_loss"]
     assert a == pytest.approx(b, rel=1e-4)
     assert plain_a[6] != pytest.approx(plain_b[6], rel=1e-3)  # without it the scale of W0 matters
+
+
+def test_report_flags_a_seed_whose_runs_used_different_splits(tmp_path):
+    data = _hand_made(LORA)
+    next(r for r in data["runs"] if r["seed"] == 3 and r["method"] == "lora-r8")["split_sha256"] = "other"
+    (tmp_path / "study.json").write_text(json.dumps(data))
+    assert "**Pairing broken: runs of seed(s) [3] used different splits.**" in study_doc.build(
+        tmp_path, tmp_path / "RESULTS.md")

@@ -217,6 +217,21 @@ def plot_curves(v: View, task: str, path: Path) -> bool:
     return True
 
 
+def pairing_line(v: View, task: str) -> str:
+    """Whether every run of a seed trained and was scored on the same examples (the split files' digest)."""
+    digests: dict[int, set[str]] = {}
+    for r in v.data["runs"]:
+        if r["task"] == task and r["status"] == "ok":
+            digests.setdefault(r["seed"], set()).add(r["split_sha256"])
+    if not digests:
+        return ""
+    bad = sorted(s for s, d in digests.items() if len(d) > 1)
+    if bad:
+        return f"**Pairing broken: runs of seed(s) {bad} used different splits.**"
+    return (f"Pairing checked: at each of seeds {sorted(digests)} every finished run used the same split "
+            "(equal `split_sha256`).")
+
+
 def task_status(v: View, task: str) -> tuple[int, int]:
     jobs = v.proto.jobs(v.records, full=True)
     mine = [j for j in jobs if j.task == task]
@@ -344,7 +359,7 @@ def build(results: Path, doc: Path) -> str:
     for task in v.proto.tasks:
         done, total = task_status(v, task)
         out.append(f"## {task}: {v.proto.tasks[task].description}\n")
-        out.append(f"{done} of {total} runs finished.\n")
+        out.append(f"{done} of {total} runs finished. {pairing_line(v, task)}\n")
         out.append("### Main table (chosen cells; mean ± sample std over seeds)\n")
         out.append(main_table(v, task) + "\n")
         out.append("### NEAT vs LoRA, paired by seed\n")
