@@ -232,6 +232,32 @@ def pairing_line(v: View, task: str) -> str:
             "(equal `split_sha256`).")
 
 
+def small_norm_section(small: dict[str, Any]) -> str:
+    """The synthetic normalize_weight measurement (small_norm.py), independent of the study's runs."""
+    import small_norm
+
+    s, steps = small["setup"], str(small["setup"]["steps"])
+    final: dict[str, dict[str, float]] = {}
+    for row in small["best"].values():
+        final.setdefault(row["std_label"], {})[row["arm"]] = sum(row["relative_loss"][steps]) / len(
+            row["relative_loss"][steps])
+    reading = "; ".join(f"W0 std {std}: " + ", ".join(f"{arm} {x:.3f}" for arm, x in arms.items())
+                        for std, arms in final.items())
+    return "\n".join([
+        "## normalize_weight on a synthetic small-norm layer (`benchmarks/quality/small_norm.py`)\n",
+        f"One frozen {s['d']}x{s['d']} layer, NEAT r={s['r']}, {s['optimizer']}, target W0 + D with D of rank "
+        f"{s['target_rank']} and entry RMS {s['target_rms']}; loss relative to the untouched W0 (lower is better), "
+        f"best learning rate of {', '.join(f'{g:g}' for g in s['lr_grid'])} per variant, mean ± std over "
+        f"{s['seeds']} seeds; {small['seconds']:.0f} s. Command: `python benchmarks/quality/small_norm.py --out "
+        "benchmarks/quality/results/small_norm.json`.\n",
+        small_norm.markdown(small) + "\n",
+        f"Final relative loss (step {steps}): {reading}."
+        + "".join(f" {row['arm']} (W0 std {row['std_label']}) chose lr {row['lr']:g}, an end of the grid: a better "
+                  "rate may lie beyond it." for row in small["best"].values()
+                  if row["lr"] in (min(s["lr_grid"]), max(s["lr_grid"])))
+        + "\n"])
+
+
 def task_status(v: View, task: str) -> tuple[int, int]:
     jobs = v.proto.jobs(v.records, full=True)
     mine = [j for j in jobs if j.task == task]
@@ -379,6 +405,9 @@ def build(results: Path, doc: Path) -> str:
             curve_png.unlink(missing_ok=True)
             out.append("Validation curves: pending.\n")
 
+    small_path = results / "small_norm.json"
+    if small_path.is_file():
+        out.append(small_norm_section(json.loads(small_path.read_text())))
     out.append("## What this replaces\n")
     out.append("The previous version of this file reported 24-step runs on 384 examples (`benchmarks/quality/run.py`, "
                "now removed): a smoke test of the pipeline, far from converged, with learning rates shared across "
