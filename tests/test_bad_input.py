@@ -65,7 +65,7 @@ class Unchanged:
         (dict(axis="rows"), r"NeatConfig\.axis must be 'out' or 'in', got 'rows'"),
         (dict(scaling=float("nan")), r"NeatConfig\.scaling must be a finite number"),
         (dict(scaling=float("inf")), r"NeatConfig\.scaling must be a finite number"),
-        (dict(scaling="1"), r"NeatConfig\.scaling must be a finite number, got '1'"),
+        (dict(scaling="1"), r"NeatConfig\.scaling must be a finite number.*, got '1'"),
         (dict(layers_pattern="layers"), r"layers_pattern needs layers_to_transform"),
     ],
 )
