@@ -204,8 +204,11 @@ def _staged_config(stage: Path, wanted: Optional[str], live: Optional[str]) -> O
     if wanted is None or live == wanted:
         return None
     staged = stage / CONFIG_NAME
-    if staged.is_file() and not staged.is_symlink() and config_hash(staged.read_bytes()) == wanted:
-        return staged
+    try:
+        if not staged.is_symlink() and config_hash(staged.read_bytes()) == wanted:
+            return staged
+    except OSError:  # not there (an incomplete stage), or removed meanwhile by a save (a reader without locks)
+        pass
     return None
 
 
@@ -306,9 +309,9 @@ def _read_pair(directory: Path, weights_name: str, readable_types: Optional[Iter
                 return config_path, _parse_config(directory, config_path, config, readable_types), weights_path, weights
             for stage in sorted(directory.glob(f"{STAGING_PREFIX}*")):  # a save that died between its renames
                 staged = _staged_config(stage, wanted, live)
-                if staged is not None:
-                    data = _parse_config(directory, staged, staged.read_bytes(), readable_types)
-                    return staged, data, weights_path, weights
+                raw = _read_or_none(staged) if staged is not None else None
+                if raw is not None:
+                    return staged, _parse_config(directory, staged, raw, readable_types), weights_path, weights
         if locked:
             break
         time.sleep(0.01)  # no lock: a save may be between its two renames
