@@ -57,7 +57,8 @@ class Unchanged:
         (dict(r=-3), r"NeatConfig\.r must be a positive integer, got -3"),
         (dict(r=2.5), r"NeatConfig\.r must be a positive integer, got 2\.5"),
         (dict(r=True), r"NeatConfig\.r must be a positive integer"),
-        (dict(depth=-1), r"NeatConfig\.depth must be an integer >= 0, got -1"),
+        (dict(depth=-1), r"NeatConfig\.depth must be an integer >= 0 \(at most 1024\), got -1"),
+        (dict(depth=10**9), r"NeatConfig\.depth must be an integer >= 0 \(at most 1024\), got 1000000000"),
         (dict(act_fn="relux"), r"NeatConfig\.act_fn: Unknown act_fn 'relux'. Choose one of: \[.*'relu'"),
         (dict(act_fn=None), r"NeatConfig\.act_fn must be an activation name"),
         (dict(dropout=-0.1), r"NeatConfig\.dropout must be in \[0, 1\), got -0\.1"),
@@ -338,6 +339,7 @@ HOSTILE_VALUES = [
     (dict(dropout=True), r"NeatConfig\.dropout must be in \[0, 1\)"),
     (dict(task_type=["SEQ_CLS"]), r"NeatConfig\.task_type must be a string or None"),
     (dict(modules_to_save=["x"] * 65), r"NeatConfig\.modules_to_save has 65 entries \(at most 64\)"),
+    (dict(depth=10**9), r"NeatConfig\.depth must be an integer >= 0 \(at most 1024\)"),
 ]
 
 
@@ -412,9 +414,9 @@ def test_validate_adapter_tensors():
         ({key: torch.ones(2, 3, dtype=torch.complex64)}, r"wrong dtype.*complex64"),
         ({key: torch.ones(2, 3, dtype=torch.bool)}, r"wrong dtype.*torch\.bool"),
         ({key: torch.ones(3, 2)}, r"The adapter in 'f\.safetensors' does not fit this model \(1 shape mismatches"),
-        ({key: torch.ones(2, 3), **neat_named}, r"'f\.safetensors': Two tensors, "
-                                                r"'base_model\.model\.fc\.peanut_A\.weight' and "
-                                                r"'base_model\.model\.fc\.neat_A\.weight', are the same adapter tensor"),
+        ({key: torch.ones(2, 3), **neat_named},
+         r"'f\.safetensors': Two tensors, 'base_model\.model\.fc\.peanut_A\.weight' and "
+         r"'base_model\.model\.fc\.neat_A\.weight', are the same adapter tensor"),
         ({key: torch.tensor([[1.0, float("nan"), 0], [0, 0, 0]])}, r"'f\.safetensors' holds NaN or inf in 1 tensors"),
         ({key: torch.full((2, 3), float("-inf"), dtype=torch.bfloat16)}, r"holds NaN or inf"),
     ]

@@ -301,3 +301,18 @@ def test_regex_bombs_and_deep_nesting_are_refused_quickly(hostile_adapter):
         (path / CONFIG_NAME).write_bytes(files[CONFIG_NAME])
     assert dir_snapshot(path) == files
 
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX special files")
+@pytest.mark.parametrize("name", [CONFIG_NAME, WEIGHTS_NAME])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link-to-dev-zero"])
+def test_special_files_are_refused_without_reading_them(tmp_path, name, kind):
+    """A FIFO would block a read forever and /dev/zero never ends: both are refused before reading."""
+    write_adapter(tmp_path, *adapter(1))
+    (tmp_path / name).unlink()
+    {"fifo": lambda p: os.mkfifo(p), "directory": lambda p: p.mkdir(),
+     "link-to-dev-zero": lambda p: p.symlink_to("/dev/zero")}[kind](tmp_path / name)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=rf"'{tmp_path / name}' is not a regular file"):
+        read_adapter(tmp_path)
+    assert time.monotonic() - start < 1.0

@@ -13,6 +13,7 @@ from .functional import NON_ACT2FN_ACTIVATIONS, get_activation
 from .patterns import layers_pattern_regex, modules_to_save_regex, target_regex
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+MAX_DEPTH = 1024  # loads loop over the layers: a hostile depth=10**9 would hang before any shape check
 MAX_REGEX_ENTRIES = 64  # modules_to_save / layers_pattern entries; real configs have a handful
 
 # peft's own bookkeeping fields: accepted when reading a file, carried through, never interpreted.
@@ -79,8 +80,8 @@ class NeatConfig:
         """Check every field strictly (a config also comes from files: booleans must be booleans, regexes safe)."""
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"NeatConfig.r must be a positive integer, got {self.r!r}.")
-        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 0:
-            raise ValueError(f"NeatConfig.depth must be an integer >= 0, got {self.depth!r}.")
+        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or not 0 <= self.depth <= MAX_DEPTH:
+            raise ValueError(f"NeatConfig.depth must be an integer >= 0 (at most {MAX_DEPTH}), got {self.depth!r}.")
         if not isinstance(self.act_fn, str):
             raise ValueError(f"NeatConfig.act_fn must be an activation name, got {self.act_fn!r}.")
         try:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
+
+from .config import NeatConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -96,7 +99,8 @@ def config_to_json(config_dict: dict[str, Any], peft_compatible: bool, version: 
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp) on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Call write(tmp) on a temporary file beside `path`, fsync it, then rename it over `path` (one file; an
+    adapter's config and weights are replaced together by write_adapter)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -188,14 +192,20 @@ def _finish_or_clean(directory: Path, weights_name: str) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         elif (entry.name.startswith((f".{CONFIG_NAME}.", f".{weights_name}.")) and entry.name.endswith(".tmp")
               and entry.is_file()):
-            entry.unlink()  # temporary files of atomic_write, which saved the pair before neat-peft 0.1.1
+            entry.unlink()  # atomic_write's temporary files: earlier versions saved the two files apart
 
 
 def _live_state(directory: Path, weights_name: str) -> tuple[Optional[str], Optional[str]]:
     """(config hash the weights in place were saved with, or None; config hash of the config in place, or None)."""
-    weights, config = _read_or_none(directory / weights_name), _read_or_none(directory / CONFIG_NAME)
-    return (_saved_config_hash(weights) if weights is not None else None,
-            config_hash(config) if config is not None else None)
+    config = _read_or_none(directory / CONFIG_NAME)
+    head = b""
+    with contextlib.suppress(OSError):
+        info = os.stat(directory / weights_name)
+        if stat.S_ISREG(info.st_mode):  # never block on a FIFO
+            with open(directory / weights_name, "rb") as f:  # the header is enough
+                head = f.read(8)
+                head += f.read(min(int.from_bytes(head, "little"), info.st_size))
+    return _saved_config_hash(head), config_hash(config) if config is not None else None
 
 
 def _staged_config(stage: Path, wanted: Optional[str], live: Optional[str]) -> Optional[Path]:
@@ -317,8 +327,6 @@ def _read_pair(directory: Path, weights_name: str, readable_types: Optional[Iter
         time.sleep(0.01)  # no lock: a save may be between its two renames
     data = _parse_config(directory, config_path, config, readable_types)
     if data.get("peft_type") in READABLE_TYPES:  # a wrong field value says more than "not saved together"
-        from .config import NeatConfig
-
         try:
             NeatConfig.from_dict(data)
         except (TypeError, ValueError) as e:
@@ -333,16 +341,18 @@ def _read_pair(directory: Path, weights_name: str, readable_types: Optional[Iter
 
 def _read_or_none(path: Path) -> Optional[bytes]:
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO would block the read, /dev/zero never end it
+            raise ValueError(f"{str(path)!r} is not a regular file.")
         return path.read_bytes()
     except FileNotFoundError:
         return None
-    except OSError as e:  # a directory of that name, no permission, an I/O error
+    except OSError as e:  # no permission, an I/O error
         raise ValueError(f"Cannot read {str(path)!r}: {e}") from None
 
 
 def _saved_config_hash(weights: bytes) -> Optional[str]:
-    """CONFIG_HASH_KEY from a safetensors header, or None: peft's files and older saves lack it, and a header
-    too broken to read here is reported by the full parse."""
+    """CONFIG_HASH_KEY from a safetensors file's header (`weights` is the file or its first bytes), or None:
+    peft's files and older saves lack it, and a header too broken to read here is reported by the full parse."""
     if len(weights) < 8:
         return None
     size = int.from_bytes(weights[:8], "little")
@@ -429,8 +439,8 @@ def validate_adapter_tensors(tensors: Mapping[str, torch.Tensor], expected_shape
     non_float_dtypes = dict(non_float_dtypes or {})
     missing = sorted(set(expected_shapes) - set(canonical))
     unexpected = sorted(set(canonical) - set(expected_shapes))
-    wrong = [f"{k}: file {tuple(canonical[k].shape)}, model needs {tuple(expected_shapes[k])}"
-             for k in sorted(expected_shapes) if k in canonical and tuple(canonical[k].shape) != tuple(expected_shapes[k])]
+    wrong = [f"{k}: file {tuple(canonical[k].shape)}, model needs {tuple(shape)}"
+             for k, shape in sorted(expected_shapes.items()) if k in canonical and canonical[k].shape != tuple(shape)]
     if missing or unexpected or wrong:
         problems = []
         if missing:
