@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -16,6 +17,8 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 MAX_DEPTH = 1024  # loads loop over the layers: a hostile depth=10**9 would hang before any shape check
 MAX_REGEX_ENTRIES = 64  # modules_to_save / layers_pattern entries; real configs have a handful
 
+# The fields peft's PeanutConfig lacks, with the value that means what PEANuT computes (a PEANUT file omits them).
+PEANUT_IMPLIED = {"axis": "out", "dropout": 0.0, "normalize_weight": False}
 # peft's own bookkeeping fields: accepted when reading a file, carried through, never interpreted.
 PEFT_META_FIELDS = ("auto_mapping", "peft_version", "peft_type", "revision", "base_model_name_or_path")
 
@@ -134,11 +137,26 @@ class NeatConfig:
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("NeatConfig.layers_pattern needs layers_to_transform (which block indices to adapt).")
 
+    # --- what peft reads from a config, so that peft.get_peft_model(model, NeatConfig(...)) works -------------
+    @property
+    def peft_type(self) -> str:
+        """peft's name of the method. Reading it while peft is imported registers NEAT with peft (once, guarded:
+        see neat_peft.peft_plugin), so get_peft_model, which looks the type up, finds it."""
+        if "peft" in sys.modules:
+            from .peft_plugin import register_with_peft
+
+            register_with_peft()
+        return "NEAT"
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
     @property
     def peft_compatible(self) -> bool:
         """True when peft's PEANuT computes exactly this adapter (it knows no axis 'in', dropout, normalising,
         nor the activations transformers' ACT2FN lacks)."""
-        return (self.axis == "out" and self.dropout == 0.0 and not self.normalize_weight
+        return (all(getattr(self, name) == value for name, value in PEANUT_IMPLIED.items())
                 and self.act_fn not in NON_ACT2FN_ACTIVATIONS)
 
     def to_dict(self) -> dict[str, Any]:
@@ -172,7 +190,3 @@ def _names_field(name: str, value, string_allowed: bool):
     kinds = "a list of module names, a regex string, or None" if string_allowed else "a list of module names or None"
     raise ValueError(f"NeatConfig.{name} must be {kinds}, got {value!r}.")
 
-
-def config_field_help() -> dict[str, str]:
-    """Field name -> help text (used by the CLI and docs)."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(NeatConfig)}

@@ -32,13 +32,12 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from .config import NeatConfig
+from .config import PEANUT_IMPLIED, NeatConfig
+from .tensors import CONTAINERS, FILE_PREFIX
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 READABLE_TYPES = ("PEANUT", "NEAT")
-NEAT_ONLY_FIELDS = {"axis": "out", "dropout": 0.0, "normalize_weight": False}  # and their peft-equivalent values
 # A save stages its pair in <directory>/.neat-peft-save-<random>/ (only entries with this prefix are ever cleaned).
 STAGING_PREFIX = ".neat-peft-save-"
 # Safetensors metadata key: `config_hash` of the adapter_config.json saved together with these weights.
@@ -47,18 +46,6 @@ CONFIG_HASH_KEY = "neat_peft.config_sha256"
 DESCRIPTIVE_FIELDS = ("base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version",
                       "auto_mapping", "neat_peft")
 _UNLOCKED_READ_ATTEMPTS = 20  # without file locks, a reader retries while a save is between its two renames
-
-
-def layer_keys(path: str, depth: int) -> dict[str, str]:
-    """File key of each adapter tensor of the layer at `path`, by its in-memory role."""
-    keys = {"A": f"{PREFIX}{path}.peanut_A.weight", "B": f"{PREFIX}{path}.peanut_B.weight"}
-    for i in range(depth):
-        keys[f"enc{i}"] = f"{PREFIX}{path}.peanut_encoders.{i}.weight"
-        keys[f"dec{i}"] = f"{PREFIX}{path}.peanut_decoders.{i}.weight"
-    return keys
-
-
-_CONTAINERS = ("A", "B", "encoders", "decoders")
 
 
 def rename_key_prefix(tensors: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
@@ -75,7 +62,7 @@ def rename_key_prefix(tensors: dict[str, torch.Tensor], old: str, new: str) -> d
 
 
 def _rename_key(key: str, old: str, new: str) -> str:
-    for container in _CONTAINERS:
+    for container in CONTAINERS:
         head, sep, tail = key.rpartition(f".{old}{container}.")
         if sep:
             return f"{head}.{new}{container}.{tail}"
@@ -83,14 +70,14 @@ def _rename_key(key: str, old: str, new: str) -> str:
 
 
 def module_to_save_key(path: str, param_name: str) -> str:
-    return f"{PREFIX}{path}.{param_name}"
+    return f"{FILE_PREFIX}{path}.{param_name}"
 
 
 def config_to_json(config_dict: dict[str, Any], peft_compatible: bool, version: str) -> dict[str, Any]:
     data = dict(config_dict)
     if peft_compatible:
         data["peft_type"] = "PEANUT"
-        for name in NEAT_ONLY_FIELDS:  # peft would warn about fields it lacks; their values are implied
+        for name in PEANUT_IMPLIED:  # peft would warn about fields it lacks; their values are implied
             data.pop(name, None)
     else:
         data["peft_type"] = "NEAT"
