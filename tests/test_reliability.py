@@ -318,3 +318,14 @@ def test_special_files_are_refused_without_reading_them(tmp_path, name, kind):
     with pytest.raises(ValueError, match=rf"'{tmp_path / name}' is not a regular file"):
         read_adapter(tmp_path)
     assert time.monotonic() - start < 1.0
+
+
+@pytest.mark.parametrize("name", [CONFIG_NAME, WEIGHTS_NAME])
+def test_save_over_a_directory_named_like_an_adapter_file_is_refused_before_writing(tmp_path, name):
+    write_adapter(tmp_path, *adapter(1))
+    (tmp_path / name).unlink()
+    (tmp_path / name).mkdir()
+    before = (listing(tmp_path), dir_snapshot(tmp_path))
+    with pytest.raises(ValueError, match=rf"Cannot save the adapter into '{tmp_path}': {name} there is not a regular"):
+        write_adapter(tmp_path, *adapter(2))
+    assert (listing(tmp_path), dir_snapshot(tmp_path)) == before

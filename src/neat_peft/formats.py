@@ -121,6 +121,10 @@ def write_adapter(directory: str | os.PathLike, config_json: dict[str, Any], ten
         raise ValueError(f"Cannot save the adapter into {str(directory)!r}: it is a file, not a directory.")
     text = (json.dumps(config_json, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    for name in (weights_name, CONFIG_NAME):
+        if (directory / name).exists() and not (directory / name).is_file():
+            raise ValueError(f"Cannot save the adapter into {str(directory)!r}: {name} there is not a regular file "
+                             "(a directory?). Move it away or save elsewhere.")
     directory.mkdir(parents=True, exist_ok=True)
     with _locked(directory, exclusive=True):
         _finish_or_clean(directory, weights_name)
@@ -184,7 +188,10 @@ def _finish_or_clean(directory: Path, weights_name: str) -> None:
 
 def _live_state(directory: Path, weights_name: str) -> tuple[Optional[str], Optional[str]]:
     """(config hash the weights in place were saved with, or None; config hash of the config in place, or None)."""
-    config = _read_or_none(directory / CONFIG_NAME)
+    try:
+        config = _read_or_none(directory / CONFIG_NAME)
+    except ValueError:  # not a regular file or unreadable: it matches no hash
+        config = None
     head = b""
     with contextlib.suppress(OSError):
         info = os.stat(directory / weights_name)
