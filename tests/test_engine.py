@@ -16,6 +16,8 @@ from neat_peft import NeatConfig, NeatModel, get_neat_model
 from neat_peft import layers as neat_layers
 from neat_peft.peft_plugin import convert_to_lora_exact
 
+neat_peft.register_with_peft()
+
 
 class AllKinds(nn.Module):
     def __init__(self, dilation=1, max_norm=None):
@@ -142,6 +144,19 @@ def test_get_peft_model_takes_the_core_config_train_save_load_merge(tmp_path):
         merged = loaded.merge_and_unload()
         assert isinstance(merged[0], nn.Linear)
         torch.testing.assert_close(merged(x), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_get_peft_model_before_registration_says_what_to_call():
+    import subprocess
+    import sys
+
+    code = ("import peft, torch, neat_peft\n"
+            "try:\n"
+            "    peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), neat_peft.NeatConfig(target_modules=['0']))\n"
+            "except AttributeError as e:\n"
+            "    print('ERROR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
+    assert "ERROR NeatConfig.peft_type: NEAT is not registered" in out and "neat_peft.register_with_peft()" in out
 
 
 def test_the_old_peft_config_name_keeps_working():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -16,6 +15,13 @@ from .patterns import layers_pattern_regex, modules_to_save_regex, target_regex
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 MAX_DEPTH = 1024  # loads loop over the layers: a hostile depth=10**9 would hang before any shape check
 MAX_REGEX_ENTRIES = 64  # modules_to_save / layers_pattern entries; real configs have a handful
+
+class PeftNotRegisteredError(AttributeError):
+    """peft asked a NeatConfig for its peft type before neat_peft.register_with_peft() was called."""
+
+
+# Filled in by neat_peft.peft_plugin.register_with_peft (the plugin depends on this module, never the other way).
+PEFT_REGISTRATION: dict[str, Optional[str]] = {"peft_type": None}
 
 # The fields peft's PeanutConfig lacks, with the value that means what PEANuT computes (a PEANUT file omits them).
 PEANUT_IMPLIED = {"axis": "out", "dropout": 0.0, "normalize_weight": False}
@@ -140,13 +146,13 @@ class NeatConfig:
     # --- what peft reads from a config, so that peft.get_peft_model(model, NeatConfig(...)) works -------------
     @property
     def peft_type(self) -> str:
-        """peft's name of the method. Reading it while peft is imported registers NEAT with peft (once, guarded:
-        see neat_peft.peft_plugin), so get_peft_model, which looks the type up, finds it."""
-        if "peft" in sys.modules:
-            from .peft_plugin import register_with_peft
-
-            register_with_peft()
-        return "NEAT"
+        """peft's name of the method, once neat_peft.register_with_peft() has made it a peft method."""
+        if PEFT_REGISTRATION["peft_type"] is None:
+            raise PeftNotRegisteredError(
+                "NeatConfig.peft_type: NEAT is not registered with peft in this process. Call "
+                "neat_peft.register_with_peft() once (it imports peft) before peft.get_peft_model(model, NeatConfig(...))."
+            )
+        return PEFT_REGISTRATION["peft_type"]
 
     @property
     def is_prompt_learning(self) -> bool:
