@@ -78,6 +78,7 @@ def run_one(proto: Protocol, job: Job, out: Path, extra: list[str]) -> dict[str,
             "--overwrite"]
     record: dict[str, Any] = {**asdict(job), "key": job.key, "family": method.family, "r": method.r,
                               "command": "neat-peft " + " ".join(argv), "started": now(),
+                              "git_commit": versions()["git_commit"],  # the code (and numerics) of this run
                               "load_average_before": load_average()}
     log_path = run_dir.with_name(run_dir.name + ".log")
     start = time.perf_counter()
@@ -279,7 +280,8 @@ def run_main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out):
         study = Study(out, proto, args.quick)
-        invocation = {"argv": sys.argv[1:], "started": now(), "workers": args.workers, "pid": os.getpid()}
+        invocation = {"argv": sys.argv[1:], "started": now(), "workers": args.workers, "pid": os.getpid(),
+                      "versions": versions(), "load_average": load_average()}
         study.data["invocations"].append(invocation)
         study.save()
         stop = stop_time(args.stop_at)

@@ -340,7 +340,8 @@ def build(results: Path, doc: Path) -> str:
                + ", ".join(f"{k} {val}" for k, val in ver.items() if val) + ".\n")
     out.append("Invocations (from `study.json`):\n")
     out += [f"- `python benchmarks/quality/study.py {' '.join(inv['argv'])}` (started {inv['started']}"
-            + (f", finished {inv['finished']}" if inv.get("finished") else ", running or stopped") + ")"
+            + (f", finished {inv['finished']}" if inv.get("finished") else ", running or stopped")
+            + (f"; code {inv['versions']['git_commit']}" if inv.get("versions", {}).get("git_commit") else "") + ")"
             for inv in data["invocations"]]
     out.append("")
 
