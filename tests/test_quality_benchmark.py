@@ -307,3 +307,14 @@ def test_report_flags_a_seed_whose_runs_used_different_splits(tmp_path):
     (tmp_path / "study.json").write_text(json.dumps(data))
     assert "**Pairing broken: runs of seed(s) [3] used different splits.**" in study_doc.build(
         tmp_path, tmp_path / "RESULTS.md")
+
+
+def test_report_shows_tasks_the_protocol_added_since_as_pending(tmp_path):
+    data = _hand_made(LORA)
+    (tmp_path / "study.json").write_text(json.dumps(data))
+    proto = _small_protocol()
+    more = Protocol({**proto.tasks, "u": replace(proto.tasks["t"], name="u")}, proto.methods, proto.pairs)
+    text = study_doc.build(tmp_path, tmp_path / "RESULTS.md", json.loads(json.dumps(more.snapshot())))
+    assert "**u** (0 of 13 runs):" in text and "12 of 26 planned runs finished" in text
+    changed = json.loads(json.dumps(replace(more, tasks={"t": replace(proto.tasks["t"], epochs=9)}).snapshot()))
+    assert "**u**" not in study_doc.build(tmp_path, tmp_path / "RESULTS.md", changed)  # not compatible: ignored

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import stats  # noqa: E402
-from protocol import Job, Protocol  # noqa: E402
+from protocol import STUDY, Job, Protocol  # noqa: E402
 from study import estimate  # noqa: E402
 
 RESUME = "nice -n 19 python benchmarks/quality/study.py run   # --workers auto: the pilot's decision"
@@ -264,10 +264,14 @@ def task_status(v: View, task: str) -> tuple[int, int]:
     return sum(j.key in v.records for j in mine), len(mine)
 
 
-def build(results: Path, doc: Path) -> str:
+def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) -> str:
+    """The document. `current`: the protocol as protocol.py defines it now; used instead of the JSON's when it only
+    adds tasks or methods (what the next `study.py run` would do), so their runs show as pending."""
     data = json.loads((results / "study.json").read_text(encoding="utf-8"))
     pilot_path = results / "pilot.json"
     pilot = json.loads(pilot_path.read_text()) if pilot_path.is_file() else None
+    if current is not None and not Protocol.incompatible(data["protocol"], current):
+        data = {**data, "protocol": current}
     v = View(data)
     snap = data["protocol"]
     assets = doc.parent / "results"
@@ -422,7 +426,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--doc", default=str(HERE.parents[1] / "docs" / "RESULTS.md"))
     args = p.parse_args(argv)
     doc = Path(args.doc)
-    text = build(Path(args.results), doc)
+    text = build(Path(args.results), doc, json.loads(json.dumps(STUDY.snapshot())))
     tmp = doc.with_name(doc.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(doc)
