@@ -242,6 +242,7 @@ def test_estimate_from_a_hand_made_pilot():
     assert est["done_hours"] == 1.0 and est["runs"] == 13 and est["done_runs"] == 1
     assert est["remaining_run_hours"] == pytest.approx((n_neat * neat + n_lora * lora) / 3600)
     assert est["remaining_wall_hours"] == pytest.approx(est["remaining_run_hours"] / 1.6)
+    assert est["remaining_cpu_hours"] == pytest.approx(est["remaining_run_hours"] * 0.5)  # t's probe: share 0.5
 
 
 def test_plateau_rule():

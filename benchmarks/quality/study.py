@@ -422,14 +422,17 @@ def estimate(proto: Protocol, records: dict[str, dict[str, Any]], pilot: dict[st
     probed = {p["task"] for p in pilot["single"] if p["method"] == "neat-r8"}
     for job in proto.jobs(records, full=True):
         entry = per_task.setdefault(job.task, {"runs": 0, "done_runs": 0, "done_hours": 0.0, "remaining_hours": 0.0,
-                                               "estimated": job.task in probed})
+                                               "remaining_cpu_hours": 0.0, "estimated": job.task in probed})
         entry["runs"] += 1
         rec = records.get(job.key)
         if rec is not None:
             entry["done_runs"] += 1
             entry["done_hours"] += rec.get("wall_seconds", 0) / 3600
         elif entry["estimated"]:
-            entry["remaining_hours"] += job_seconds(proto, job, pilot) / 3600
+            wall = job_seconds(proto, job, pilot) / 3600
+            share = next(p["cpu_share"] for p in pilot["single"] if p["task"] == job.task and p["method"] == "neat-r8")
+            entry["remaining_hours"] += wall
+            entry["remaining_cpu_hours"] += wall * share  # what an idle core would need
     workers = pilot.get("parallel", {}).get("workers", 1)
     gain = pilot.get("parallel", {}).get("throughput_gain", 1.0) if workers == 2 else 1.0
     total = sum(e["remaining_hours"] for e in per_task.values())
@@ -437,6 +440,7 @@ def estimate(proto: Protocol, records: dict[str, dict[str, Any]], pilot: dict[st
         "runs": sum(e["runs"] for e in per_task.values()), "done_runs": sum(e["done_runs"] for e in per_task.values()),
         "done_hours": sum(e["done_hours"] for e in per_task.values()), "remaining_run_hours": total,
         "workers": workers, "remaining_wall_hours": total / gain,
+        "remaining_cpu_hours": sum(e["remaining_cpu_hours"] for e in per_task.values()),
         "not_estimated": [t for t, e in per_task.items() if not e["estimated"]]}}
 
 

@@ -288,7 +288,9 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
                f"{data.get('updated', '?')})."
                + (f" Estimated remaining compute: {est['summary']['remaining_run_hours']:.0f} run-hours, about "
                   f"{est['summary']['remaining_wall_hours']:.0f} hours of wall time with "
-                  f"{est['summary']['workers']} run(s) at once on this machine as loaded as during the pilot"
+                  f"{est['summary']['workers']} run(s) at once on this machine as loaded as during the pilot "
+                  f"(about {est['summary']['remaining_cpu_hours']:.0f} CPU-core-hours: what idle cores would need, "
+                  "one run per core)"
                   + (f", not counting {', '.join(est['summary']['not_estimated'])} (no pilot probe yet)"
                      if est["summary"].get("not_estimated") else "") + "." if est else "") + "\n")
     out.append("## Summary\n")
