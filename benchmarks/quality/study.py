@@ -81,7 +81,7 @@ def run_one(proto: Protocol, job: Job, out: Path, extra: list[str]) -> dict[str,
                               "git_commit": versions()["git_commit"],  # the code (and numerics) of this run
                               "load_average_before": load_average()}
     log_path = run_dir.with_name(run_dir.name + ".log")
-    start = time.perf_counter()
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     with open(log_path, "w", encoding="utf-8") as log:
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -89,11 +89,16 @@ def run_one(proto: Protocol, job: Job, out: Path, extra: list[str]) -> dict[str,
         except Exception:  # a crash inside the CLI is this run's result, not the study's
             log.write(traceback.format_exc())
             code = -1
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    record.update(wall_seconds=time.perf_counter() - start, cpu_seconds=usage.ru_utime + usage.ru_stime,
-                  peak_rss_mb=usage.ru_maxrss / 1024, load_average_after=load_average(), finished=now())
-    # How much of a core the run got: 1.0 on an idle machine with 1 thread, less when others compete.
-    record["cpu_share"] = record["cpu_seconds"] / max(record["wall_seconds"], 1e-9)
+
+    def measured() -> None:  # wall, CPU and peak memory of the run so far (training, test, generation)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
+        record.update(wall_seconds=time.perf_counter() - start, cpu_seconds=cpu,
+                      peak_rss_mb=usage.ru_maxrss / 1024, load_average_after=load_average(), finished=now())
+        # How much of a core the run got: 1.0 on an idle machine with 1 thread, less when others compete.
+        record["cpu_share"] = record["cpu_seconds"] / max(record["wall_seconds"], 1e-9)
+
+    measured()
     metrics_path = run_dir / "metrics.json"
     text = log_path.read_text(encoding="utf-8", errors="replace")
     if code != 0 or not metrics_path.is_file():
@@ -110,12 +115,13 @@ def run_one(proto: Protocol, job: Job, out: Path, extra: list[str]) -> dict[str,
     if task.generation:
         curve = [{"step": h["step"], "loss": h["eval_loss"], "seconds": h.get("eval_runtime")}
                  for h in history if "eval_loss" in h]
-        start = time.perf_counter()
+        generation_start = time.perf_counter()
         scores = generation_accuracy(run_dir)
         record.update(validation={**scores["validation"], "loss": curve[-1]["loss"] if curve else None},
                       validation_curve=curve, test={**scores["test"], "loss": metrics["test"]["loss"]},
-                      majority_baseline=scores["majority_baseline"], generation_seconds=time.perf_counter() - start,
-                      wall_seconds=time.perf_counter() - start + record["wall_seconds"])
+                      majority_baseline=scores["majority_baseline"],
+                      generation_seconds=time.perf_counter() - generation_start)
+        measured()
         return record
     curve = [{"step": h["step"], "accuracy": h["eval_accuracy"], "macro_f1": h["eval_macro_f1"],
               "loss": h["eval_loss"], "seconds": h.get("eval_runtime")} for h in history if "eval_accuracy" in h]
