@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 import torch
 
-from .formats import CONFIG_NAME, PREFIX, WEIGHTS_NAME, atomic_write, read_weights
-from .model import lora_tensors
+from .formats import WEIGHTS_NAME, atomic_write, read_adapter
+from .model import lora_export
+from .tensors import FILE_PREFIX
 
 if TYPE_CHECKING:
     from .model import NeatModel
@@ -132,57 +133,59 @@ def gguf_lora_tensors(lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]], con
     return out, ranks.pop(), gguf.MODEL_ARCH_NAMES[arch]
 
 
-def _lora_from_model(model, adapter_name: Optional[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _split_lora_keys(tensors: Mapping[str, torch.Tensor], where: str
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{'<module path>.lora_A.weight': ..., '.lora_B.weight': ...} as {module path: (lora_A, lora_B)}; any other
+    tensor (embedding or Conv2d LoRA, modules_to_save) is refused, naming a few."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    other = []
+    for key, value in tensors.items():
+        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is None or value.dim() != 2:
+            other.append(key)
+            continue
+        factors.setdefault(key[:-len(suffix)], {})[suffix.split(".")[1]] = value
+    if other:
+        raise ValueError(f"GGUF LoRA adapters hold linear-layer updates only; {where} also has {len(other)} other "
+                         f"tensors (embedding or Conv2d LoRA, modules_to_save), e.g. {sorted(other)[:3]}. Nothing "
+                         "was written. Merge the adapter instead (merge_and_unload) and convert the merged model "
+                         "with llama.cpp's convert_hf_to_gguf.py.")
+    incomplete = sorted(p for p, f in factors.items() if set(f) != {"lora_A", "lora_B"})
+    if incomplete:
+        raise ValueError(f"{where} lacks lora_A or lora_B for {incomplete[:3]}.")
+    return {p: (f["lora_A"], f["lora_B"]) for p, f in factors.items()}
+
+
+def _lora_from_model(model: "NeatModel", adapter_name: Optional[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     name = adapter_name or model.active_adapter
     if name not in model.peft_config:
         raise ValueError(f"No adapter named {name!r}; adapters: {list(model.peft_config)}.")
-    other = [f"{path} ({layer.kind})" for path, layer in model.neat_layers()
-             if name in layer.adapter_configs and layer.kind != "linear"]
+    other = [f"{path} ({layer.kind.name})" for path, layer in model.neat_layers()
+             if name in layer.adapter_configs and layer.kind.name != "linear"]
     other += [f"{path} (modules_to_save)" for path, saved in model._saved_modules() if name in saved.copies]
     if other:
         raise ValueError(f"GGUF LoRA adapters hold linear-layer updates only; adapter {name!r} also adapts {other}. "
                          "Nothing was written. Merge the adapter instead (merge_and_unload) and convert the merged "
                          "model with llama.cpp's convert_hf_to_gguf.py.")
-    result = {}
-    for path, layer in model.neat_layers():
-        if name in layer.adapter_configs:
-            tensors = lora_tensors(layer, name)
-            result[path] = (tensors["lora_A.weight"], tensors["lora_B.weight"])
-    return result
+    tensors, _ = lora_export(list(model.neat_layers()), name)
+    return _split_lora_keys(tensors, f"adapter {name!r}")
 
 
-def _lora_from_dir(directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A peft LoRA directory (export_lora's, or peft's own) as {module path: (lora_A, scaling * lora_B)}."""
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is missing: give the folder export_lora wrote.")
-    data = json.loads(path.read_text())
-    if data.get("peft_type") != "LORA":
-        raise ValueError(f"{str(path)!r} describes a {data.get('peft_type')!r} adapter; GGUF export reads the LoRA "
-                         "that NeatModel.export_lora (or neat-peft export-lora) writes.")
-    unsupported = [k for k in ("use_dora", "fan_in_fan_out") if data.get(k)]
-    unsupported += [k for k in ("rank_pattern", "alpha_pattern") if data.get(k)]
+def _lora_from_dir(directory: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """A peft LoRA directory (export_lora's, or peft's own) as ({module path: (lora_A, scaling * lora_B)}, its
+    config)."""
+    data, tensors = read_adapter(directory, readable_types=("LORA",))
+    where = repr(str(directory / WEIGHTS_NAME))
+    unsupported = [k for k in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern") if data.get(k)]
     if unsupported:
-        raise ValueError(f"{str(path)!r} sets {unsupported}, which GGUF LoRA adapters cannot express.")
+        raise ValueError(f"{where}: its config sets {unsupported}, which GGUF LoRA adapters cannot express.")
     r, alpha = data["r"], data["lora_alpha"]
     scaling = alpha / r ** 0.5 if data.get("use_rslora") else alpha / r
-    tensors = read_weights(directory)
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    other = []
-    for key, value in tensors.items():
-        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
-        if suffix is None or not key.startswith(PREFIX) or value.dim() != 2:
-            other.append(key)
-            continue
-        factors.setdefault(key[len(PREFIX):-len(suffix)], {})[suffix.split(".")[1]] = value
-    if other:
-        raise ValueError(f"GGUF LoRA adapters hold linear-layer updates only; {str(directory / WEIGHTS_NAME)!r} also "
-                         f"has {len(other)} other tensors (embedding or Conv2d LoRA, modules_to_save), e.g. "
-                         f"{sorted(other)[:3]}. Nothing was written. Merge the adapter instead.")
-    incomplete = sorted(p for p, f in factors.items() if set(f) != {"lora_A", "lora_B"})
-    if incomplete:
-        raise ValueError(f"{str(directory / WEIGHTS_NAME)!r} lacks lora_A or lora_B for {incomplete[:3]}.")
-    return {p: (f["lora_A"], scaling * f["lora_B"].float()) for p, f in factors.items()}
+    outside = sorted(k for k in tensors if not k.startswith(FILE_PREFIX))
+    if outside:
+        raise ValueError(f"{where} has tensors outside {FILE_PREFIX!r}, e.g. {outside[:3]}: not a peft LoRA file.")
+    lora = _split_lora_keys({k[len(FILE_PREFIX):]: v for k, v in tensors.items()}, where)
+    return {p: (a, scaling * b.float()) for p, (a, b) in lora.items()}, data
 
 
 def export_gguf_lora(source: Union["NeatModel", str, os.PathLike], out_file: Union[str, os.PathLike],
@@ -209,9 +212,9 @@ def export_gguf_lora(source: Union["NeatModel", str, os.PathLike], out_file: Uni
         raise FileNotFoundError(f"The folder of {str(out_file)!r} does not exist.")
     if isinstance(source, (str, os.PathLike)):
         directory = Path(source)
-        lora = _lora_from_dir(directory)
+        lora, data = _lora_from_dir(directory)
         if config is None:
-            base = json.loads((directory / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+            base = data.get("base_model_name_or_path")
             if not base or not (Path(base) / "config.json").is_file():
                 raise ValueError(f"Give the base model's config (config=...): {str(directory)!r} names the base "
                                  f"{base!r}, which is not a local folder with config.json.")
