@@ -104,9 +104,9 @@ def gguf_lora_tensors(lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]], con
     n_head = config["num_attention_heads"]
     n_kv_head = config.get("num_key_value_heads") or n_head
     tied = config.get("tie_word_embeddings", False)
-    ranks = {int(a.shape[0]) for a, _ in lora.values()}
     if not lora:
         raise ValueError("The adapter has no LoRA tensors to write.")
+    ranks = {int(a.shape[0]) for a, _ in lora.values()}
     if len(ranks) > 1:  # one alpha per file: llama.cpp's scale alpha / r is 1 only if every r is the same
         raise ValueError(f"The adapter's layers have different ranks {sorted(ranks)}; a GGUF LoRA file has one alpha, "
                          "so this exporter needs one rank.")
