@@ -103,7 +103,7 @@ def load_split(source: str, hub_config: Optional[str], split: str, hint: str = "
                            f"per split named after the split (e.g. {split}.jsonl) or an image folder "
                            f"{split}/<class>/<image>.{hint and ' ' + hint}") from None
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        why = ("it needs the network, this machine is offline and it is not in the local `datasets` cache"
+        why = ("it needs the network: this machine is offline and it is not in the local cache"
                if offline else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         instead = f" {hint}" if hint else ""
         raise CliError(f"Data source '{source}' (split '{split}') is not a local file and could not be loaded as a "
