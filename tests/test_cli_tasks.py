@@ -190,7 +190,7 @@ def test_regression_mse_loss_and_pearson_spearman_match_scipy(tiny_bert, sts_dat
 # --- image classification (any `datasets` image set / image folder, ViT processor) ------------------------
 @pytest.fixture(scope="module")
 def image_folder(work):
-    """train/validation/<class>/<n>.png: each class a dominant colour channel, 40 x 48 pixels."""
+    """train/validation/<class>/<n>.png: each class a dominant colour channel, 40 x 40 pixels."""
     from PIL import Image
 
     folder = work / "images"
@@ -199,7 +199,7 @@ def image_folder(work):
             (folder / split / colour).mkdir(parents=True)
             for i in range(n):
                 pixels = np.random.default_rng(1000 * c + i + (0 if split == "train" else 500)).integers(
-                    0, 80, (40, 48, 3), dtype=np.uint8)
+                    0, 80, (40, 40, 3), dtype=np.uint8)
                 pixels[..., c] += 170
                 Image.fromarray(pixels).save(folder / split / colour / f"{i}.png")
     return folder
@@ -229,6 +229,11 @@ def test_image_transforms_eval_matches_the_processor_train_is_random(tiny_vit, i
     image = Image.open(image_folder / "validation" / "red" / "0.png")
     expected = processor(images=image, return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(eval_tf(image), expected, atol=1e-5, rtol=0)
+    # Not square: the shorter side is resized and the centre cropped (the aspect ratio is kept, as in the
+    # authors' Resize + CenterCrop): a picture whose left and right thirds differ keeps only its middle.
+    wide = np.zeros((32, 96, 3), dtype=np.uint8)
+    wide[:, 32:64] = 200
+    torch.testing.assert_close(eval_tf(Image.fromarray(wide)), eval_tf(Image.fromarray(wide[:, 32:64])))
     rng = np.random.default_rng(0)
     crops = [train_tf(image, rng) for _ in range(4)]
     assert all(c.shape == (3, 32, 32) for c in crops)
@@ -430,3 +435,24 @@ def test_unknown_dataset_offline_names_network_and_local_schema(tiny_bert, capsy
     assert "needs the network" in msg and "offline" in msg
     assert "folder of split files (train.jsonl, validation.jsonl, ...)" in msg
     assert "'sentence1', 'sentence2', 'label'" in msg and not (tmp_path / "run").exists()
+
+
+def test_image_splits_with_a_separate_test_source(image_folder, tmp_path):
+    """The vision protocol: validation held out of the training split (seeded, per class), test from a second
+    data set (the authors' CIFAR/Cars/FGVC test repositories)."""
+    import shutil
+
+    from neat_peft.cli import recipe, tasks
+
+    test_only = tmp_path / "test_set"
+    shutil.copytree(image_folder / "validation", test_only / "test")
+    config = recipe.resolve(None, ["task=image-classification", f"data.source={image_folder}", "data.label_column=label",
+                                   f"data.test_source={test_only}", "data.test_split=test",
+                                   "data.validation_fraction=0.25"])
+    splits = tasks.build_splits(config)
+    assert splits.labels == sorted(COLOURS)
+    assert {(r["source"], r["split"]) for r in splits.rows["test"]} == {(str(test_only), "test")}
+    assert len(splits.rows["test"]) == 12
+    assert [sum(r["label"] == c for r in splits.rows["validation"]) for c in sorted(COLOURS)] == [2, 2, 2]
+    train = {(r["split"], r["index"]) for r in splits.rows["train"]}
+    assert len(train) == 18 and not train & {(r["split"], r["index"]) for r in splits.rows["validation"]}

@@ -44,6 +44,10 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "data.eval_splits": (None, (list, NONE),
                          "Splits of data.source to evaluate on instead of held-out fractions (e.g. [validation]; "
                          "MNLI: [validation_matched, validation_mismatched]); the first is the validation set."),
+    "data.test_split": (None, (str, NONE),
+                        "Split used as the test set (e.g. test); null: the first of data.eval_splits, or held out."),
+    "data.test_source": (None, (str, NONE), "Where data.test_split is read (null: data.source), e.g. a second "
+                         "hub data set holding the test images."),
     "data.eval_sets": (None, (list, NONE),
                        "generative-qa: test sets, each {name, source, extractor[, split]}, scored by generation."),
     "data.prompt_template": ("chat", (str,),

@@ -265,24 +265,32 @@ def _held_out(config: dict[str, Any], rows: list[dict[str, Any]], has_own_test: 
     return {k: [rows[i] for i in v] for k, v in parts.items() if v or k != "test" or not has_own_test}
 
 
-def _eval_pools(config, load: Callable[[str], list[dict[str, Any]]], train_rows, info):
-    """validation / test (and test-<name>) from data.eval_splits, or held out of the training rows."""
-    splits = config["data.eval_splits"]
+def _eval_pools(config, load: Callable[..., list[dict[str, Any]]], train_rows, info):
+    """validation (and test-<name>) from data.eval_splits, or held out of the training rows; test from
+    data.test_split (of data.test_source), else the first evaluation split, else held out."""
+    splits, test_split = config["data.eval_splits"], config["data.test_split"]
     if splits:
         pools = {"train": train_rows, "validation": load(splits[0])}
         for name in splits[1:]:
             pools[EXTRA_PREFIX + name] = load(name)
-        info.update(eval_splits=list(splits), test_is_validation=True)
-        return pools
-    return _held_out(config, train_rows, has_own_test=False)
+        info["eval_splits"] = list(splits)
+    else:
+        pools = _held_out(config, train_rows, has_own_test=test_split is not None)
+    if test_split is not None:
+        pools["test"] = load(test_split, config["data.test_source"])
+        info["test_split"] = f"{config['data.test_source'] or config['data.source']} [{test_split}]"
+    elif splits:
+        info["test_is_validation"] = True
+    return pools
 
 
 def _text_splits(config: dict[str, Any]) -> data_mod.Splits:
     source, hint = config["data.source"], schema_hint(config)
 
-    def load(split: str):
-        frame = data_mod.read_table(source, config["data.hub_config"], split, hint)
-        return _text_rows(frame, config, f"{source}" + (f" [{split}]" if not Path(source).is_file() else ""))
+    def load(split: str, other: Optional[str] = None):
+        where = other or source
+        frame = data_mod.read_table(where, config["data.hub_config"], split, hint)
+        return _text_rows(frame, config, f"{where}" + (f" [{split}]" if not Path(where).is_file() else ""))
 
     if config["data.eval_splits"] and Path(source).expanduser().is_file():
         raise CliError(f"data.eval_splits={config['data.eval_splits']} names splits, but '{source}' is a single "
@@ -334,14 +342,18 @@ def _image_splits(config: dict[str, Any]) -> data_mod.Splits:
     image_col, label_col = config["data.image_column"], config["data.label_column"]
     class_names: list[str] = []
 
-    def load(split: str):
+    def load(split: str, other: Optional[str] = None):
         nonlocal class_names
-        dataset = data_mod.load_split(source, config["data.hub_config"], split, hint)
+        where = other or source
+        dataset = data_mod.load_split(where, config["data.hub_config"] if other is None else None, split, hint)
         _require(list(dataset.column_names), {"data.image_column": image_col, "data.label_column": label_col},
-                 IMAGE, f"{source} [{split}]")
+                 IMAGE, f"{where} [{split}]")
         names, labels = _image_labels(dataset, label_col)
+        if class_names and names and names != class_names:
+            raise CliError(f"The class names of '{where}' [{split}] ({names[:5]}...) differ from the training "
+                           f"data's ({class_names[:5]}...): the label ids would not mean the same classes.")
         class_names = class_names or names
-        return [{"split": split, "index": i, "label": lab} for i, lab in enumerate(labels)]
+        return [{"source": where, "split": split, "index": i, "label": lab} for i, lab in enumerate(labels)]
 
     train_rows = load(config["data.hub_split"])
     info: dict[str, Any] = {"source": source, "image_splits": True}
@@ -365,11 +377,12 @@ def eval_names(splits: data_mod.Splits) -> list[str]:
 
 
 def display_name(splits: data_mod.Splits, key: str) -> str:
-    if "test_names" in splits.info:
-        return splits.info["test_names"].get(key, key)
-    if splits.info.get("eval_splits"):
-        return splits.info["eval_splits"][0] if key in ("test", "validation") else key[len(EXTRA_PREFIX):]
-    return key
+    info = splits.info
+    if "test_names" in info:
+        return info["test_names"].get(key, key)
+    if key.startswith(EXTRA_PREFIX):
+        return key[len(EXTRA_PREFIX):]
+    return info["eval_splits"][0] if key == "test" and info.get("test_is_validation") else key
 
 
 # --- features -------------------------------------------------------------------------------------------
@@ -393,9 +406,9 @@ def image_transforms(processor) -> tuple[Callable, Callable]:
     """(train, eval) transforms PIL image -> 3 x H x W float tensor normalised by the processor's mean/std.
 
     Train: a random crop of area fraction U(0.08, 1) and aspect ratio log-U(3/4, 4/3) resized to H x W, then
-    a horizontal flip with probability 1/2 (the usual RandomResizedCrop + RandomHorizontalFlip). Eval: resize
-    (shorter side to size.shortest_edge, or straight to size.height x size.width), then a centre crop to
-    crop_size when the processor has one."""
+    a horizontal flip with probability 1/2 (RandomResizedCrop + RandomHorizontalFlip). Eval: the shorter side
+    resized (to size.shortest_edge, or to cover size.height x size.width), then a centre crop (the authors'
+    Resize + CenterCrop; for square images the same as the ViT processor's own resize)."""
     size = dict(processor.size)
     crop = dict(getattr(processor, "crop_size", None) or {}) if getattr(processor, "do_center_crop", False) else {}
     if "height" in size:
@@ -413,13 +426,10 @@ def image_transforms(processor) -> tuple[Callable, Callable]:
         from PIL import Image
 
         image = image.convert("RGB")
-        if "height" in size:
-            image = image.resize((size["width"], size["height"]), Image.BILINEAR)
-        else:
-            w, h = image.size
-            short = size["shortest_edge"]
-            image = image.resize((max(1, round(w * short / min(w, h))), max(1, round(h * short / min(w, h)))),
-                                 Image.BILINEAR)
+        w, h = image.size
+        # shorter side to shortest_edge, or just enough to cover height x width (the aspect ratio is kept)
+        scale = size["shortest_edge"] / min(w, h) if "shortest_edge" in size else max(out_hw[0] / h, out_hw[1] / w)
+        image = image.resize((max(out_hw[1], round(w * scale)), max(out_hw[0], round(h * scale))), Image.BILINEAR)
         w, h = image.size
         th, tw = out_hw
         left, top = max(0, (w - tw) // 2), max(0, (h - th) // 2)
@@ -461,7 +471,7 @@ class ImageSetDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         r = self.rows[i]
-        image = self.sources[r["split"]][r["index"]][self.column]
+        image = self.sources[(r["source"], r["split"])][r["index"]][self.column]
         x = self.transform(image, self.rng) if self.rng is not None else self.transform(image)
         return {"pixel_values": x, "labels": self.index[r["label"]]}
 
@@ -518,9 +528,9 @@ def build_datasets(config: dict[str, Any], splits: data_mod.Splits, tokenizer):
     from .features import image_collate
 
     train_tf, eval_tf = image_transforms(load_processor(config))
-    needed = {r["split"] for rows in splits.rows.values() for r in rows}
-    sources = {s: data_mod.load_split(config["data.source"], config["data.hub_config"], s, schema_hint(config))
-               for s in sorted(needed)}
+    needed = {(r["source"], r["split"]) for rows in splits.rows.values() for r in rows}
+    sources = {(where, s): data_mod.load_split(where, config["data.hub_config"] if where == config["data.source"]
+                                               else None, s, schema_hint(config)) for where, s in sorted(needed)}
     rng = np.random.default_rng(config["train.seed"])
     sets = {k: ImageSetDataset(sources, rows, config["data.image_column"], splits.labels,
                                train_tf if k == "train" else eval_tf, rng if k == "train" else None)
@@ -704,13 +714,12 @@ def run_eval(path: Path, config: dict[str, Any], splits: data_mod.Splits, data_p
     if data_path:
         kept = {k: v for k, v in splits.rows.items() if k == "train"}
         if config["task"] == IMAGE:
-            source_config = {**config, "data.source": data_path}
             dataset = data_mod.load_split(data_path, None, "test", schema_hint(config))
             _require(list(dataset.column_names), {"data.image_column": config["data.image_column"],
                                                   "data.label_column": config["data.label_column"]}, IMAGE, data_path)
             _, labels = _image_labels(dataset, config["data.label_column"])
-            kept["test"] = [{"split": "test", "index": i, "label": lab} for i, lab in enumerate(labels)]
-            config = source_config
+            kept["test"] = [{"source": data_path, "split": "test", "index": i, "label": lab}
+                            for i, lab in enumerate(labels)]
         else:
             frame = data_mod.read_table(data_path, None, "test", schema_hint(config))
             kept["test"] = (_qa_rows(frame, config, data_path, need_response=False, need_answer=True)
