@@ -95,7 +95,9 @@ def load_split(source: str, hub_config: Optional[str], split: str, hint: str = "
         if files:
             kwargs["data_files"] = files
     try:
-        return datasets.load_dataset(str(path) if path.is_dir() else source, hub_config, split=split, **kwargs)
+        # a local folder stands in for the hub data set: its configuration name does not apply
+        return datasets.load_dataset(str(path), split=split, **kwargs) if path.is_dir() else \
+            datasets.load_dataset(source, hub_config, split=split)
     except Exception as e:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ValueError, ...)
         if path.is_dir():
             raise CliError(f"Could not read split '{split}' of the data folder '{source}' with `datasets` "

@@ -51,8 +51,9 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "data.eval_sets": (None, (list, NONE),
                        "generative-qa: test sets, each {name, source, extractor[, split]}, scored by generation."),
     "data.prompt_template": ("chat", (str,),
-                             "causal-lm / generative-qa prompt: chat (the model's chat template), alpaca "
-                             "(LLM-Adapters' instruction template) or plain (prompt + newline)."),
+                             "generative-qa prompt: chat (the model's chat template), alpaca "
+                             "(LLM-Adapters' instruction template), plain (prompt + newline), or a string holding "
+                             "{prompt} (e.g. peft's benchmark: 'Question: {prompt} Think step by step.\\nAnswer:')."),
     "data.prompt_column": ("prompt", (str,), "Column holding the prompt (causal-lm)."),
     "data.response_column": ("response", (str,), "Column holding the response the model learns (causal-lm)."),
     "data.keep_labels": (None, (list, NONE), "Keep only rows whose label is in this list."),

@@ -76,8 +76,11 @@ def primary_metric(config: dict[str, Any]) -> str:
 
 def validate_task_keys(config: dict[str, Any]) -> None:
     """The enumerations and shapes of the task keys (called by recipe.validate)."""
-    enums = {"train.eval_strategy": ("steps", "epoch"), "train.precision": ("fp32", "bf16", "fp16"),
-             "data.prompt_template": TEMPLATES}
+    enums = {"train.eval_strategy": ("steps", "epoch"), "train.precision": ("fp32", "bf16", "fp16")}
+    if config["data.prompt_template"] not in TEMPLATES and "{prompt}" not in config["data.prompt_template"]:
+        raise CliError(f"data.prompt_template must be one of {', '.join(TEMPLATES)} or a format string holding "
+                       f"{{prompt}} (e.g. 'Question: {{prompt}} Think step by step.\\nAnswer:'), got "
+                       f"{config['data.prompt_template']!r}.")
     for key, allowed in enums.items():
         if config[key] not in allowed:
             raise CliError(f"{key} must be one of {', '.join(allowed)}, got {config[key]!r}.")
@@ -373,7 +376,10 @@ def build_splits(config: dict[str, Any]) -> data_mod.Splits:
 
 def eval_names(splits: data_mod.Splits) -> list[str]:
     """The rows keys evaluated at the end: test, then every test-<name>."""
-    return ["test", *sorted(k for k in splits.rows if k.startswith(EXTRA_PREFIX))]
+    info = splits.info
+    if "test_names" in info:
+        return list(info["test_names"])
+    return ["test", *(EXTRA_PREFIX + name for name in (info.get("eval_splits") or [])[1:])]
 
 
 def display_name(splits: data_mod.Splits, key: str) -> str:
@@ -507,7 +513,8 @@ def encode_prompt(tokenizer, prompt: str, template: str) -> list[int]:
 
     if template == "chat":
         return tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    text = ALPACA.format(prompt=prompt) if template == "alpaca" else prompt + "\n"
+    text = ALPACA.format(prompt=prompt) if template == "alpaca" else prompt + "\n" if template == "plain" else \
+        template.replace("{prompt}", prompt)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
 
