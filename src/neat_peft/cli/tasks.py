@@ -42,7 +42,7 @@ ALPACA = ("Below is an instruction that describes a task. Write a response that 
           "request.\n\n### Instruction:\n{prompt}\n\n### Response:\n")
 
 # Answer extractors: the first of these words found in the generated text (LLM-Adapters' per-dataset choice
-# lists), or for "number" the last number (commas removed) compared within 1e-3 (its GSM8K rule).
+# lists), or for "number" the last number (commas removed), compared numerically within 1e-3.
 _CHOICES = {
     "boolq": ("true", "false"), "piqa": ("solution1", "solution2"),
     "siqa": tuple(f"answer{i}" for i in range(1, 6)), "arc": tuple(f"answer{i}" for i in range(1, 6)),
