@@ -242,18 +242,24 @@ def test_image_transforms_eval_matches_the_processor_train_is_random(tiny_vit, i
     assert torch.isfinite(flip_only).all()
 
 
-def test_image_classification_end_to_end_matches_sklearn(tiny_vit, image_folder, work):
+@pytest.fixture(scope="module")
+def image_run(tiny_vit, image_folder, work):
+    run = work / "runs" / "image"
+    metrics = _train(run, "task=image-classification", f"model.name={tiny_vit}", f"data.source={image_folder}",
+                     "data.label_column=label", "data.eval_splits=[validation]", "method.targets=[q_proj, v_proj]",
+                     "method.r=4", "train.epochs=2", "train.eval_strategy=epoch", "train.batch_size=8",
+                     "train.lr=1e-2", "train.head_lr=1e-2", "train.weight_decay=1e-4")
+    return run, metrics
+
+
+def test_image_classification_end_to_end_matches_sklearn(image_run, tiny_vit, image_folder):
     from PIL import Image
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     from neat_peft.cli.commands import run_eval, run_predict
 
-    run = work / "runs" / "image"
-    metrics = _train(run, "task=image-classification", f"model.name={tiny_vit}", f"data.source={image_folder}",
-                     "data.label_column=label", "data.eval_splits=[validation]", "method.targets=[q_proj, v_proj]",
-                     "method.r=4", "train.epochs=2", "train.eval_strategy=epoch", "train.batch_size=8",
-                     "train.lr=1e-2", "train.head_lr=1e-2", "train.weight_decay=1e-4")
+    run, metrics = image_run
     processor = AutoImageProcessor.from_pretrained(tiny_vit)
     labels = sorted(COLOURS)  # the image folder's class names, in `datasets`' order
     files = [(image_folder / "validation" / c / f"{i}.png", c) for c in labels for i in range(4)]
@@ -456,3 +462,34 @@ def test_image_splits_with_a_separate_test_source(image_folder, tmp_path):
     assert [sum(r["label"] == c for r in splits.rows["validation"]) for c in sorted(COLOURS)] == [2, 2, 2]
     train = {(r["split"], r["index"]) for r in splits.rows["train"]}
     assert len(train) == 18 and not train & {(r["split"], r["index"]) for r in splits.rows["validation"]}
+
+
+def test_merge_pair_and_image_runs_load_with_plain_transformers(pair_run, tiny_bert, pair_data, image_run, tiny_vit,
+                                                                 image_folder, tmp_path):
+    """`neat-peft merge` writes a plain transformers model (and its tokenizer / image processor) whose logits
+    are the adapter's, computed independently from the reloaded adapter."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    from neat_peft.cli.commands import run_merge
+
+    run, _ = pair_run
+    run_merge(str(run), str(tmp_path / "pair"))
+    rows = _read_jsonl(pair_data / "validation_matched.jsonl")[:4]
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pair").eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "pair")
+    batch = tok([r["premise"] for r in rows], [r["hypothesis"] for r in rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(**batch).logits.numpy(), _pair_logits(run, tiny_bert, rows), atol=1e-5)
+
+    image_run, _ = image_run
+    run_merge(str(image_run), str(tmp_path / "vit"))
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "vit")
+    pixels = processor(images=[Image.open(image_folder / "validation" / "red" / "0.png")], return_tensors="pt")
+    base = AutoModelForImageClassification.from_pretrained(tiny_vit, num_labels=3, ignore_mismatched_sizes=True)
+    with torch.no_grad():
+        expected = _neat_reload(base, image_run)(**pixels).logits
+        got = AutoModelForImageClassification.from_pretrained(tmp_path / "vit").eval()(**pixels).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -171,7 +171,7 @@ def run_merge(run_dir: str, out: str) -> float:
         merged = models.merged_model(model, config["method.name"]).eval()
         diff = float((before - _logits(merged, batch)).abs().max())
     target.mkdir(parents=True, exist_ok=True)
-    if config["task"] == "image-classification":
+    if config["task"] == "image-classification" and not tasks.handles(config):
         state = {k: v.contiguous() for k, v in merged.state_dict().items()}
         save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
         models.write_json(target / "neat_peft_model.json", {
@@ -181,9 +181,9 @@ def run_merge(run_dir: str, out: str) -> float:
         how = "load with neat_peft.cli.models.load_image_model (EfficientNet is not a transformers model)"
     else:
         merged.save_pretrained(target)
-        tokenizer.save_pretrained(target)
-        loader = "AutoModelForSequenceClassification" if config["task"] == "text-classification" else \
-            "AutoModelForCausalLM"
+        # a transformers vision model keeps its image processor beside it, a text model its tokenizer
+        (tokenizer or tasks.load_processor(config)).save_pretrained(target)
+        loader = tasks.auto_class(config["task"])
         how = f"load with transformers.{loader}.from_pretrained('{target}')"
     print(f"merged {config['method.name']} model saved to {target} ({how}); max |logit difference| merged vs "
           f"unmerged on {len(next(iter(batch.values())))} test examples: {diff:.2e}")

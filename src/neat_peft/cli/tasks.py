@@ -70,6 +70,12 @@ def handles(config: dict[str, Any]) -> bool:
     return task in (PAIR, REGRESSION, QA) or (task == IMAGE and not is_idx_source(config))
 
 
+def auto_class(task: str) -> str:
+    """The transformers Auto class that loads a merged model of `task`."""
+    return {IMAGE: "AutoModelForImageClassification", QA: "AutoModelForCausalLM",
+            "causal-lm": "AutoModelForCausalLM"}.get(task, "AutoModelForSequenceClassification")
+
+
 def primary_metric(config: dict[str, Any]) -> str:
     return config["eval.metric"] or METRICS[config["task"]][0]
 
@@ -290,9 +296,12 @@ def _eval_pools(config, load: Callable[..., list[dict[str, Any]]], train_rows, i
 def _text_splits(config: dict[str, Any]) -> data_mod.Splits:
     source, hint = config["data.source"], schema_hint(config)
 
+    read: dict[str, int] = {}
+
     def load(split: str, other: Optional[str] = None):
         where = other or source
         frame = data_mod.read_table(where, config["data.hub_config"], split, hint)
+        read[split] = len(frame)
         return _text_rows(frame, config, f"{where}" + (f" [{split}]" if not Path(where).is_file() else ""))
 
     if config["data.eval_splits"] and Path(source).expanduser().is_file():
@@ -300,7 +309,8 @@ def _text_splits(config: dict[str, Any]) -> data_mod.Splits:
                        "file. Give a folder of split files (train.jsonl, validation.jsonl, ...) or a hub name, or "
                        "set data.eval_splits: null to hold out data.validation_fraction / data.test_fraction.")
     train_rows = load(config["data.hub_split"])
-    info: dict[str, Any] = {"source": source, "rows_read": len(train_rows)}
+    info: dict[str, Any] = {"source": source, "rows_read": read[config["data.hub_split"]],
+                            "rows_empty_dropped": read[config["data.hub_split"]] - len(train_rows)}
     if config["data.dedupe"] and not config["data.eval_splits"]:
         train_rows, info["duplicates_dropped"] = _dedupe(train_rows, ("text", "text_pair"))
     pools = _eval_pools(config, load, train_rows, info)
@@ -312,7 +322,7 @@ def _qa_splits(config: dict[str, Any]) -> data_mod.Splits:
     sets = config["data.eval_sets"]
     frame = data_mod.read_table(source, config["data.hub_config"], config["data.hub_split"], hint)
     train_rows = _qa_rows(frame, config, source, need_response=True, need_answer=sets is None)
-    info: dict[str, Any] = {"source": source, "rows_read": len(frame)}
+    info: dict[str, Any] = {"source": source, "rows_read": len(frame), "rows_empty_dropped": len(frame) - len(train_rows)}
     if config["data.dedupe"]:
         train_rows, info["duplicates_dropped"] = _dedupe(train_rows, ("prompt",))
     pools = _held_out(config, train_rows, has_own_test=sets is not None)
@@ -530,7 +540,8 @@ def build_datasets(config: dict[str, Any], splits: data_mod.Splits, tokenizer):
     if task == QA:
         from .features import causal_lm_collator
 
-        sets = {k: qa_dataset(v, tokenizer, config) for k, v in splits.rows.items() if k in ("train", "validation")}
+        # test rows hold no response (they are scored by generation); as items they are the prompt and eos
+        sets = {k: qa_dataset([{"response": "", **r} for r in v], tokenizer, config) for k, v in splits.rows.items()}
         return sets, causal_lm_collator(tokenizer)
     from .features import image_collate
 
