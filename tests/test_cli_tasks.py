@@ -358,7 +358,8 @@ def test_generative_qa_end_to_end(qa_data, work):
     run = work / "runs" / "qa"
     sets = (f"data.eval_sets=[{{name: boolq, source: {qa_data / 'boolq_test.json'}, extractor: boolq}}, "
             f"{{name: gsm8k, source: {qa_data / 'gsm8k_test.json'}, extractor: number}}]")
-    metrics = _train(run, "task=generative-qa", f"model.name={llama}", f"data.source={qa_data / 'commonsense_170k.json'}",
+    metrics = _train(run, "task=generative-qa", f"model.name={llama}",
+                     f"data.source={qa_data / 'commonsense_170k.json'}",
                      "data.prompt_column=instruction", "data.response_column=output", "data.prompt_template=alpaca",
                      sets, "train.max_steps=3", "train.batch_size=8", "train.eval_batch_size=4",
                      "eval.max_new_tokens=6", "method.targets=[q_proj, v_proj]", "method.axis=in")
@@ -371,7 +372,8 @@ def test_generative_qa_end_to_end(qa_data, work):
         outputs = []
         for r in rows:
             bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-            ids = torch.tensor([bos + tok(ALPACA.format(prompt=r["instruction"]), add_special_tokens=False)["input_ids"]])
+            prompt = tok(ALPACA.format(prompt=r["instruction"]), add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([bos + prompt])
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                                      do_sample=False, pad_token_id=tok.pad_token_id)
@@ -452,7 +454,8 @@ def test_image_splits_with_a_separate_test_source(image_folder, tmp_path):
 
     test_only = tmp_path / "test_set"
     shutil.copytree(image_folder / "validation", test_only / "test")
-    config = recipe.resolve(None, ["task=image-classification", f"data.source={image_folder}", "data.label_column=label",
+    config = recipe.resolve(None, ["task=image-classification", f"data.source={image_folder}",
+                                   "data.label_column=label",
                                    f"data.test_source={test_only}", "data.test_split=test",
                                    "data.validation_fraction=0.25"])
     splits = tasks.build_splits(config)
@@ -493,3 +496,29 @@ def test_merge_pair_and_image_runs_load_with_plain_transformers(pair_run, tiny_b
         expected = _neat_reload(base, image_run)(**pixels).logits
         got = AutoModelForImageClassification.from_pretrained(tmp_path / "vit").eval()(**pixels).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_killed_and_resumed_pair_run_matches_uninterrupted(tiny_bert, pair_data, tmp_path):
+    """SIGKILL right after the epoch-1 checkpoint, then --resume: the per-epoch validations (both splits), the
+    best epoch and the final test metrics equal an uninterrupted run's (dropout 0, same seed)."""
+    from cli_helpers import cli_subprocess
+
+    bert = make_tiny_bert(tmp_path / "bert0", dropout=0.0)
+    args = ["task=text-pair-classification", f"model.name={bert}", f"data.source={pair_data}",
+            "data.text_column=premise", "data.text_pair_column=hypothesis", "data.label_column=label",
+            "data.eval_splits=[validation_matched, validation_mismatched]", "train.epochs=2",
+            "train.eval_strategy=epoch", "train.batch_size=16", "method.dropout=0", "data.max_length=32"]
+    killed = cli_subprocess("train", "-o", tmp_path / "resumed", *args,
+                            env_extra={"NEAT_PEFT_SIGKILL_AFTER_CHECKPOINT": "4"})
+    assert killed.returncode == -9 and not (tmp_path / "resumed" / "metrics.json").exists()
+    assert cli("train", "-o", tmp_path / "resumed", "--resume") == (0, "", "")
+    assert cli("train", "-o", tmp_path / "full", *args) == (0, "", "")
+    a, b = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("resumed", "full"))
+    assert a["resumed_from"] == "checkpoint-4"
+    assert [p["epoch"] for p in a["validation_curve"]] == [1.0, 2.0]
+    histories = [json.loads((tmp_path / r / "log_history.json").read_text())["log_history"] for r in ("resumed", "full")]
+    for split in ("validation_matched", "validation_mismatched"):
+        losses = [[h[f"eval_{split}_loss"] for h in history if f"eval_{split}_loss" in h] for history in histories]
+        assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-6)
+        assert a["test"][split]["accuracy"] == pytest.approx(b["test"][split]["accuracy"], abs=1e-12)
+    assert a["best_validation"]["step"] == b["best_validation"]["step"]

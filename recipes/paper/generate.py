@@ -62,7 +62,7 @@ def glue(name: str, variant: str) -> dict:
         "method": method,
         "train": {"epochs": epochs, "batch_size": batch, "eval_batch_size": batch, "lr": lr, "head_lr": head_lr,
                   "weight_decay": 0.0, "warmup_ratio": 0.06, "scheduler": "linear", "max_grad_norm": 0.0,
-                  "eval_strategy": "epoch", "save_every": 1000, "log_every": 50, "seed": 0, "precision": "fp32"},
+                  "eval_strategy": "epoch", "log_every": 50, "seed": 0, "precision": "fp32"},
         "eval": {"metric": metric},
         "output": {"dir": f"runs/paper/glue/{name}-neat-{variant}"},
     }
@@ -97,7 +97,7 @@ def vision(name: str, depth: int = 0) -> dict:
                    "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
         "train": {"epochs": 10, "batch_size": 64, "eval_batch_size": 64, "grad_accum_steps": 4, "lr": lr,
                   "head_lr": head_lr, "weight_decay": wd, "warmup_ratio": 0.0, "scheduler": "linear",
-                  "max_grad_norm": 1.0, "eval_strategy": "epoch", "save_every": 500, "log_every": 10, "seed": 7,
+                  "max_grad_norm": 1.0, "eval_strategy": "epoch", "log_every": 10, "seed": 7,
                   "precision": "fp32"},
         "eval": {"metric": "accuracy"},
         "output": {"dir": f"runs/paper/vision/{name}-neat{suffix}"},

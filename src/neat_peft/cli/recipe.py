@@ -92,7 +92,8 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "train.lr": (2e-3, NUM, "Learning rate of the adapter (or of the whole body for method full)."),
     "train.head_lr": (2e-3, NUM, "Learning rate of the classification head."),
     "train.warmup_steps": (None, (int, NONE), "Warm-up steps (overrides train.warmup_ratio when set)."),
-    "train.eval_strategy": ("steps", (str,), "Validate every train.eval_every steps ('steps') or every epoch ('epoch')."),
+    "train.eval_strategy": ("steps", (str,), "Validate every train.eval_every steps ('steps') or every epoch "
+                            "('epoch', which also checkpoints at each epoch end instead of every train.save_every steps)."),
     "train.precision": ("fp32", (str,), "fp32, or bf16 / fp16 mixed precision (autocast; weights stay fp32)."),
     "train.weight_decay": (0.0, NUM, "AdamW weight decay."),
     "train.warmup_ratio": (0.06, NUM, "Fraction of steps with a linear learning-rate warm-up."),

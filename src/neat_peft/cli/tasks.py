@@ -322,7 +322,8 @@ def _qa_splits(config: dict[str, Any]) -> data_mod.Splits:
     sets = config["data.eval_sets"]
     frame = data_mod.read_table(source, config["data.hub_config"], config["data.hub_split"], hint)
     train_rows = _qa_rows(frame, config, source, need_response=True, need_answer=sets is None)
-    info: dict[str, Any] = {"source": source, "rows_read": len(frame), "rows_empty_dropped": len(frame) - len(train_rows)}
+    info: dict[str, Any] = {"source": source, "rows_read": len(frame),
+                            "rows_empty_dropped": len(frame) - len(train_rows)}
     if config["data.dedupe"]:
         train_rows, info["duplicates_dropped"] = _dedupe(train_rows, ("prompt",))
     pools = _held_out(config, train_rows, has_own_test=sets is not None)

@@ -199,7 +199,10 @@ def training_arguments(config: dict[str, Any], run_dir: Path, for_training: bool
         bf16=config["train.precision"] == "bf16", fp16=config["train.precision"] == "fp16",
         max_grad_norm=float(config["train.max_grad_norm"]),
         eval_strategy=config["train.eval_strategy"] if for_training else "no", eval_steps=config["train.eval_every"],
-        save_strategy="steps", save_steps=config["train.save_every"],
+        # Validating per epoch also checkpoints at each epoch end, after that validation: a checkpoint written
+        # mid-way (before it) would lose the epoch's result on resume, and with it the best-epoch report.
+        save_strategy="epoch" if config["train.eval_strategy"] == "epoch" else "steps",
+        save_steps=config["train.save_every"],
         save_total_limit=config["train.keep_checkpoints"],
         logging_strategy="steps", logging_steps=config["train.log_every"], logging_nan_inf_filter=False,
         seed=config["train.seed"], data_seed=config["train.seed"],
