@@ -9,6 +9,15 @@ from typing import Any, Optional, Union
 
 from .functional import NON_ACT2FN_ACTIVATIONS, get_activation
 
+class PeftNotRegisteredError(AttributeError):
+    """peft asked a NeatConfig for its peft type before neat_peft.register_with_peft() was called."""
+
+
+# Filled in by neat_peft.peft_plugin.register_with_peft (the plugin depends on this module, never the other way).
+PEFT_REGISTRATION: dict[str, Optional[str]] = {"peft_type": None}
+
+# The fields peft's PeanutConfig lacks, with the value that means what PEANuT computes (a PEANUT file omits them).
+PEANUT_IMPLIED = {"axis": "out", "dropout": 0.0, "normalize_weight": False}
 # peft's own bookkeeping fields: accepted when reading a file, carried through, never interpreted.
 PEFT_META_FIELDS = ("auto_mapping", "peft_version", "peft_type", "revision", "base_model_name_or_path")
 
@@ -102,11 +111,26 @@ class NeatConfig:
             if isinstance(value, (set, tuple)):
                 setattr(self, name, sorted(value))
 
+    # --- what peft reads from a config, so that peft.get_peft_model(model, NeatConfig(...)) works -------------
+    @property
+    def peft_type(self) -> str:
+        """peft's name of the method, once neat_peft.register_with_peft() has made it a peft method."""
+        if PEFT_REGISTRATION["peft_type"] is None:
+            raise PeftNotRegisteredError(
+                "NeatConfig.peft_type: NEAT is not registered with peft in this process. Call "
+                "neat_peft.register_with_peft() once (it imports peft) before peft.get_peft_model(model, NeatConfig(...))."
+            )
+        return PEFT_REGISTRATION["peft_type"]
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
     @property
     def peft_compatible(self) -> bool:
         """True when peft's PEANuT computes exactly this adapter (it knows no axis 'in', dropout, normalising,
         nor the activations transformers' ACT2FN lacks)."""
-        return (self.axis == "out" and self.dropout == 0.0 and not self.normalize_weight
+        return (all(getattr(self, name) == value for name, value in PEANUT_IMPLIED.items())
                 and self.act_fn not in NON_ACT2FN_ACTIVATIONS)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,8 +147,3 @@ class NeatConfig:
                 "another method; upgrade neat-peft or check the file."
             )
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def config_field_help() -> dict[str, str]:
-    """Field name -> help text (used by the CLI and docs)."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(NeatConfig)}
