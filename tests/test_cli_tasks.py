@@ -522,3 +522,8 @@ def test_killed_and_resumed_pair_run_matches_uninterrupted(tiny_bert, pair_data,
         assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-6)
         assert a["test"][split]["accuracy"] == pytest.approx(b["test"][split]["accuracy"], abs=1e-12)
     assert a["best_validation"]["step"] == b["best_validation"]["step"]
+
+
+def test_unknown_dataset_offline_default_task_names_its_schema(capsys, tmp_path):
+    msg = _error(capsys, "train", "-o", tmp_path / "run", "data.source=nobody-here/no-such-tweets-3f9a")
+    assert "needs the network" in msg and "columns 'text', 'sentiment'" in msg and not (tmp_path / "run").exists()

@@ -225,8 +225,10 @@ def clean(first: list[str], second: list[str], config: dict[str, Any], source: s
 
 def build_text_splits(config: dict[str, Any]) -> Splits:
     """Read, clean and split the data of a text task (classification or causal LM)."""
+    from .tasks import schema_hint
+
     source = config["data.source"]
-    frame = read_table(source, config["data.hub_config"], config["data.hub_split"])
+    frame = read_table(source, config["data.hub_config"], config["data.hub_split"], schema_hint(config))
     info: dict[str, Any] = {"source": source}
     first, second = _text_pairs(frame, config, source)
     pairs = clean(first, second, config, source, info)

@@ -133,13 +133,16 @@ def schema_hint(config: dict[str, Any]) -> str:
                 f"'{config['data.image_column']}' and '{config['data.label_column']}'.")
     if task == QA:
         cols = [config["data.prompt_column"], config["data.response_column"], config["data.answer_column"]]
-    elif task == REGRESSION:
-        cols = [config["data.text_column"], config["data.text_pair_column"], config["data.label_column"] +
-                " (a number)"]
+    elif task == "causal-lm":
+        cols = [config["data.prompt_column"], config["data.response_column"]]
+    elif task == "text-classification":
+        cols = [config["data.text_column"], config["data.label_column"]]
     else:
-        cols = [config["data.text_column"], config["data.text_pair_column"], config["data.label_column"]]
+        cols = [c for c in (config["data.text_column"], config["data.text_pair_column"], config["data.label_column"])
+                if c is not None]
+    number = f" ('{config['data.label_column']}' a number)" if task == REGRESSION else ""
     return ("Offline, use a local .csv/.json/.jsonl file, or a folder of split files (train.jsonl, "
-            f"validation.jsonl, ...), whose rows have the columns {', '.join(repr(c) for c in cols)}.")
+            f"validation.jsonl, ...), whose rows have the columns {', '.join(repr(c) for c in cols)}{number}.")
 
 
 def _require(columns: list[str], needed: dict[str, str], task: str, source: str, extra: str = "") -> None:
