@@ -516,7 +516,8 @@ def test_killed_and_resumed_pair_run_matches_uninterrupted(tiny_bert, pair_data,
     a, b = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("resumed", "full"))
     assert a["resumed_from"] == "checkpoint-4"
     assert [p["epoch"] for p in a["validation_curve"]] == [1.0, 2.0]
-    histories = [json.loads((tmp_path / r / "log_history.json").read_text())["log_history"] for r in ("resumed", "full")]
+    histories = [json.loads((tmp_path / r / "log_history.json").read_text())["log_history"]
+                 for r in ("resumed", "full")]
     for split in ("validation_matched", "validation_mismatched"):
         losses = [[h[f"eval_{split}_loss"] for h in history if f"eval_{split}_loss" in h] for history in histories]
         assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-6)

@@ -1,7 +1,7 @@
 """The task types of the paper's benchmarks, beside single-text classification and causal-LM tuning.
 
   text-pair-classification  two text columns, one class label (GLUE: MRPC, RTE, QNLI, QQP, MNLI; also
-                            single-sentence CoLA / SST-2 when data.text_pair_column is absent from the data)
+                            single-sentence CoLA / SST-2 with data.text_pair_column: null)
   text-regression           one float label, MSE loss, Pearson / Spearman (GLUE STS-B)
   image-classification      any `datasets` image set or image folder, ViT-style processors (the IDX /
                             EfficientNet path of the default image recipe stays in data.py / models.py)
@@ -118,6 +118,12 @@ def validate_task_keys(config: dict[str, Any]) -> None:
             if entry["extractor"] not in EXTRACTORS:
                 raise CliError(f"data.eval_sets[{i}].extractor must be one of {', '.join(EXTRACTORS)}, got "
                                f"{entry['extractor']!r}.")
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(entry["name"])):
+                raise CliError(f"data.eval_sets[{i}].name must be letters, digits, '_', '.' or '-' (it names a file "
+                               f"in the run's split/ folder), got {entry['name']!r}.")
+        names = [str(entry["name"]) for entry in sets]
+        if len(set(names)) != len(names):
+            raise CliError(f"data.eval_sets names must differ, got {names}.")
     if task == QA and sets is None and config["eval.extractor"] is None:
         raise CliError("generative-qa scores generated answers: set eval.extractor (one of "
                        f"{', '.join(EXTRACTORS)}) or list test sets with their extractors in data.eval_sets.")
@@ -252,13 +258,12 @@ def _finish(config: dict[str, Any], pools: dict[str, list[dict[str, Any]]], info
         limit = limits.get(name, config["data.max_test_examples"])
         rows[name] = _subset(pool, limit, _strata(pool, task), rng)
         if not rows[name]:
-            raise CliError(f"The {name} split of '{config['data.source']}' is empty. Use more data, larger "
-                           "data.validation_fraction / data.test_fraction, or check data.eval_splits.")
-    if info.get("test_is_validation"):
-        rows["test"] = rows["validation"]
+            raise CliError(f"The {name} split of the data is empty (source '{config['data.source']}'). Use more "
+                           "data, larger data.validation_fraction / data.test_fraction, or check data.eval_splits "
+                           "and data.test_split.")
     info["available"] = {k: len(v) for k, v in pools.items()}
-    if info.get("test_is_validation"):
-        info["available"]["test"] = info["available"]["validation"]
+    if info.get("test_is_validation"):  # GLUE's protocol: the dev set is both (the best epoch is reported)
+        rows["test"], info["available"]["test"] = rows["validation"], info["available"]["validation"]
     info["used"] = {k: len(v) for k, v in rows.items()}
     if task in (PAIR, IMAGE):
         if not labels:
@@ -298,12 +303,11 @@ def _eval_pools(config, load: Callable[..., list[dict[str, Any]]], train_rows, i
 
 def _text_splits(config: dict[str, Any]) -> data_mod.Splits:
     source, hint = config["data.source"], schema_hint(config)
-
     read: dict[str, int] = {}
 
     def load(split: str, other: Optional[str] = None):
         where = other or source
-        frame = data_mod.read_table(where, config["data.hub_config"], split, hint)
+        frame = data_mod.read_table(where, config["data.hub_config"] if other is None else None, split, hint)
         read[split] = len(frame)
         return _text_rows(frame, config, f"{where}" + (f" [{split}]" if not Path(where).is_file() else ""))
 
@@ -339,7 +343,8 @@ def _qa_splits(config: dict[str, Any]) -> data_mod.Splits:
             key = "test" if i == 0 else EXTRA_PREFIX + entry["name"]
             pools[key] = rows
             extractors[key] = entry["extractor"]
-        info["test_names"] = {("test" if i == 0 else EXTRA_PREFIX + e["name"]): e["name"] for i, e in enumerate(sets)}
+        info["test_names"] = {("test" if i == 0 else EXTRA_PREFIX + e["name"]): e["name"]
+                              for i, e in enumerate(sets)}
     info["extractors"] = extractors
     return _finish(config, pools, info, [])
 
