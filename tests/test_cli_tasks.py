@@ -22,6 +22,17 @@ WORDS = "cat dog bird fish tree car road house blue red green small big fast slo
 COLOURS = ("red", "green", "blue")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _datasets_cache(tmp_path_factory):
+    """`datasets` caches what it reads from local folders; keep the tests' copies out of the user's cache."""
+    import datasets
+
+    saved = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("datasets_cache")
+    yield
+    datasets.config.HF_DATASETS_CACHE = saved
+
+
 def _sentence(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
 

@@ -17,6 +17,17 @@ PAPER = ROOT / "recipes" / "paper"
 RECIPES = sorted(p.relative_to(PAPER).as_posix() for p in PAPER.rglob("*.yaml"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _datasets_cache(tmp_path_factory):
+    """`datasets` caches what it reads from local folders; keep the tests' copies out of the user's cache."""
+    import datasets
+
+    saved = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("datasets_cache")
+    yield
+    datasets.config.HF_DATASETS_CACHE = saved
+
+
 def _resolve(rel: str, *overrides: str) -> dict:
     from neat_peft.cli import recipe
 
