@@ -539,3 +539,20 @@ def test_killed_and_resumed_pair_run_matches_uninterrupted(tiny_bert, pair_data,
 def test_unknown_dataset_offline_default_task_names_its_schema(capsys, tmp_path):
     msg = _error(capsys, "train", "-o", tmp_path / "run", "data.source=nobody-here/no-such-tweets-3f9a")
     assert "needs the network" in msg and "columns 'text', 'sentiment'" in msg and not (tmp_path / "run").exists()
+
+
+def test_generation_under_bf16_autocast(work):
+    """train.precision=bf16 generates under autocast (CPU supports bf16): outputs come back as text, the
+    weights stay fp32 and the model's mode is restored."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from neat_peft.cli import recipe
+    from neat_peft.cli.tasks import generate
+
+    llama = make_tiny_llama(work / "llama_bf16")
+    model, tok = AutoModelForCausalLM.from_pretrained(llama).train(), AutoTokenizer.from_pretrained(llama)
+    config = recipe.resolve(None, ["task=generative-qa", "eval.extractor=number", "train.precision=bf16",
+                                   "eval.max_new_tokens=3", "train.eval_batch_size=2"])
+    outputs = generate(model, tok, ["one two", "three four five", "six"], config)
+    assert len(outputs) == 3 and all(isinstance(o, str) for o in outputs)
+    assert model.training and next(model.parameters()).dtype == torch.float32

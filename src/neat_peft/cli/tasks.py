@@ -16,6 +16,7 @@ named `test-<name>`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
@@ -647,7 +648,10 @@ def generate(model, tokenizer, prompts: list[str], config: dict[str, Any]) -> li
     outputs = []
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    # the training run's mixed precision (train.precision) for generation too; the weights stay fp32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["train.precision"])
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
         for start in range(0, len(prompts), config["train.eval_batch_size"]):
             ids = [encode_prompt(tokenizer, p, config["data.prompt_template"])
                    for p in prompts[start:start + config["train.eval_batch_size"]]]
