@@ -262,3 +262,51 @@ def test_a_lazy_layer_elsewhere_is_refused_before_the_target_is_wrapped():
         with pytest.raises(ValueError, match=r"uninitialized \(lazy\) parameters.*'1.weight'"):
             get_neat_model(base, NeatConfig(r=2, target_modules=["0"]))
     assert isinstance(base[0], nn.Linear) and type(base[0]) is nn.Linear
+
+
+# --- hostile adapter files through the model API (formats.read_adapter + validate_adapter_tensors) ----------------
+def _saved(tmp_path):
+    model = get_neat_model(_tiny(), NeatConfig(r=2, target_modules=["0"], init_weights=False))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _rewrite_weights(path, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "adapter_model.safetensors")
+    save_file(change(tensors), path / "adapter_model.safetensors")  # no config hash: like a peft-written file
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: {k: v.fill_(float("nan")) if k.endswith("A.weight") else v for k, v in t.items()}, "NaN or inf"),
+    (lambda t: {k: v.long() if k.endswith("B.weight") else v for k, v in t.items()}, "wrong dtype.*torch.int64"),
+    (lambda t: {**t, **{k.replace("peanut_", "neat_"): v.clone() for k, v in t.items()}}, "two namings"),
+])
+def test_hostile_weights_are_refused_and_the_model_is_untouched(tmp_path, change, message):
+    path = _saved(tmp_path)
+    _rewrite_weights(path, change)
+    base = _tiny()
+    before = state_snapshot(base)
+    with pytest.raises(ValueError, match=message) as error:
+        NeatModel.from_pretrained(base, path)
+    assert "adapter_model.safetensors" in str(error.value)
+    assert_state_equal(base, before)
+    assert not any(isinstance(m, neat_peft.NeatLayer) for m in base.modules())
+
+
+def test_nonfinite_weights_load_when_asked_for(tmp_path):
+    path = _saved(tmp_path)
+    _rewrite_weights(path, lambda t: {k: v.fill_(float("inf")) if k.endswith("B.weight") else v for k, v in t.items()})
+    model = NeatModel.from_pretrained(_tiny(), path, allow_nonfinite=True)
+    assert torch.isinf(model.base_model[0].neat_B["default"].weight).all()
+
+
+@pytest.mark.parametrize("name", ["../outside", "a/b", "c:\\\\d", "x.y"])
+def test_adapter_names_that_could_write_outside_the_directory_are_refused(tmp_path, name):
+    model = get_neat_model(_tiny(), NeatConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="cannot name an adapter"):
+        model.add_adapter(name, NeatConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="cannot name an adapter"):
+        model.load_adapter(_saved(tmp_path), name)
+    assert list(model.peft_config) == ["default"]
