@@ -267,14 +267,27 @@ def write_splits(run_dir: Path, splits: Splits) -> None:
 
 
 def read_splits(run_dir: Path) -> Splits:
+    """The split a run wrote, checked: each file parses and holds as many rows as info.json says it used."""
     folder = run_dir / "split"
-    info = json.loads((folder / "info.json").read_text())
+    fix = (f"The run's split is damaged, so '{run_dir}' cannot be evaluated or resumed as it was; train it again "
+           "with --overwrite.")
+    try:
+        info = json.loads((folder / "info.json").read_text(encoding="utf-8"))
+        labels, used = info.pop("labels"), info["used"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CliError(f"Cannot read '{folder / 'info.json'}' ({type(e).__name__}: {e}). {fix}") from None
     rows = {}
     for name in SPLITS:
         path = folder / f"{name}.jsonl"
-        if path.is_file():
-            rows[name] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return Splits(rows, info.pop("labels"), info)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            rows[name] = [json.loads(line) for line in lines if line]
+        except (OSError, ValueError) as e:
+            raise CliError(f"Cannot read '{path}' ({type(e).__name__}: {e}). {fix}") from None
+        if len(rows[name]) != used.get(name):
+            raise CliError(f"'{path}' holds {len(rows[name])} rows but the run used {used.get(name)} (it is "
+                           f"truncated or was edited). {fix}")
+    return Splits(rows, labels, info)
 
 
 # --- images (IDX files, Fashion-MNIST's format) ---------------------------------------------------------
