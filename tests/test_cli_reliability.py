@@ -345,7 +345,7 @@ def test_eval_on_damaged_runs(whole_run, capsys, tmp_path):
     for command in (["eval", run], ["predict", run, "hello"], ["merge", run, tmp_path / "merged"],
                     ["export-lora", run, tmp_path / "lora"]):
         code, _, err = cli(*command, capsys=capsys)
-        assert_clean_error(code, err, f"Cannot load the trained model of '{run}'", "damaged")
+        assert_clean_error(code, err, f"Cannot load the adapter of '{run}'", f"'{weights}'", "truncated or corrupt")
     assert tree_digest(run) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -456,9 +456,10 @@ def test_sigkill_during_merge_leaves_nothing_that_blocks_a_rerun(whole_run, caps
                             capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not out.exists()
-    partial = [p for p in tmp_path.iterdir() if ".neat-peft-partial-" in p.name]
-    assert len(partial) == 1 and (partial[0] / "model.safetensors").is_file()
-    # A folder that merely looks like ours (no marker inside) is the user's and stays.
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and left[0].startswith(".merged.neat-peft-partial-") and left[1] == left[0] + ".json"
+    assert (tmp_path / left[0] / "model.safetensors").is_file()
+    # A folder that merely looks like ours (no marker file beside it) is the user's and stays.
     lookalike = tmp_path / ".merged.neat-peft-partial-1"
     lookalike.mkdir()
     (lookalike / "mine.txt").write_text("mine")
@@ -466,7 +467,6 @@ def test_sigkill_during_merge_leaves_nothing_that_blocks_a_rerun(whole_run, caps
     assert code == 0 and "merged neat model saved" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == [lookalike.name, "merged"]
     assert (lookalike / "mine.txt").read_text() == "mine"
-    assert rundir.PARTIAL_MARKER not in {p.name for p in out.iterdir()}
     AutoModelForSequenceClassification.from_pretrained(out)
 
 
@@ -487,5 +487,4 @@ def test_export_lora_failing_midway_leaves_no_output(whole_run, monkeypatch, cap
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     code, _, _ = cli("export-lora", whole_run, out, capsys=capsys)
-    assert code == 0 and (out / "adapter_config.json").is_file()
-    assert rundir.PARTIAL_MARKER not in {p.name for p in out.iterdir()}
+    assert code == 0 and (out / "adapter_config.json").is_file() and list(tmp_path.iterdir()) == [out]

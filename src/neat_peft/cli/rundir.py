@@ -294,11 +294,10 @@ def resume_checkpoint(run_dir: Path) -> tuple[Optional[Path], list[tuple[Path, s
 
 
 # --- merge / export-lora outputs ---------------------------------------------------------------------------
-PARTIAL_MARKER = ".neat-peft-partial"
-
-
-def _partial_name(out: Path, pid: int) -> Path:
-    return out.parent / f".{out.name}.neat-peft-partial-{pid}"
+def _partial(out: Path, pid: int) -> tuple[Path, Path]:
+    """(the temporary folder, the file beside it that marks the folder as ours) of a write of `out`."""
+    folder = out.parent / f".{out.name}.neat-peft-partial-{pid}"
+    return folder, folder.with_name(folder.name + ".json")
 
 
 def _alive(pid: int) -> bool:
@@ -312,36 +311,41 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_partials(out: Path) -> None:
-    """Delete what killed earlier writes of `out` left: only folders named and marked as ours, whose
-    process is gone."""
-    for path in out.parent.glob(f".{glob.escape(out.name)}.neat-peft-partial-*"):
-        pid = path.name.rsplit("-", 1)[1]
-        if pid.isdigit() and (path / PARTIAL_MARKER).is_file() and not _alive(int(pid)):
-            shutil.rmtree(path)
+    """Delete what killed earlier writes of `out` left: a temporary folder only beside its marker file,
+    and only once the process named in it is gone."""
+    for mark in out.parent.glob(f".{glob.escape(out.name)}.neat-peft-partial-*.json"):
+        pid = mark.name[:-len(".json")].rsplit("-", 1)[1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        folder, _ = _partial(out, int(pid))
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        mark.unlink()
 
 
 @contextlib.contextmanager
 def output_folder(out: Path, what: str) -> Iterator[Path]:
     """A temporary sibling folder to write `out` into, renamed to `out` once complete: a crash leaves `out`
-    absent (never half-written) and a marked partial folder that the next write removes."""
+    absent (never half-written) and a marked temporary folder that the next write of `out` removes."""
     check_empty_output(out, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)
-    partial = _partial_name(out, os.getpid())
-    if (partial / PARTIAL_MARKER).is_file():  # this very process wrote it before (a failure it survived)
-        shutil.rmtree(partial)
-    partial.mkdir()
+    folder, mark = _partial(out, os.getpid())
+    atomic_write_text(mark, json.dumps({"pid": os.getpid(), "output": str(out)}) + "\n")
     try:
-        (partial / PARTIAL_MARKER).write_text(f"{os.getpid()}\n")
-        yield partial
-        (partial / PARTIAL_MARKER).unlink()
+        if folder.exists():  # this very process wrote it before (a failure it survived)
+            shutil.rmtree(folder)
+        folder.mkdir()
+        yield folder
         try:
-            os.rename(partial, out)  # replaces `out` only if it is (still) an empty folder
+            os.rename(folder, out)  # replaces `out` only if it is (still) an empty folder
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
                 raise CliError(f"'{out}' was created or filled while the {what} was written. Nothing of it was "
                                f"touched and the {what} was not kept. Give a new folder.") from None
             raise
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         raise
+    finally:
+        mark.unlink(missing_ok=True)
