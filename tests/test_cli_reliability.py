@@ -374,6 +374,10 @@ def test_resume_skips_a_damaged_checkpoint(damage, whole_run, capsys, tmp_path):
     code, out, err = cli("train", "-o", run, "--resume", capsys=capsys)
     assert code == 0, err
     assert f"--resume: skipping checkpoint-4: {reason}" in out and "resuming from checkpoint-2" in out
+    # The damaged checkpoint was replaced as a whole by the one the resumed run wrote at step 4.
+    name = "checkpoints/checkpoint-4/trainable.safetensors"
+    assert (run / name).read_bytes() == (whole_run / name).read_bytes()
+    assert rundir.checkpoint_problem(run / "checkpoints" / "checkpoint-4") is None
     a, b = adapter(whole_run), adapter(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the whole run
     metrics = json.loads((run / "metrics.json").read_text())

@@ -40,7 +40,12 @@ def run_updates(run_dir: str) -> tuple[dict[str, Any], dict[str, tuple[torch.Ten
     updates = neat_updates(model) if method == "neat" else lora_updates(model)
     if not updates:
         raise CliError(f"No {method} layers found in the model of '{run_dir}'.")
-    metrics = json.loads((path / "metrics.json").read_text())
+    try:
+        metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+        metrics.get("test")
+    except (ValueError, AttributeError) as e:
+        raise CliError(f"'{path / 'metrics.json'}' is damaged ({type(e).__name__}: {e}); train the run again "
+                       "with --overwrite.") from None
     info = {"run_dir": str(path), "method": method, "model": config["model.name"], "task": config["task"],
             "data": config["data.source"], "r": metrics.get("method_info", {}).get("r", config["method.r"]),
             "trainable_params": metrics.get("trainable_params"), "test": metrics.get("test")}

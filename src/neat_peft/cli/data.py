@@ -105,8 +105,10 @@ def _read_hub(name: str, hub_config: Optional[str], split: str):
     try:
         data = datasets.load_dataset(name, hub_config, split=split)
     except Exception as e:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ValueError, ...)
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        why = "this machine is offline and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
+        from .models import is_offline
+
+        why = "this machine is offline and it is not in the local cache" if is_offline() else \
+            f"{type(e).__name__}: {e}"
         raise CliError(f"Data source '{name}' is not a local file and could not be loaded as a `datasets` hub "
                        f"data set ({why}). Give a local .csv/.json/.jsonl/.parquet path, or check the name.") from None
     return data.to_pandas()
@@ -276,16 +278,17 @@ def read_splits(run_dir: Path) -> Splits:
         labels, used = info.pop("labels"), info["used"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CliError(f"Cannot read '{folder / 'info.json'}' ({type(e).__name__}: {e}). {fix}") from None
+    missing = [f"{name}.jsonl" for name in SPLITS if not (folder / f"{name}.jsonl").is_file()]
+    if missing:
+        raise CliError(f"'{folder}' lacks {', '.join(missing)}. {fix}")
     rows = {}
-    for name in SPLITS:
-        path = folder / f"{name}.jsonl"
+    for path in sorted(folder.glob("*.jsonl")):
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-            rows[name] = [json.loads(line) for line in lines if line]
+            rows[path.stem] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
         except (OSError, ValueError) as e:
             raise CliError(f"Cannot read '{path}' ({type(e).__name__}: {e}). {fix}") from None
-        if len(rows[name]) != used.get(name):
-            raise CliError(f"'{path}' holds {len(rows[name])} rows but the run used {used.get(name)} (it is "
+        if path.stem in used and len(rows[path.stem]) != used[path.stem]:
+            raise CliError(f"'{path}' holds {len(rows[path.stem])} rows but the run used {used[path.stem]} (it is "
                            f"truncated or was edited). {fix}")
     return Splits(rows, labels, info)
 
@@ -339,7 +342,9 @@ def _torchvision_download() -> Path:
         from torchvision.datasets import FashionMNIST
     except ImportError:
         FashionMNIST = None
-    if FashionMNIST is not None and os.environ.get("HF_HUB_OFFLINE") != "1":
+    from .models import is_offline
+
+    if FashionMNIST is not None and not is_offline():
         try:
             FashionMNIST(str(root.parent.parent), train=True, download=True)
             FashionMNIST(str(root.parent.parent), train=False, download=True)
@@ -347,7 +352,7 @@ def _torchvision_download() -> Path:
         except Exception as e:  # network errors come in many types
             reason = f"torchvision's download failed ({type(e).__name__}: {e})"
     else:
-        reason = "torchvision is not installed" if FashionMNIST is None else "HF_HUB_OFFLINE=1"
+        reason = "torchvision is not installed" if FashionMNIST is None else "this machine is offline"
     raise CliError(f"Fashion-MNIST is not on this machine: '{FASHION_MNIST_DIR}' is missing and {reason}. Install "
                    "Debian's package (apt-get install -y dataset-fashion-mnist), or set data.source to a folder "
                    "holding the IDX files.")

@@ -21,4 +21,4 @@ def describe_os_error(e: OSError) -> str:
         fix = "Choose a folder you can write to"
     else:
         fix = "Check the path and the disk"
-    return f"Cannot write or read{where}: {reason}. {fix}."
+    return f"The file operation on{where} failed: {reason}. {fix}."

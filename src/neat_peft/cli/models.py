@@ -29,12 +29,11 @@ HEAD_NAMES = ("classifier", "score")
 
 
 def is_offline() -> bool:
-    try:
-        from huggingface_hub import constants
+    """The CLI's one offline check: HF_HUB_OFFLINE as huggingface_hub reads it, or HF_DATASETS_OFFLINE."""
+    from huggingface_hub import constants
 
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return os.environ.get("HF_HUB_OFFLINE") == "1"
+    datasets_offline = os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or datasets_offline
 
 
 def resolve_source(config: dict[str, Any]) -> tuple[str, Optional[str]]:

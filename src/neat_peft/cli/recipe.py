@@ -226,8 +226,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
                        "(the shipped recipes are in the repository's recipes/ folder).")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise CliError(f"Recipe file '{path}' is not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CliError(f"Recipe file '{path}' is not valid YAML (UTF-8 text): {e}") from None
     return flatten(tree, f"file '{path}'")
 
 

@@ -46,9 +46,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 def read_marker(run_dir: Path) -> Optional[dict]:
     """The marker's content, None without one; a damaged marker is an error (nothing is assumed about it)."""
     path = run_dir / MARKER
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
+        if not path.is_file() or path.is_symlink():
+            raise ValueError("not a plain file")
         data = json.loads(path.read_text(encoding="utf-8"))
         written = data["written"]
         if data.get("format") != MARKER_FORMAT or not isinstance(written, list) or \
@@ -167,6 +169,8 @@ def prepare(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool = False)
     For a fresh run this removes the names the marker lists (--overwrite, or an aborted start) and creates
     the folder and its marker. dry_run: check only (the caller validates data and model first, then calls
     again to act)."""
+    if resume and overwrite:
+        raise CliError("--resume continues a run and --overwrite replaces it: give one of them. Nothing was changed.")
     current = state(run_dir)
     if current == "foreign":
         raise CliError(f"Output directory '{run_dir}' already exists and is not a neat-peft run directory (it has "
@@ -199,7 +203,7 @@ def prepare(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool = False)
                        f"{'was' if len(theirs) == 1 else 'were'} not written by neat-peft (not listed in {MARKER}); "
                        "neat-peft will neither delete nor write over them. Nothing was changed. Move them out of "
                        "the run directory, then run the command again.")
-    if current == "unfinished" and resume and not overwrite:
+    if current == "unfinished" and resume:
         return "resume"
     if not dry_run:
         if read_marker(run_dir) is not None:
