@@ -153,6 +153,11 @@ BAD_VALUES = {
     "train.warmup_ratio": "1.0", "train.scheduler": "bogus", "train.max_grad_norm": "-1", "train.eval_every": "0",
     "train.save_every": "0", "train.log_every": "0", "train.keep_checkpoints": "0", "train.seed": "-1",
     "train.threads": "-1", "output.dir": "' '",
+    "data.text_pair_column": "''", "data.answer_column": "''", "data.image_column": "''", "data.eval_splits": "[]",
+    "data.test_split": "''", "data.test_source": "''", "data.eval_sets": "[1]", "data.prompt_template": "bogus",
+    "method.layers_to_transform": "[-1]", "train.warmup_steps": "-1", "train.eval_strategy": "sometimes",
+    "train.precision": "fp8", "eval.metric": "bogus", "eval.extractor": "bogus", "eval.num_beams": "0",
+    "eval.max_new_tokens": "0",
 }
 
 
