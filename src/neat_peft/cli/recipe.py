@@ -344,6 +344,11 @@ def _check_together(config: dict[str, Any], where: str) -> None:
     if config["method.lora_alpha"] is not None and method != "lora":
         raise CliError(f"Recipe key 'method.lora_alpha'{where} sets LoRA's alpha, but method.name is {method}: "
                        "drop method.lora_alpha, or use method.name=lora.")
+    from .tasks import METRICS
+
+    if config["eval.metric"] is not None and task not in METRICS:
+        raise CliError(f"Recipe key 'eval.metric'{where} picks the validation metric of the tasks "
+                       f"{', '.join(METRICS)}; task {task} reports its own metrics. Drop eval.metric.")
     if method in ("neat", "lora"):
         from neat_peft import NeatConfig
 

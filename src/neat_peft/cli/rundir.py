@@ -230,8 +230,8 @@ def check_run(run_dir: Path) -> None:
     if current == "unfinished":
         raise CliError(f"'{run_dir}' holds an unfinished run (no metrics.json). Finish it first with "
                        f"`neat-peft train --output-dir {run_dir} --resume`.")
-    raise CliError(f"'{run_dir}' is not a neat-peft run directory holding a finished run (it needs {MARKER}, config.yaml and "
-                   "metrics.json, as written by `neat-peft train`).")
+    raise CliError(f"'{run_dir}' is not a neat-peft run directory holding a finished run (it needs {MARKER}, "
+                   "config.yaml and metrics.json, as written by `neat-peft train`).")
 
 
 # Files every checkpoint of a run holds (Trainer skips a missing optimizer or scheduler file silently, which
