@@ -1,0 +1,275 @@
+"""NEAT on quantized frozen bases (neat_peft.quantized): bitsandbytes 4-bit (nf4, fp4 + double quant) and 8-bit,
+torchao int8 weight-only, hqq HQQLinear, optimum-quanto QLinear (int8, int4).
+
+The independent reference is an fp32 twin: the same tiny random Llama in full precision whose linear weights are
+the quantized layers' weights as the *base forward* computes with them, read off by probing each quantized layer
+with the identity matrix (layer(I) - layer(0) = W0^T), not through neat_peft's dequantization code. With the same
+NEAT parameters, the quantized NEAT model and the twin NEAT model must agree:
+
+  layer level (one adapted layer, same input): adapter output and A/B gradients equal to fp32 rounding (1e-5);
+  model level: outputs and adapter gradients equal within the base's own mismatch |base_q(x) - base_twin(x)|
+  (zero except bitsandbytes int8, whose eval/no-grad forward also quantizes activations), plus 1e-4.
+
+Each backend is skipped with the reason when its package is missing (CI installs all four through `.[test]`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from neat_peft import NeatConfig, NeatModel, get_neat_model, quantized  # noqa: E402
+
+BACKENDS = ["bnb-nf4", "bnb-fp4-dq", "bnb-int8", "torchao-int8", "hqq4", "quanto-int8", "quanto-int4"]
+BACKEND_PACKAGE = {"bnb": "bitsandbytes", "torchao": "torchao", "hqq": "hqq.core.quantize", "quanto": "optimum.quanto"}
+# Relative error of the dequantized W0 against the float weights it was made from (max |dW0| / max |W0|), as
+# measured on this model (docs/quantized.md); the tests check the measured error stays below these bounds.
+QUANTIZATION_ERROR_BOUND = {"bnb-nf4": 0.15, "bnb-fp4-dq": 0.15, "bnb-int8": 0.006, "torchao-int8": 0.006,
+                            "hqq4": 0.15, "quanto-int8": 0.006, "quanto-int4": 0.1}
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _backend_module(backend: str):
+    return pytest.importorskip(BACKEND_PACKAGE[backend.split("-")[0].rstrip("0123456789")])
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    directory = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def quantized_llama(backend: str, directory, keep_cpu_repacking: bool = False) -> nn.Module:
+    """The tiny Llama quantized with `backend`, in train mode. bitsandbytes' CPU repacking of 4-bit layers
+    (bnb issue #2078) is switched off on every layer unless asked for: NEAT switches it off only on the layers
+    it wraps, and the LoRA/probe comparisons need the other layers in one layout too."""
+    _backend_module(backend)
+    kwargs = {"dtype": torch.float32}
+    if backend.startswith("bnb"):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = {
+            "bnb-nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32),
+            "bnb-fp4-dq": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32),
+            "bnb-int8": BitsAndBytesConfig(load_in_8bit=True),
+        }[backend]
+    elif backend == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        kwargs["quantization_config"] = TorchAoConfig(Int8WeightOnlyConfig())
+    elif backend.startswith("quanto"):
+        from transformers import QuantoConfig
+
+        kwargs["quantization_config"] = QuantoConfig(weights=backend.split("-")[1])
+    model = _quiet(LlamaForCausalLM.from_pretrained, directory, **kwargs)
+    if backend == "hqq4":  # transformers 5.24's HqqConfig path raises NotImplementedError: use hqq directly
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        for path, module in list(model.model.named_modules()):
+            if isinstance(module, nn.Linear):
+                parent, _, child = path.rpartition(".")
+                setattr(model.model.get_submodule(parent), child, _quiet(
+                    HQQLinear, module, BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.float32,
+                    device="cpu"))
+    if not keep_cpu_repacking:
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model.train()
+
+
+def probed_weight(module: nn.Module, d_in: int) -> torch.Tensor:
+    """W0 (d_out x d_in) as the layer's forward computes with it: layer(I) - layer(0), transposed. The probe
+    requires grad, so it runs the training kernels (and never triggers bitsandbytes' eval-time repacking)."""
+    eye = torch.eye(d_in, requires_grad=True)
+    zero = torch.zeros(1, d_in, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return (module(eye) - module(zero)).detach().t().contiguous()
+
+
+def quantized_paths(model: nn.Module) -> dict[str, nn.Module]:
+    return {path: m for path, m in model.named_modules() if quantized.quantized_kind(m) is not None}
+
+
+def fp32_twin(qmodel: nn.Module, directory) -> nn.Module:
+    """The float Llama with every quantized layer's probed W0 (the reference)."""
+    twin = _quiet(LlamaForCausalLM.from_pretrained, directory, dtype=torch.float32)
+    with torch.no_grad():
+        for path, module in quantized_paths(qmodel).items():
+            target = twin.get_submodule(path)
+            target.weight.copy_(probed_weight(module, target.in_features))
+    return twin.train()
+
+
+def neat_config(**kwargs) -> NeatConfig:
+    # init_weights=False: B is random, so the update is not zero and every comparison sees it.
+    return NeatConfig(**{"r": 4, "target_modules": TARGETS, "init_weights": False, "scaling": 0.5, **kwargs})
+
+
+def copy_adapter(src: NeatModel, dst: NeatModel) -> None:
+    dst_params = dict(dst.named_parameters())
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if p.requires_grad:
+                dst_params[name].copy_(p)
+
+
+def adapter_grads(model: NeatModel) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def ids(seed=0, batch=2, length=12):
+    return torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def loss_and_grads(model: NeatModel, x):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=x, labels=x)
+    out.loss.backward()
+    return out.logits.detach(), adapter_grads(model)
+
+
+def base_mismatch(qmodel, twin, x) -> float:
+    with torch.no_grad():
+        return (qmodel(input_ids=x).logits - twin(input_ids=x).logits).abs().max().item()
+
+
+# --- the layer kinds ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kind_reads_what_the_base_forward_computes_with(backend, llama_dir):
+    """weight() is exactly the probed W0 of every quantized layer, in the logical (d_out, d_in) shape (not the
+    packed storage's), and within the backend's quantization error of the float weights."""
+    qmodel = quantized_llama(backend, llama_dir)
+    float_model = _quiet(LlamaForCausalLM.from_pretrained, llama_dir, dtype=torch.float32)
+    layers = quantized_paths(qmodel)
+    assert len(layers) == 2 * 7  # every linear of both blocks, lm_head left in float
+    worst = 0.0
+    for path, module in layers.items():
+        kind = quantized.quantized_kind(module)
+        W = kind.weight(module)
+        W_float = float_model.get_submodule(path).weight
+        assert kind.shape(module) == tuple(W_float.shape) == tuple(W.shape)
+        torch.testing.assert_close(W.float(), probed_weight(module, W.shape[1]), rtol=1e-5, atol=1e-6)
+        worst = max(worst, ((W.float() - W_float).abs().max() / W_float.abs().max()).item())
+    assert 0 < worst < QUANTIZATION_ERROR_BOUND[backend]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_requantize_then_restore_is_exact(backend, llama_dir):
+    """assign_weight requantizes with the layer's own settings: the layer then computes with a weight within
+    the quantization error of the target (the same bound as quantizing the original), and restore() puts the
+    original storage back bit for bit."""
+    qmodel = quantized_llama(backend, llama_dir)
+    path, module = next(iter(quantized_paths(qmodel).items()))
+    kind = quantized.quantized_kind(module)
+    kind.prepare(module)
+    W0 = kind.weight(module).float()
+    x = torch.randn(3, W0.shape[1], requires_grad=True)
+    y0 = module(x).detach()
+    signature = kind.signature(module)
+    snapshot = kind.snapshot(module)
+    target = W0 + 0.05 * W0.abs().max() * torch.randn_like(W0)
+    kind.assign_weight(module, target)
+    W1 = probed_weight(module, W0.shape[1])
+    error = ((W1 - target).abs().max() / target.abs().max()).item()
+    assert 0 < error < QUANTIZATION_ERROR_BOUND[backend]
+    assert kind.signature(module) == signature  # same quantization settings after requantizing
+    torch.testing.assert_close(kind.snapshot_weight(module, snapshot), W0.to(kind.weight(module).dtype))
+    kind.restore(module, snapshot)
+    assert torch.equal(kind.weight(module).float(), W0)
+    assert torch.equal(module(x).detach(), y0)
+
+
+def test_signatures_tell_quantizations_apart(llama_dir):
+    pytest.importorskip("bitsandbytes")
+    sigs = {}
+    for backend in ["bnb-nf4", "bnb-fp4-dq", "bnb-int8"]:
+        module = quantized_llama(backend, llama_dir).model.layers[0].self_attn.q_proj
+        sigs[backend] = quantized.quantization_signature(module)
+    assert len(set(sigs.values())) == 3, sigs
+    assert "nf4" in sigs["bnb-nf4"] and "double_quant=True" in sigs["bnb-fp4-dq"]
+    assert quantized.quantization_signature(nn.Linear(4, 4)) == "none"
+
+
+def test_refusals_name_the_type_and_what_is_supported(llama_dir):
+    torchao = pytest.importorskip("torchao")  # noqa: F841
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+    from transformers import TorchAoConfig
+
+    model = _quiet(LlamaForCausalLM.from_pretrained, llama_dir, dtype=torch.float32,
+                   quantization_config=TorchAoConfig(Int8DynamicActivationInt8WeightConfig()))
+    module = model.model.layers[0].self_attn.q_proj
+    message = quantized.unsupported_quantization(module)
+    assert "Int8Tensor" in message and "dynamic activation" in message and "Int8WeightOnlyConfig" in message
+    integer = nn.Linear(4, 4)
+    integer.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    assert "int8 codes" in quantized.unsupported_quantization(integer)
+    assert quantized.unsupported_quantization(nn.Linear(4, 4)) is None
+
+
+def test_quanto_with_quantized_activations_is_refused():
+    pytest.importorskip("optimum.quanto")
+    from optimum.quanto import qint8, quantize
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    quantize(model, weights=qint8, activations=qint8)
+    kind = quantized.quantized_kind(model[0])
+    with pytest.raises(ValueError, match="activations"):
+        kind.check("0", model[0])
+
+
+def test_float_linear_is_the_dequantized_layer(llama_dir):
+    pytest.importorskip("bitsandbytes")
+    module = quantized_llama("bnb-nf4", llama_dir).model.layers[0].mlp.down_proj
+    linear = quantized.float_linear(module)
+    x = torch.randn(5, module.in_features, requires_grad=True)
+    assert type(linear) is nn.Linear and linear.weight.dtype == torch.float32
+    torch.testing.assert_close(linear(x), module(x), rtol=1e-5, atol=1e-6)
+    assert quantized.float_linear(module, dtype=torch.bfloat16).weight.dtype == torch.bfloat16
+
+
+def test_prepare_stops_bitsandbytes_cpu_repacking(llama_dir):
+    """bnb issue #2078: on a CPU with AVX512-BF16 an eval/no-grad forward repacks a Linear4bit weight in place,
+    and dequantize_4bit then reads garbage. After prepare() the layer keeps its layout through eval forwards;
+    a layer repacked before wrapping is unpacked back to a consistent layout."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    qmodel = quantized_llama("bnb-nf4", llama_dir, keep_cpu_repacking=True).eval()
+    wrapped, other = qmodel.model.layers[0].self_attn.q_proj, qmodel.model.layers[0].self_attn.k_proj
+    kind = quantized.quantized_kind(wrapped)
+    kind.prepare(wrapped)
+    W0 = kind.weight(wrapped)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        wrapped(x), other(x)
+    assert not getattr(wrapped.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(kind.weight(wrapped), W0)
+    if not bnbf.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here (the trap cannot occur)")
+    assert other.weight.quant_state.packing_format_for_cpu  # the trap is real on this machine
+    kind.check("k_proj", other)
+    kind.prepare(other)  # unpacks
+    assert not other.weight.quant_state.packing_format_for_cpu
+    torch.testing.assert_close(kind.weight(other), probed_weight(other, 64), rtol=1e-5, atol=1e-6)
