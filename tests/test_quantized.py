@@ -273,3 +273,174 @@ def test_prepare_stops_bitsandbytes_cpu_repacking(llama_dir):
     kind.prepare(other)  # unpacks
     assert not other.weight.quant_state.packing_format_for_cpu
     torch.testing.assert_close(kind.weight(other), probed_weight(other, 64), rtol=1e-5, atol=1e-6)
+
+
+# --- NEAT on a quantized model against its fp32 twin -------------------------------------------------------------
+def neat_pair(backend, llama_dir, **config):
+    """(NEAT on the quantized Llama, NEAT on its fp32 twin, the two bases' own output mismatch), same adapter."""
+    qmodel = quantized_llama(backend, llama_dir)
+    twin = fp32_twin(qmodel, llama_dir)
+    mismatch = base_mismatch(qmodel, twin, ids(1))
+    torch.manual_seed(1)
+    q_neat = get_neat_model(qmodel, neat_config(**config))
+    t_neat = get_neat_model(twin, neat_config(**config))
+    copy_adapter(q_neat, t_neat)
+    return q_neat, t_neat, mismatch
+
+
+def assert_same(a, b, mismatch):
+    # The base's own numerics (bnb int8 quantizes activations in eval) propagate through the adapted model.
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 + 4 * mismatch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_and_gradients_equal_the_fp32_twin_also_after_an_eval_pass(backend, llama_dir):
+    q_neat, t_neat, mismatch = neat_pair(backend, llama_dir)
+    x = ids()
+    q_logits, q_grads = loss_and_grads(q_neat, x)
+    t_logits, t_grads = loss_and_grads(t_neat, x)
+    assert_same(q_logits, t_logits, 0.0)  # training kernels: the quantized base is exactly the twin's
+    assert q_grads.keys() == t_grads.keys() and len(q_grads) == 2 * 2 * len(TARGETS)
+    for name in q_grads:
+        torch.testing.assert_close(q_grads[name], t_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    q_neat.eval(), t_neat.eval()
+    with torch.no_grad():  # eval: H comes from the cache, and bnb would repack its 4-bit weights here
+        assert_same(q_neat(input_ids=x).logits, t_neat(input_ids=x).logits, mismatch)
+    q_neat.train()
+    again_logits, again_grads = loss_and_grads(q_neat, x)  # train -> eval -> train: the same numbers
+    assert torch.equal(again_logits, q_logits)
+    for name in q_grads:
+        assert torch.equal(again_grads[name], q_grads[name]), name
+
+
+@pytest.mark.parametrize("backend", ["bnb-nf4", "bnb-int8", "hqq4"])
+def test_adapter_update_is_exact_at_the_layer(backend, llama_dir):
+    """One adapted layer, same input: the adapter's contribution and its gradients equal the twin's to fp32
+    rounding (the base's own output is left out: that is the backend's business)."""
+    q_neat, t_neat, _ = neat_pair(backend, llama_dir, axis="in", depth=1)
+    path = "model.layers.1.self_attn.v_proj"
+    q_layer, t_layer = q_neat.base_model.get_submodule(path), t_neat.base_model.get_submodule(path)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    g = torch.randn(2, 5, q_layer.base_layer.out_features)
+    deltas, grads = [], []
+    for layer in (q_layer, t_layer):
+        layer.zero_grad(set_to_none=True)
+        delta = layer(x) - layer.base_layer(x)
+        (delta * g).sum().backward()
+        deltas.append(delta.detach())
+        grads.append([p.grad for p in layer.parameters() if p.requires_grad])
+    torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["bnb-fp4-dq", "torchao-int8", "quanto-int4"])
+def test_save_load_gives_the_same_model_and_warns_on_another_quantization(backend, llama_dir, tmp_path):
+    q_neat, _, _ = neat_pair(backend, llama_dir)
+    x = ids(2)
+    q_neat.eval()
+    with torch.no_grad():
+        expected = q_neat(input_ids=x).logits
+    q_neat.save_pretrained(tmp_path)
+    loaded = NeatModel.from_pretrained(quantized_llama(backend, llama_dir), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, expected)
+    other = "bnb-int8" if backend != "bnb-int8" else "bnb-nf4"
+    _backend_module(other)
+    with pytest.warns(UserWarning, match="quantized as"):
+        NeatModel.from_pretrained(quantized_llama(other, llama_dir), tmp_path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_error_is_the_requantization_error_and_unmerge_is_exact(backend, llama_dir):
+    q_neat, t_neat, mismatch = neat_pair(backend, llama_dir)
+    q_neat.eval(), t_neat.eval()
+    x = ids(3)
+    path = "model.layers.0.mlp.down_proj"
+    layer = q_neat.base_model.get_submodule(path)
+    kind = quantized.quantized_kind(layer.base_layer)
+    storage_before = kind.snapshot(layer.base_layer)
+    with torch.no_grad():
+        unmerged = q_neat(input_ids=x).logits
+        t_neat.merge_adapter()  # the twin merges in fp32: the exact W0 + dW
+        exact = t_neat.base_model.get_submodule(path).base_layer.weight.detach().clone()
+        q_neat.merge_adapter()
+        merged_weight = probed_weight(layer.base_layer, exact.shape[1])
+        error = ((merged_weight - exact).abs().max() / exact.abs().max()).item()
+        assert 0 < error < QUANTIZATION_ERROR_BOUND[backend]  # bounded by requantizing W0 + dW
+        q_neat.unmerge_adapter()
+        assert torch.equal(q_neat(input_ids=x).logits, unmerged)
+    after = kind.snapshot(layer.base_layer)
+    for a, b in zip(*(s if isinstance(s, tuple) else (s,) for s in (storage_before, after))):
+        assert a is b  # the original quantized storage is back, not a requantized copy
+
+
+def test_dequantize_merge_gives_a_float_model_equal_to_the_adapted_one(llama_dir):
+    pytest.importorskip("bitsandbytes")
+    q_neat, t_neat, _ = neat_pair("bnb-nf4", llama_dir)
+    q_neat.eval()
+    x = ids(4)
+    with torch.no_grad():
+        expected = q_neat(input_ids=x).logits
+    merged = q_neat.merge_and_unload(dequantize=True)
+    assert not quantized_paths(merged) and not hasattr(merged.config, "quantization_config")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, expected, rtol=1e-4, atol=1e-4)
+        t_merged = t_neat.eval().merge_and_unload()
+        for path, module in merged.named_modules():
+            if isinstance(module, nn.Linear):
+                torch.testing.assert_close(module.weight, t_merged.get_submodule(path).weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["bnb-nf4", "bnb-int8", "torchao-int8", "hqq4", "quanto-int8"])
+def test_exported_lora_through_peft_on_the_same_quantized_base_gives_the_neat_outputs(backend, llama_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    q_neat, _, _ = neat_pair(backend, llama_dir)
+    q_neat.eval()
+    x = ids(5)
+    with torch.no_grad():
+        expected = q_neat(input_ids=x).logits
+    q_neat.export_lora(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    lora = _quiet(peft.PeftModel.from_pretrained, quantized_llama(backend, llama_dir), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(input_ids=x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_quantization_is_refused_and_the_model_left_untouched(llama_dir):
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+    from transformers import TorchAoConfig
+
+    model = _quiet(LlamaForCausalLM.from_pretrained, llama_dir, dtype=torch.float32,
+                   quantization_config=TorchAoConfig(Int8DynamicActivationInt8WeightConfig()))
+    before = [(name, type(m)) for name, m in model.named_modules()]
+    with pytest.raises(ValueError, match=r"q_proj.*Int8Tensor.*Int8WeightOnlyConfig"):
+        get_neat_model(model, neat_config())
+    assert [(name, type(m)) for name, m in model.named_modules()] == before
+    assert all(p.requires_grad for p in model.parameters() if p.is_floating_point())
+
+
+def test_peft_plugin_on_a_kbit_prepared_bnb_model(llama_dir):
+    """peft users: BitsAndBytesConfig, prepare_model_for_kbit_training, get_peft_model with NEAT; the result
+    trains and equals the standalone NEAT model with the same parameters."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    import neat_peft
+
+    neat_peft.register_with_peft()
+    model = peft.prepare_model_for_kbit_training(quantized_llama("bnb-nf4", llama_dir),
+                                                 use_gradient_checkpointing=False)
+    plugin = peft.get_peft_model(model, neat_config())
+    core = get_neat_model(quantized_llama("bnb-nf4", llama_dir), neat_config())
+    with torch.no_grad():
+        core_params = dict(core.named_parameters())
+        for name, p in plugin.named_parameters():
+            if p.requires_grad:
+                core_params["base_model." + name.removeprefix("base_model.model.")].copy_(p)
+    x = ids(6)
+    plugin.train(), core.train()
+    out = plugin(input_ids=x, labels=x)
+    out.loss.backward()
+    assert all(p.grad is not None for p in plugin.parameters() if p.requires_grad)
+    torch.testing.assert_close(out.logits.detach(), core(input_ids=x).logits.detach(), rtol=1e-5, atol=1e-5)
