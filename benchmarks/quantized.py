@@ -1,0 +1,246 @@
+"""QLoRA-style NEAT: training-step time and peak memory of NEAT against peft's LoRA on the SAME quantized base,
+and of NEAT on the quantized base against NEAT on the fp32 base, measured side by side in ONE process.
+
+    nice -n 19 python benchmarks/quantized.py                      # hidden 512 and 1024, CPU (docs/quantized.md)
+    python benchmarks/quantized.py --quick                         # tiny, a few seconds
+    python benchmarks/quantized.py --device cuda --sizes 1024 2048 4096 --backends nf4 int8   # GPU_SCRIPT.sh
+
+Model: a random Llama-shaped causal LM (transformers LlamaForCausalLM: hidden d, intermediate ~8d/3, d/64
+heads, `--layers` blocks, a 512-token vocabulary so the float embedding and head stay small), saved once and
+loaded once per method, quantized by the backend's usual path: bitsandbytes through transformers'
+BitsAndBytesConfig (nf4 with fp32 compute, or LLM.int8), torchao Int8WeightOnlyConfig through TorchAoConfig,
+quanto int8 through QuantoConfig, hqq 4-bit (group 64) by replacing the blocks' nn.Linear with HQQLinear.
+Adapters, r = 8, no dropout, on q+v ("qv") or on all seven linears of each block ("all"):
+  lora   peft LoraConfig(r=8, lora_alpha=8)      neat   neat_peft NeatConfig(r=8)
+Training step = zero_grad + forward + causal-LM loss + backward + AdamW step, batch `--batch` x `--seq`.
+Times: median over `--repeats` rounds after `--warmup`; in every round each method of one (size, targets)
+group runs once, the order rotating, so load on the shared machine hits all alike.
+Peak memory: CPU -- the PyTorch allocator's running total during one step (benchmarks/speed.py's
+allocator_peak_bytes); CUDA -- torch.cuda.max_memory_allocated over the step. "step" = what the step allocates
+on top of what is resident; "total" = step + resident (parameters, buffers, optimizer state; the quantized
+storage counts at its packed size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from speed import allocator_peak_bytes, machine_info, resident_bytes, round_robin  # noqa: E402
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = {"qv": ["q_proj", "v_proj"], "all": ALL_LINEAR}
+BACKENDS = ["nf4", "int8", "torchao-int8", "hqq4", "quanto-int8"]
+RANK = 8
+TIME_TARGET = 1.10  # NEAT/LoRA on the same quantized base (issue 11)
+MEMORY_TARGET = 1.10
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def save_llama(d: int, layers: int, directory: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=d, intermediate_size=64 * math.ceil(8 * d / 3 / 64), num_hidden_layers=layers,
+                         num_attention_heads=d // 64, num_key_value_heads=d // 64, vocab_size=512,
+                         max_position_embeddings=1024)
+    LlamaForCausalLM(config).save_pretrained(directory)
+
+
+def load(backend: str, directory: Path, device: str):
+    """The saved Llama, quantized with `backend` ('fp32': not quantized), on `device`, in train mode."""
+    from transformers import LlamaForCausalLM
+
+    kwargs = {"dtype": torch.float32, "device_map": device}
+    if backend in ("nf4", "int8"):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+            if backend == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+    elif backend == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        kwargs["quantization_config"] = TorchAoConfig(Int8WeightOnlyConfig())
+    elif backend == "quanto-int8":
+        from transformers import QuantoConfig
+
+        kwargs["quantization_config"] = QuantoConfig(weights="int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = LlamaForCausalLM.from_pretrained(directory, **kwargs)
+        if backend == "hqq4":
+            from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+            for path, module in list(model.model.layers.named_modules()):
+                if isinstance(module, torch.nn.Linear):
+                    parent, _, child = path.rpartition(".")
+                    setattr(model.model.layers.get_submodule(parent), child, HQQLinear(
+                        module, BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.float32,
+                        device=device))
+    for module in model.modules():  # bnb's CPU eval-time repacking (issue #2078): off for LoRA as for NEAT
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model.train()
+
+
+def adapt(method: str, model, targets: list[str]):
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets, lora_dropout=0.0))
+    from neat_peft import NeatConfig, get_neat_model
+
+    return get_neat_model(model, NeatConfig(r=RANK, target_modules=targets))
+
+
+def make_step(model, batch: torch.Tensor):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+
+    step()  # optimizer state allocated before anything is measured
+    return step, optimizer
+
+
+def step_memory(step, model, optimizer, device: str) -> tuple[float, float]:
+    """(step peak MB, total peak MB) of one training step."""
+    resident = resident_bytes(model, optimizer)
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = allocator_peak_bytes(step)
+    return peak / 2**20, (peak + resident) / 2**20
+
+
+def bench_group(d: int, targets_name: str, backends: list[str], directory: Path, args) -> list[dict]:
+    targets = TARGETS[targets_name]
+    batch = torch.randint(0, 512, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(args.device)
+    steps, memory = {}, {}
+    for backend in ["fp32", *backends]:
+        for method in (["neat"] if backend == "fp32" else ["lora", "neat"]):
+            name = f"{method}:{backend}"
+            model = adapt(method, load(backend, directory, args.device), targets)
+            step, optimizer = make_step(model, batch)
+            memory[name] = step_memory(step, model, optimizer, args.device)
+            steps[name] = step
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    timed = {name: (lambda fn=fn: (fn(), sync())) for name, fn in steps.items()}
+    wall, _ = round_robin(timed, args.warmup, args.repeats)
+    ms = {name: 1000 * statistics.median(t) for name, t in wall.items()}
+    rows = []
+    for backend in backends:
+        neat, lora = f"neat:{backend}", f"lora:{backend}"
+        paired = [a / b for a, b in zip(wall[neat], wall[lora])]
+        rows.append({
+            "d": d, "targets": targets_name, "backend": backend,
+            "neat_ms": ms[neat], "lora_ms": ms[lora], "time_ratio": ms[neat] / ms[lora],
+            "time_ratio_spread": [min(paired), max(paired)],
+            "neat_step_mb": memory[neat][0], "lora_step_mb": memory[lora][0],
+            "neat_total_mb": memory[neat][1], "lora_total_mb": memory[lora][1],
+            "step_mem_ratio": memory[neat][0] / memory[lora][0],
+            "total_mem_ratio": memory[neat][1] / memory[lora][1],
+            "fp32_neat_ms": ms["neat:fp32"], "fp32_neat_step_mb": memory["neat:fp32"][0],
+            "fp32_neat_total_mb": memory["neat:fp32"][1],
+            "vs_fp32_total_ratio": memory[neat][1] / memory["neat:fp32"][1],
+        })
+    del steps, timed
+    gc.collect()
+    return rows
+
+
+def verdict(value: float, threshold: float) -> str:
+    return "PASS" if value <= threshold else "MISS"
+
+
+def render(rows: list[dict], info: dict, command: str) -> str:
+    lines = [f"command: {command}", f"machine: {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch "
+             f"threads), device {info['device']}, torch {info['torch']}, transformers {info['transformers']}, peft "
+             f"{info['peft']}; {info['batch']}x{info['seq']} tokens, {info['layers']} blocks, r = {RANK}", "",
+             "| d | targets | backend | NEAT ms | LoRA ms | time NEAT/LoRA | step MB NEAT / LoRA | step NEAT/LoRA | "
+             "total MB NEAT / LoRA | total NEAT/LoRA | total MB NEAT fp32 | total NEAT q/fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['d']} | {r['targets']} | {r['backend']} | {r['neat_ms']:.0f} | {r['lora_ms']:.0f} | "
+            f"{r['time_ratio']:.3f} {verdict(r['time_ratio'], TIME_TARGET)} "
+            f"({r['time_ratio_spread'][0]:.2f}-{r['time_ratio_spread'][1]:.2f}) | "
+            f"{r['neat_step_mb']:.1f} / {r['lora_step_mb']:.1f} | {r['step_mem_ratio']:.3f} "
+            f"{verdict(r['step_mem_ratio'], MEMORY_TARGET)} | {r['neat_total_mb']:.1f} / {r['lora_total_mb']:.1f} | "
+            f"{r['total_mem_ratio']:.3f} {verdict(r['total_mem_ratio'], MEMORY_TARGET)} | "
+            f"{r['fp32_neat_total_mb']:.1f} | {r['vs_fp32_total_ratio']:.3f} |")
+    lines.append("")
+    lines.append(f"Targets (issue 11): time and peak memory NEAT/LoRA <= {TIME_TARGET} on the same quantized base "
+                 "(PASS/MISS; in brackets the spread of the per-round time ratios); quantized NEAT's total peak well "
+                 "below fp32 NEAT's (last column).")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--targets", nargs="+", default=["qv", "all"], choices=list(TARGETS))
+    parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="hidden 128, 1 block, 1 x 32 tokens, 2 rounds")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.layers, args.batch, args.seq, args.repeats = [128], 1, 1, 32, 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    command = "python benchmarks/quantized.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    info = {**machine_info(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+            "batch": args.batch, "seq": args.seq, "layers": args.layers}
+    rows = []
+    for d in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_llama(d, args.layers, Path(tmp))
+            for targets in args.targets:
+                start = time.perf_counter()
+                group = bench_group(d, targets, args.backends, Path(tmp), args)
+                rows += group
+                log(f"d={d} {targets}: {time.perf_counter() - start:.0f} s")
+                for r in group:
+                    log(f"  {r['backend']:13s} time {r['time_ratio']:.3f}  step mem {r['step_mem_ratio']:.3f}  "
+                        f"total mem {r['total_mem_ratio']:.3f}  q/fp32 {r['vs_fp32_total_ratio']:.3f}")
+    info["loadavg_end"] = list(os.getloadavg())
+    print(render(rows, info, command))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "command": command, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
