@@ -104,10 +104,10 @@ def reference_output(layer, x, name="default", config=None):
     config = config or layer.adapter_configs[name]
     base = layer.base_layer
     W0_stored = base.weight
-    W0 = linear_layout(layer.kind, W0_stored)
+    W0 = linear_layout(layer.kind.name, W0_stored)
     A, B, encs, decs = adapter_tensors(layer, name)
     dW = reference_delta_weight(W0, A, B, encs, decs, config.act_fn, config.axis, config.scaling)
-    return reference_layer_output(layer.kind, base, W0_stored + stored_layout(layer.kind, dW, W0_stored.shape), x)
+    return reference_layer_output(layer.kind.name, base, W0_stored + stored_layout(layer.kind.name, dW, W0_stored.shape), x)
 
 
 # --- tiny models -----------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def materialised_reference(neat_model, adapter_names):
         if isinstance(module, NeatLayer):
             assert not module.merged, "build the reference from an unmerged model"
             base = module.base_layer
-            W0 = linear_layout(module.kind, base.weight.detach())
+            W0 = linear_layout(module.kind.name, base.weight.detach())
             total = base.weight.detach().clone()
             for name in adapter_names:
                 if name not in module.adapter_configs:
@@ -244,7 +244,7 @@ def materialised_reference(neat_model, adapter_names):
                 A, B, encs, decs = (t.detach() if torch.is_tensor(t) else [e.detach() for e in t]
                                     for t in adapter_tensors(module, name))
                 dW = reference_delta_weight(W0, A, B, encs, decs, cfg.act_fn, cfg.axis, cfg.scaling)
-                total = total + stored_layout(module.kind, dW, total.shape)
+                total = total + stored_layout(module.kind.name, dW, total.shape)
             with torch.no_grad():
                 base.weight.copy_(total)
             put(path, base)

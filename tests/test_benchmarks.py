@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from neat_peft import NeatConfig, get_neat_model
-from neat_peft.functional import get_activation, weight_network, weight_network_on_columns
+from neat_peft.functional import get_activation, weight_network
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "speed.py"
@@ -157,7 +157,7 @@ def test_network_on_columns_is_the_network_on_rows_transposed(depth, act):
     decoders = [torch.randn(3, 3, generator=g, dtype=torch.float64) for _ in range(depth)]
     fn = get_activation(act)
     expected = weight_network(columns.t().contiguous(), A, encoders, decoders, fn).t()
-    torch.testing.assert_close(weight_network_on_columns(columns, A, encoders, decoders, fn), expected)
+    torch.testing.assert_close(weight_network(columns, A, encoders, decoders, fn, on_columns=True), expected)
 
 
 @pytest.mark.parametrize("axis", ["out", "in"])

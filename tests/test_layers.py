@@ -36,11 +36,11 @@ def reference_forward_and_grads(layer, x, upstream, name="default"):
     leaf = lambda t: t.detach().clone().requires_grad_(True)  # noqa: E731
     A, B, encs, decs = leaf(A), leaf(B), [leaf(t) for t in encs], [leaf(t) for t in decs]
     W0_stored = layer.base_layer.weight.detach()
-    W0 = linear_layout(layer.kind, W0_stored)
+    W0 = linear_layout(layer.kind.name, W0_stored)
     dW = reference_delta_weight(W0, A, B, encs, decs, cfg.act_fn, cfg.axis, cfg.scaling)
     x_ref = x.detach().clone().requires_grad_(True) if x.is_floating_point() else x
-    weight = W0_stored + stored_layout(layer.kind, dW, W0_stored.shape)
-    out = reference_layer_output(layer.kind, layer.base_layer, weight, x_ref)
+    weight = W0_stored + stored_layout(layer.kind.name, dW, W0_stored.shape)
+    out = reference_layer_output(layer.kind.name, layer.base_layer, weight, x_ref)
     leaves = [A, B, *encs, *decs] + ([x_ref] if x.is_floating_point() else [])
     grads = torch.autograd.grad((out * upstream).sum(), leaves)
     return out.detach(), grads
@@ -67,7 +67,7 @@ def check_against_reference(model, layer, kind, x, name="default"):
 @pytest.mark.parametrize("kind", KINDS)
 def test_outputs_and_gradients_match_materialised_formula(kind, axis, depth, act):
     model, layer = build(kind, axis, depth, act)
-    assert isinstance(layer, NeatLayer) and layer.kind == kind
+    assert isinstance(layer, NeatLayer) and layer.kind.name == kind
     check_against_reference(model, layer, kind, make_input(kind))
     # the adapter does something: the output differs from the base layer's
     with torch.no_grad():

@@ -1,10 +1,9 @@
 """neat-peft: NEAT adapters (arXiv 2410.01870) for any PyTorch model, at LoRA's cost, convertible to LoRA."""
 
-__version__ = "0.1.0"
-
-from .config import NeatConfig  # noqa: E402
-from .layers import BASE_ONLY, NeatLayer  # noqa: E402
-from .model import NeatModel, count_adapter_parameters, get_neat_model, match_lora_budget  # noqa: E402
+from ._version import __version__
+from .config import NeatConfig
+from .layers import BASE_ONLY, NeatLayer
+from .model import NeatModel, count_adapter_parameters, get_neat_model, match_lora_budget
 
 
 def register_with_peft(*, allow_untested_peft: bool = False):

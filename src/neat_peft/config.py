@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .functional import NON_ACT2FN_ACTIVATIONS, get_activation
 
+# The fields peft's PeanutConfig lacks, with the value that means what PEANuT computes (a PEANUT file omits them).
+PEANUT_IMPLIED = {"axis": "out", "dropout": 0.0, "normalize_weight": False}
 # peft's own bookkeeping fields: accepted when reading a file, carried through, never interpreted.
 PEFT_META_FIELDS = ("auto_mapping", "peft_version", "peft_type", "revision", "base_model_name_or_path")
 
@@ -102,11 +105,26 @@ class NeatConfig:
             if isinstance(value, (set, tuple)):
                 setattr(self, name, sorted(value))
 
+    # --- what peft reads from a config, so that peft.get_peft_model(model, NeatConfig(...)) works -------------
+    @property
+    def peft_type(self) -> str:
+        """peft's name of the method. Reading it while peft is imported registers NEAT with peft (once, guarded:
+        see neat_peft.peft_plugin), so get_peft_model, which looks the type up, finds it."""
+        if "peft" in sys.modules:
+            from .peft_plugin import register_with_peft
+
+            register_with_peft()
+        return "NEAT"
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
     @property
     def peft_compatible(self) -> bool:
         """True when peft's PEANuT computes exactly this adapter (it knows no axis 'in', dropout, normalising,
         nor the activations transformers' ACT2FN lacks)."""
-        return (self.axis == "out" and self.dropout == 0.0 and not self.normalize_weight
+        return (all(getattr(self, name) == value for name, value in PEANUT_IMPLIED.items())
                 and self.act_fn not in NON_ACT2FN_ACTIVATIONS)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,8 +141,3 @@ class NeatConfig:
                 "another method; upgrade neat-peft or check the file."
             )
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def config_field_help() -> dict[str, str]:
-    """Field name -> help text (used by the CLI and docs)."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(NeatConfig)}

@@ -25,23 +25,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .config import PEANUT_IMPLIED
+from .tensors import CONTAINERS, FILE_PREFIX
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 READABLE_TYPES = ("PEANUT", "NEAT")
-NEAT_ONLY_FIELDS = {"axis": "out", "dropout": 0.0, "normalize_weight": False}  # and their peft-equivalent values
-
-
-def layer_keys(path: str, depth: int) -> dict[str, str]:
-    """File key of each adapter tensor of the layer at `path`, by its in-memory role."""
-    keys = {"A": f"{PREFIX}{path}.peanut_A.weight", "B": f"{PREFIX}{path}.peanut_B.weight"}
-    for i in range(depth):
-        keys[f"enc{i}"] = f"{PREFIX}{path}.peanut_encoders.{i}.weight"
-        keys[f"dec{i}"] = f"{PREFIX}{path}.peanut_decoders.{i}.weight"
-    return keys
-
-
-_CONTAINERS = ("A", "B", "encoders", "decoders")
 
 
 def rename_key_prefix(tensors: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
@@ -49,7 +38,7 @@ def rename_key_prefix(tensors: dict[str, torch.Tensor], old: str, new: str) -> d
     '...q.peanut_A.weight' -> '...q.neat_A.weight'. Other keys (modules_to_save) are kept as they are."""
     renamed = {}
     for key, value in tensors.items():
-        for container in _CONTAINERS:
+        for container in CONTAINERS:
             head, sep, tail = key.rpartition(f".{old}{container}.")
             if sep:
                 key = f"{head}.{new}{container}.{tail}"
@@ -59,14 +48,14 @@ def rename_key_prefix(tensors: dict[str, torch.Tensor], old: str, new: str) -> d
 
 
 def module_to_save_key(path: str, param_name: str) -> str:
-    return f"{PREFIX}{path}.{param_name}"
+    return f"{FILE_PREFIX}{path}.{param_name}"
 
 
 def config_to_json(config_dict: dict[str, Any], peft_compatible: bool, version: str) -> dict[str, Any]:
     data = dict(config_dict)
     if peft_compatible:
         data["peft_type"] = "PEANUT"
-        for name in NEAT_ONLY_FIELDS:  # peft would warn about fields it lacks; their values are implied
+        for name in PEANUT_IMPLIED:  # peft would warn about fields it lacks; their values are implied
             data.pop(name, None)
     else:
         data["peft_type"] = "NEAT"

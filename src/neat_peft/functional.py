@@ -99,15 +99,6 @@ def weight_network(
     return h
 
 
-def weight_network_on_columns(columns, A, encoders, decoders, act) -> torch.Tensor:
-    """The network on every column of `columns` (m x n), as r x n.
-
-    Axis "out" uses it so that W0 is read as stored (A @ W0): a matmul with the transposed view W0.t()
-    runs several times slower on CPU, in the forward and in A's gradient (benchmarks/speed.py).
-    """
-    return weight_network(columns, A, encoders, decoders, act, on_columns=True)
-
-
 def low_rank_factors(
     W0: torch.Tensor,
     A: torch.Tensor,
@@ -127,7 +118,9 @@ def low_rank_factors(
     if normalize:
         W0 = normalize_weight(W0)
     if axis == "out":
-        return weight_network_on_columns(W0, A, encoders, decoders, act).t(), B
+        # net(W0^T)^T computed as act(A @ W0): W0 is read as stored. A matmul with the transposed view W0.t() ran
+        # several times slower on CPU, in the forward and in A's gradient (benchmarks/speed.py, profile table).
+        return weight_network(W0, A, encoders, decoders, act, on_columns=True).t(), B
     if axis == "in":
         return B, weight_network(W0, A, encoders, decoders, act)
     raise ValueError(f"axis must be 'out' or 'in', got {axis!r}")
@@ -146,13 +139,6 @@ def normalize_weight(W0: torch.Tensor) -> torch.Tensor:
 def delta_weight(down: torch.Tensor, up: torch.Tensor, scaling: float) -> torch.Tensor:
     """The materialised d_out x d_in update. Only merging and tests should need it."""
     return scaling * (up @ down.t())
-
-
-def reference_delta_weight(W0, A, B, encoders, decoders, act, axis) -> torch.Tensor:
-    """dW written the way the paper states it (network output, then transpose), scaling 1; for tests."""
-    if axis == "out":
-        return (weight_network(W0.t(), A, encoders, decoders, act) @ B.t()).t()
-    return weight_network(W0, A, encoders, decoders, act) @ B.t()
 
 
 def kaiming_uniform_(t: torch.Tensor) -> torch.Tensor:

@@ -1,87 +1,73 @@
-"""`NeatLayer`: a frozen base layer plus any number of named NEAT adapters.
+"""`NeatLayer`: a frozen base layer plus any number of named NEAT adapters -- the one engine.
 
-One class serves nn.Linear, transformers' GPT-2 Conv1D, nn.Embedding and nn.Conv2d. Each is reduced to the
-same thing: W0 in nn.Linear layout (d_out x d_in) and a way to apply a rank-r update s * up @ down^T to
-the input without building it (see functional.py for the math).
-
-  kind        stored weight            W0 (linear layout)          adapter output, factored
-  linear      d_out x d_in             weight                      ((x @ down) * s) @ up^T
-  conv1d      d_in x d_out             weight^T                    same as linear
-  embedding   n_tokens x dim           weight^T (dim x n_tokens)   (down[ids] * s) @ up^T
-  conv2d      c_out x c_in x kh x kw   weight.flatten(1)           conv(x, down^T as r kernels) then 1x1 conv with s * up
+The standalone `NeatModel` and the peft plugin both put this layer into models. What differs between nn.Linear,
+transformers' Conv1D, nn.Embedding and nn.Conv2d lives in one `LayerKind` object per layer (kinds.py); the math is
+in functional.py; the list of an adapter's tensors in tensors.py.
 """
 
 from __future__ import annotations
 
-import sys
+import contextlib
+import copy
 import weakref
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import NeatConfig
-from .distributed import check_wrappable, full_shape, require_whole
 from .functional import delta_weight, get_activation, kaiming_uniform_, low_rank_factors, rms, weight_network
+from .kinds import Conv1DKind, Conv2dKind, EmbeddingKind, LayerKind, LinearKind
+from .shards import check_wrappable, require_whole
+from .tensors import CONTAINERS, AdapterTensor, adapter_tensors
 
 BASE_ONLY = "__base__"  # the name a sample uses in a mixed batch to bypass every adapter
 
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    # Only look at transformers if the model already imported it: the core does not depend on it.
-    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
-    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
-
-
-def layer_kind(module: nn.Module) -> Optional[str]:
-    """'linear', 'conv1d', 'embedding' or 'conv2d' for a layer NEAT can adapt, else None."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if _is_hf_conv1d(module):
-        return "conv1d"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    return None
-
-
+# Checked in order: a subclass's kind comes before its parent's.
+KINDS: list[LayerKind] = [LinearKind(), Conv1DKind(), EmbeddingKind(), Conv2dKind()]
 SUPPORTED_LAYERS = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv2d (groups=1, zero padding)"
 
 
-def check_supported(name: str, module: nn.Module) -> str:
-    """Return the layer kind, or raise a ValueError that names the module and what is supported."""
-    kind = layer_kind(module)
+def kind_of(module: nn.Module) -> Optional[LayerKind]:
+    """The kind of a layer NEAT can adapt, else None."""
+    return next((kind for kind in KINDS if kind.matches(module)), None)
+
+
+def check_supported(path: str, module: nn.Module) -> LayerKind:
+    """Return the layer's kind, or raise a ValueError that names the module and what is supported."""
+    kind = kind_of(module)
     if kind is None:
         raise ValueError(
-            f"Cannot adapt module {name!r} of type {type(module).__name__}: NEAT supports {SUPPORTED_LAYERS}. "
+            f"Cannot adapt module {path!r} of type {type(module).__name__}: NEAT supports {SUPPORTED_LAYERS}. "
             "Remove it from target_modules (or add it to exclude_modules)."
         )
-    if kind == "conv2d" and (module.groups != 1 or module.padding_mode != "zeros"):
-        raise ValueError(
-            f"Cannot adapt Conv2d {name!r}: groups={module.groups}, padding_mode={module.padding_mode!r}; NEAT "
-            "supports groups=1 with zero padding (depthwise convolutions have too few weights per output)."
-        )
+    kind.check(path, module)
     return kind
 
 
 class NeatLayer(nn.Module):
-    """A frozen `base_layer` with named NEAT adapters. Forward: base_layer(x) + sum over active adapters.
+    """A frozen `base_layer` with named NEAT adapters.
 
-    Adapter parameters live in `neat_A[name]` (nn.Linear m -> r), `neat_B[name]` (nn.Linear r -> n),
-    `neat_encoders[name]` and `neat_decoders[name]` (ModuleLists of r x r), mirroring peft's PEANuT.
+    For each active adapter, with W0 the base weight in nn.Linear layout (d_out x d_in, see kinds.py)::
+
+        H    = net(W0)                      # d_in x r: act(W0^T A^T), then `depth` residual r x r pairs
+        y    = base_layer(x) + s * (x @ H) @ B^T      # x: (..., d_in), B: d_out x r   (axis "out")
+
+    The d_out x d_in update s * B H^T is never built: `factors` returns (down, up) = (H, B) and the layer's kind
+    applies them like LoRA's B(A x). Axis "in" reads W0's rows instead: (down, up) = (B, net(W0)). In eval mode
+    without autograd (down, up) are cached. Parameters live in `neat_A[name]` (r x m), `neat_B[name]` (m x r),
+    `neat_encoders[name]`, `neat_decoders[name]` (r x r each), mirroring peft's PEANuT (tensors.py lists them).
     """
 
     def __init__(self, base_layer: nn.Module, name: str = "?"):
         super().__init__()
         self.kind = check_supported(name, base_layer)
         check_wrappable(name, base_layer)  # NEAT goes in before FSDP2 shards the model, never after
+        self.kind.prepare(base_layer)
         self.base_layer = base_layer
         self.training = base_layer.training  # wrapping a model in eval mode keeps it in eval mode
         self.layer_name = name
-        # The whole weight's shape, also when DeepSpeed ZeRO-3 has partitioned it (see distributed.py).
-        self.d_out, self.d_in = self._linear_layout_shape(full_shape(base_layer.weight))
+        self.d_out, self.d_in = self.kind.shape(base_layer)
         self.neat_A = nn.ModuleDict()
         self.neat_B = nn.ModuleDict()
         self.neat_encoders = nn.ModuleDict()
@@ -91,9 +77,7 @@ class NeatLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        # Set by NeatModel.forward for a mixed-adapter batch: one adapter name per sample.
-        self.batch_adapter_names: Optional[list[str]] = None
-        self._pristine_weight: Optional[torch.Tensor] = None  # W0 as it was before the first merge (CPU)
+        self._snapshot = None  # the base weight as it was before the first merge (kinds.LayerKind.snapshot)
         self._cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     # Models read `.weight` / `.bias` of their layers directly (T5 casts to `wo.weight.dtype`, HF ties
@@ -106,58 +90,31 @@ class NeatLayer(nn.Module):
     def bias(self) -> Optional[torch.Tensor]:
         return getattr(self.base_layer, "bias", None)
 
-    # --- W0 in nn.Linear layout, and the way back --------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        if self.kind == "linear":
-            return w
-        if self.kind == "conv2d":
-            return w.flatten(1)
-        return w.t()  # conv1d stores d_in x d_out; an embedding is a linear map from one-hot ids
-
-    def _linear_layout_shape(self, stored: tuple[int, ...]) -> tuple[int, int]:
-        if self.kind == "linear":
-            return stored[0], stored[1]
-        if self.kind == "conv2d":
-            return stored[0], int(torch.Size(stored[1:]).numel())
-        return stored[1], stored[0]
-
-    def _whole_weight_shape(self) -> tuple[int, ...]:
-        """The stored weight's shape when whole (the inverse of _linear_layout_shape)."""
-        if self.kind == "linear":
-            return self.d_out, self.d_in
-        if self.kind == "conv2d":
-            return (self.d_out, self.base_layer.in_channels, *self.base_layer.kernel_size)
-        return self.d_in, self.d_out
-
-    def _to_stored_layout(self, delta: torch.Tensor) -> torch.Tensor:
-        if self.kind == "linear":
-            return delta
-        if self.kind == "conv2d":
-            return delta.reshape(self.base_layer.weight.shape)
-        return delta.t()
-
-    def _network_width(self, axis: str) -> tuple[int, int]:
-        """(length of the rows the network reads, length of what B produces) for the axis."""
-        return (self.d_out, self.d_out) if axis == "out" else (self.d_in, self.d_in)
+        """W0 in nn.Linear layout, as the base layer computes with it now."""
+        return self.kind.weight(self.base_layer)
 
     # --- adapters --------------------------------------------------------------------------------------
+    def tensor_specs(self, config: NeatConfig) -> list[AdapterTensor]:
+        return adapter_tensors(config.r, config.depth, config.axis, self.d_out, self.d_in)
+
     def add_adapter(self, adapter_name: str, config: NeatConfig) -> None:
-        m, n = self._network_width(config.axis)
-        r = config.r
         weight = self.base_layer.weight
-        factory = {"device": weight.device, "dtype": weight.dtype if weight.is_floating_point() else None}
+        dtype = weight.dtype if weight.is_floating_point() else None
         # Adapter weights are kept in fp32 even on a half-precision base (peft's autocast_adapter_dtype).
-        if factory["dtype"] in (torch.float16, torch.bfloat16, None):
-            factory["dtype"] = torch.float32
-        self.neat_A[adapter_name] = nn.Linear(m, r, bias=False, **factory)
-        self.neat_B[adapter_name] = nn.Linear(r, n, bias=False, **factory)
-        self.neat_encoders[adapter_name] = nn.ModuleList(
-            nn.Linear(r, r, bias=False, **factory) for _ in range(config.depth)
-        )
-        self.neat_decoders[adapter_name] = nn.ModuleList(
-            nn.Linear(r, r, bias=False, **factory) for _ in range(config.depth)
-        )
+        factory = {"device": weight.device, "dtype": torch.float32 if dtype in (torch.float16, torch.bfloat16, None)
+                   else dtype}
+        containers = {"A": self.neat_A, "B": self.neat_B, "encoders": self.neat_encoders,
+                      "decoders": self.neat_decoders}
+        self.neat_encoders[adapter_name] = nn.ModuleList()  # depth 0: stays empty
+        self.neat_decoders[adapter_name] = nn.ModuleList()
+        for spec in self.tensor_specs(config):
+            rows, cols = spec.shape
+            layer = nn.Linear(cols, rows, bias=False, **factory)
+            if spec.index is None:
+                containers[spec.container][adapter_name] = layer
+            else:
+                containers[spec.container][adapter_name].append(layer)
         self.neat_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         for store in (self.neat_A, self.neat_B, self.neat_encoders, self.neat_decoders, self.neat_dropout):
             store[adapter_name].train(self.training)  # new modules follow the layer's mode (dropout off in eval)
@@ -183,31 +140,41 @@ class NeatLayer(nn.Module):
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
         self.clear_cache()
 
+    def _containers(self) -> dict[str, nn.ModuleDict]:
+        return {container: getattr(self, f"neat_{container}") for container in CONTAINERS}
+
+    def adapter_tensor_items(self, adapter_name: str) -> list[tuple[AdapterTensor, nn.Parameter]]:
+        """(spec, parameter) of each of the adapter's tensors, in tensors.py's order."""
+        containers = self._containers()
+        items = []
+        for spec in self.tensor_specs(self.adapter_configs[adapter_name]):
+            module = containers[spec.container][adapter_name]
+            items.append((spec, (module if spec.index is None else module[spec.index]).weight))
+        return items
+
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        return [
-            self.neat_A[adapter_name].weight,
-            self.neat_B[adapter_name].weight,
-            *(m.weight for m in self.neat_encoders[adapter_name]),
-            *(m.weight for m in self.neat_decoders[adapter_name]),
-        ]
+        return [param for _, param in self.adapter_tensor_items(adapter_name)]
 
     # --- the update ------------------------------------------------------------------------------------
     def require_whole_weights(self, adapter_name: str) -> None:
         """Raise a ShardingError if W0 or this adapter's weights are sharded/partitioned right now: H needs all of
-        W0, and a fragment would give wrong numbers rather than an error (see distributed.py)."""
-        cfg = self.adapter_configs[adapter_name]
-        m, n = self._network_width(cfg.axis)
-        shapes = [(cfg.r, m), (n, cfg.r), *[(cfg.r, cfg.r)] * (2 * cfg.depth)]
-        names = [f"neat_A.{adapter_name}.weight", f"neat_B.{adapter_name}.weight",
-                 *[f"neat_encoders.{adapter_name}.{i}.weight" for i in range(cfg.depth)],
-                 *[f"neat_decoders.{adapter_name}.{i}.weight" for i in range(cfg.depth)]]
-        require_whole(self.layer_name, [("base_layer.weight", self.base_layer.weight, self._whole_weight_shape()),
-                                        *zip(names, self.adapter_parameters(adapter_name), shapes)])
+        W0, and a fragment would give wrong numbers rather than an error (see shards.py)."""
+        require_whole(self.layer_name, [
+            *self.kind.stored_weights(self.base_layer, self.d_out, self.d_in),
+            *((spec.module_key(adapter_name), param, spec.shape)
+              for spec, param in self.adapter_tensor_items(adapter_name)),
+        ])
 
     def factors(self, adapter_name: str, W0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, up) of this adapter with dW = s * up @ down^T, from W0 (default: the current base weight)."""
-        cfg = self.adapter_configs[adapter_name]
+        """(down, up), d_in x r and d_out x r, with dW = s * up @ down^T, from W0 (default: the current base weight)."""
         self.require_whole_weights(adapter_name)
+        if W0 is None and self.kind.recompute_weight and torch.is_grad_enabled():
+            # Keep the (small) stored weight for backward and dequantize again there, not the fp32 W0.
+            return torch.utils.checkpoint.checkpoint(self._factors, adapter_name, None, use_reentrant=False)
+        return self._factors(adapter_name, W0)
+
+    def _factors(self, adapter_name: str, W0: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.adapter_configs[adapter_name]
         return low_rank_factors(
             self.base_weight() if W0 is None else W0,
             self.neat_A[adapter_name].weight,
@@ -219,36 +186,25 @@ class NeatLayer(nn.Module):
             cfg.normalize_weight,
         )
 
-    def _cache_tensors(self, adapter_name: str) -> list[torch.Tensor]:
-        return [self.base_layer.weight, *self.adapter_parameters(adapter_name)]
-
-    @staticmethod
-    def _cache_key(tensors: list[torch.Tensor]) -> tuple:
-        # A tensor's _version moves on every in-place change (optimizer steps, load_state_dict, merges);
-        # data_ptr moves when a tensor's storage is swapped. A weak reference to the tensor object itself
-        # catches a replaced Parameter even when the allocator hands the new one the old one's address.
-        return tuple((weakref.ref(t), t.data_ptr(), t._version) for t in tensors)
-
-    @staticmethod
-    def _key_matches(key: tuple, tensors: list[torch.Tensor]) -> bool:
-        return len(key) == len(tensors) and all(
-            ref() is t and ptr == t.data_ptr() and version == t._version for (ref, ptr, version), t in zip(key, tensors)
-        )
-
     def cached_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """factors(), reused across calls in eval mode without autograd (unmerged inference at LoRA's cost).
 
-        Under torch.compile the cache is bypassed (its staleness key reads data pointers, which break graphs): the
-        compiled graph recomputes H, an extra ~r/N of the frozen layer's cost for N tokens.
+        The cache key holds, per tensor (W0's storage and the adapter's), a weak reference, the data pointer and
+        torch's in-place version counter: an optimizer step, load_state_dict, a merge or a replaced Parameter all
+        invalidate it. Under torch.compile the cache is bypassed (data pointers break graphs): the compiled graph
+        recomputes H, an extra ~r/N of the frozen layer's cost for N tokens.
         """
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.factors(adapter_name)
-        tensors = self._cache_tensors(adapter_name)
+        tensors = [t for _, t, _ in self.kind.stored_weights(self.base_layer, self.d_out, self.d_in)]
+        tensors += self.adapter_parameters(adapter_name)
         hit = self._cache.get(adapter_name)
-        if hit is not None and self._key_matches(hit[0], tensors):
+        if hit is not None and len(hit[0]) == len(tensors) and all(
+                ref() is t and ptr == t.data_ptr() and version == t._version
+                for (ref, ptr, version), t in zip(hit[0], tensors)):
             return hit[1], hit[2]
         down, up = self.factors(adapter_name)
-        self._cache[adapter_name] = (self._cache_key(tensors), down, up)
+        self._cache[adapter_name] = (tuple((weakref.ref(t), t.data_ptr(), t._version) for t in tensors), down, up)
         return down, up
 
     def clear_cache(self) -> None:
@@ -270,48 +226,56 @@ class NeatLayer(nn.Module):
         self.clear_cache()
         return super()._apply(fn, *args, **kwargs)
 
+    def pristine_weight(self) -> torch.Tensor:
+        """W0 in linear layout as it was before any merge (merged weights hold adapter updates)."""
+        if self._snapshot is None:
+            return self.base_weight()
+        return self.kind.snapshot_weight(self.base_layer, self._snapshot)
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The materialised update in the base layer's stored layout, computed from the pristine W0."""
         down, up = self.factors(adapter_name, self.pristine_weight())
-        return self._to_stored_layout(delta_weight(down, up, self.adapter_configs[adapter_name].scaling))
+        return self.kind.to_stored(self.base_layer, delta_weight(down, up, self.adapter_configs[adapter_name].scaling))
 
-    def pristine_weight(self) -> torch.Tensor:
-        """W0 in linear layout as it was before any merge (merged weights hold adapter updates)."""
-        if self._pristine_weight is None:
-            return self.base_weight()
-        return self._to_linear_layout(self._pristine_weight.to(self.base_layer.weight.device))
+    def lora_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """peft LoRA tensors (keys relative to this layer) computing exactly this adapter's update:
+        dW = s * up @ down^T = lora_B @ lora_A with lora_A = down^T, lora_B = s * up (LoRA scaling 1)."""
+        problem = self.kind.lora_problem(self.base_layer)
+        if problem is not None:
+            raise ValueError(f"Cannot write layer {self.layer_name!r} as a LoRA: {problem}.")
+        with torch.no_grad():
+            down, up = self.factors(adapter_name, self.pristine_weight())
+            return self.kind.lora_tensors(self.base_layer, down, up, self.adapter_configs[adapter_name].scaling)
 
-    def _to_linear_layout(self, stored: torch.Tensor) -> torch.Tensor:
-        if self.kind == "linear":
-            return stored
-        if self.kind == "conv2d":
-            return stored.flatten(1)
-        return stored.t()
+    # --- forward ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, adapter_names: Optional[list[str]] = None, **kwargs) -> torch.Tensor:
+        """y = base_layer(x) + the sum of the active adapters' updates (see the class docstring).
 
-    def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        adapter_names: one adapter name per sample (BASE_ONLY for none), handed in per call by
+        `per_sample_adapters`; merged or disabled adapters add nothing here (a merged one is in the weight).
+        """
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged_adapters:
+            return result
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, result, adapter_names)
+        for name in self.active_adapters:
+            if name in self.adapter_configs:
+                result = result + self.adapter_output(name, x).to(result.dtype)
+        return result
+
+    def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """s * (x @ down) @ up^T for one adapter, in the base layer's geometry."""
         cfg = self.adapter_configs[adapter_name]
+        if self.kind.reads_ids and cfg.axis == "out" and (self.training or torch.is_grad_enabled()):
+            # The network is row-wise: in training run it on the looked-up tokens only, never the whole vocabulary.
+            return self._looked_up_rows_output(adapter_name, x)
         down, up = self.cached_factors(adapter_name)
-        s = cfg.scaling
-        if self.kind == "embedding":
-            emb = self.base_layer
-            if cfg.axis == "out" and (self.training or torch.is_grad_enabled()):
-                # The network is row-wise: run it on the looked-up tokens only, not the whole vocabulary.
-                return self._embedding_rows_output(adapter_name, x)
-            # No max_norm here: F.embedding renormalises the table it reads *in place*, which would rewrite B
-            # (axis "in") or the cached H. max_norm is a property of the base table; the update is added after.
-            rows = F.embedding(x, down, emb.padding_idx, None, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
-            return F.linear(rows * s, up)
-        x = self.neat_dropout[adapter_name](x.to(down.dtype))
-        if self.kind == "conv2d":
-            conv = self.base_layer
-            kernels = down.t().reshape(cfg.r, *conv.weight.shape[1:])
-            h = F.conv2d(x, kernels, None, conv.stride, conv.padding, conv.dilation)
-            return F.conv2d(h * s, up[:, :, None, None])
-        # down^T as a contiguous r x d_in weight, like LoRA's lora_A: autograd then forms down's gradient as
-        # g^T x, not x^T g (a skinny matmul with a transposed operand, several times slower on CPU).
-        return F.linear(F.linear(x, down.t().contiguous()) * s, up)
+        if not self.kind.reads_ids:
+            x = self.neat_dropout[adapter_name](x.to(down.dtype))
+        return self.kind.update(self.base_layer, x, down, up, cfg.scaling)
 
-    def _embedding_rows_output(self, adapter_name: str, ids: torch.Tensor) -> torch.Tensor:
+    def _looked_up_rows_output(self, adapter_name: str, ids: torch.Tensor) -> torch.Tensor:
         cfg = self.adapter_configs[adapter_name]
         self.require_whole_weights(adapter_name)
         unique_ids, inverse = torch.unique(ids, return_inverse=True)
@@ -325,30 +289,16 @@ class NeatLayer(nn.Module):
             [m.weight for m in self.neat_decoders[adapter_name]],
             get_activation(cfg.act_fn),
         )
-        return F.linear(h * cfg.scaling, self.neat_B[adapter_name].weight)[inverse]
+        return torch.nn.functional.linear(h * cfg.scaling, self.neat_B[adapter_name].weight)[inverse]
 
-    # --- forward ---------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disabled or self.merged_adapters:
-            return result
-        if self.batch_adapter_names is not None:
-            return self._mixed_batch_forward(x, result)
-        for name in self.active_adapters:
-            if name in self.adapter_configs:
-                result = result + self._adapter_output(name, x).to(result.dtype)
-        return result
-
-    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        names = self.batch_adapter_names
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
         if len(names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples.")
+            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(names)} and {x.shape[0]} respectively.")
         result = result.clone()
-        for name in dict.fromkeys(names):
-            if name == BASE_ONLY or name not in self.adapter_configs:
-                continue
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            result[rows] = result[rows] + self._adapter_output(name, x[rows]).to(result.dtype)
+        for name, rows in _rows_by_name(names, x.device):
+            if name != BASE_ONLY and name in self.adapter_configs:
+                result[rows] = result[rows] + self.adapter_output(name, x[rows]).to(result.dtype)
         return result
 
     # --- merging ---------------------------------------------------------------------------------------
@@ -357,37 +307,37 @@ class NeatLayer(nn.Module):
         return bool(self.merged_adapters)
 
     def merge(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """Add the adapters' updates to the base weight. Every update is computed from the pristine W0."""
+        """Add the adapters' updates to the base weight. Every update is computed from the pristine W0, and the
+        sum is rounded (or requantized) once, whatever the number of adapters."""
         names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
                  if n in self.adapter_configs and n not in self.merged_adapters]
         if not names:
             return
         for name in [*self.merged_adapters, *names]:
             self.require_whole_weights(name)  # before touching anything, whatever the layer kind
-        weight = self.base_layer.weight
         with torch.no_grad():
-            acc_dtype = torch.promote_types(weight.dtype, torch.float32)
-            total = self._to_stored_layout(self.pristine_weight()).to(acc_dtype)
+            snapshot = self._snapshot if self._snapshot is not None else self.kind.snapshot(self.base_layer)
+            W0 = self.kind.snapshot_weight(self.base_layer, snapshot)
+            total = W0.to(torch.promote_types(W0.dtype, torch.float32))
             for name in [*self.merged_adapters, *names]:
-                total = total + self.get_delta_weight(name).to(acc_dtype)
-            new_weight = total.to(weight.dtype)  # round once, whatever the number of adapters
-            if safe_merge and not torch.isfinite(new_weight).all():
+                down, up = self.factors(name, W0)
+                total = total + delta_weight(down, up, self.adapter_configs[name].scaling).to(total.dtype)
+            if safe_merge and not torch.isfinite(total.to(self.kind.weight_dtype(self.base_layer))).all():
                 raise ValueError(
                     f"Merging adapter(s) {names} would put NaN/inf into the weights; nothing was merged. "
                     "The adapter is broken (check training for divergence)."
                 )
-            if self._pristine_weight is None:  # kept off the accelerator, like peft
-                self._pristine_weight = weight.detach().to("cpu", copy=True)
-            weight.copy_(new_weight)
+            self.kind.assign_weight(self.base_layer, total)
+        self._snapshot = snapshot
         self.merged_adapters.extend(names)
+        self.clear_cache()
 
     def unmerge(self) -> None:
-        """Restore the pristine W0 exactly (a copy, not a subtraction)."""
-        if self._pristine_weight is None:
+        """Restore the pristine base weight exactly (the kept original, not a subtraction)."""
+        if self._snapshot is None:
             return
-        with torch.no_grad():
-            self.base_layer.weight.copy_(self._pristine_weight.to(self.base_layer.weight.device))
-        self._pristine_weight = None
+        self.kind.restore(self.base_layer, self._snapshot)
+        self._snapshot = None
         self.merged_adapters.clear()
         self.clear_cache()
 
@@ -399,7 +349,7 @@ class NeatLayer(nn.Module):
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: r={c.r}, depth={c.depth}, axis={c.axis}" for n, c in self.adapter_configs.items())
-        return f"kind={self.kind}, d_in={self.d_in}, d_out={self.d_out}, adapters=[{adapters}]"
+        return f"kind={self.kind.name}, d_in={self.d_in}, d_out={self.d_out}, adapters=[{adapters}]"
 
 
 class ModulesToSave(nn.Module):
@@ -415,11 +365,8 @@ class ModulesToSave(nn.Module):
         self.copies = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disabled = False
-        self.batch_adapter_names: Optional[list[str]] = None
 
     def add_adapter(self, adapter_name: str) -> None:
-        import copy
-
         self.copies[adapter_name] = copy.deepcopy(self.original_module)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -433,17 +380,70 @@ class ModulesToSave(nn.Module):
                 return self.copies[name]
         return self.original_module
 
-    def forward(self, x, *args, **kwargs):
-        if self.batch_adapter_names is None or self.disabled:
+    def forward(self, x, *args, adapter_names: Optional[list[str]] = None, **kwargs):
+        if adapter_names is None or self.disabled:
             return self.active_module()(x, *args, **kwargs)
-        names = self.batch_adapter_names
-        outputs, rows_of = [], []
-        for name in dict.fromkeys(names):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            module = self.copies[name] if name in self.copies else self.original_module
-            outputs.append(module(x[rows], *args, **kwargs))
-            rows_of.append(rows)
-        result = outputs[0].new_empty((x.shape[0], *outputs[0].shape[1:]))
-        for rows, out in zip(rows_of, outputs):
+        outputs = [(rows, (self.copies[name] if name in self.copies else self.original_module)(x[rows], *args,
+                                                                                                 **kwargs))
+                   for name, rows in _rows_by_name(adapter_names, x.device)]
+        first = outputs[0][1]
+        result = first.new_empty((x.shape[0], *first.shape[1:]))
+        for rows, out in outputs:
             result[rows] = out
         return result
+
+
+def _rows_by_name(names: list[str], device) -> Iterator[tuple[str, torch.Tensor]]:
+    """(adapter name, indices of its samples) for each distinct name of a mixed batch, in first-seen order."""
+    for name in dict.fromkeys(names):
+        yield name, torch.tensor([i for i, n in enumerate(names) if n == name], device=device)
+
+
+def check_mixed_batch(adapter_names: list[str], known: Iterable[str], layers: list[NeatLayer], training: bool) -> None:
+    """The rules for one-adapter-per-sample batches, shared by NeatModel and the peft plugin (peft's rules).
+
+    The names reach the layers through forward pre-hooks that live for one call. Activation checkpointing re-runs a
+    block's forward during backward, after the hooks are gone, so a checkpointed mixed batch would be recomputed
+    without its routing (silently wrong gradients, or torch's CheckpointError). transformers checkpoints only in
+    training mode, hence mixed batches are for inference and refused in training mode, as peft does. Don't wrap an
+    eval-mode mixed batch in torch.utils.checkpoint by hand either.
+    """
+    unknown = sorted(set(adapter_names) - set(known) - {BASE_ONLY})
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. adapter_names may "
+                         f"hold {sorted(known)} and {BASE_ONLY!r} (the base model alone).")
+    if training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode: per-sample adapters are for "
+                         "inference. Call model.eval() first, or train each adapter on its own batches.")
+    if any(layer.merged for layer in layers):
+        raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
+                         "first.")
+
+
+@contextlib.contextmanager
+def per_sample_adapters(modules: Iterable[nn.Module], adapter_names: list[str],
+                        encoder_modules: Iterable[nn.Module] = (), num_beams: Optional[int] = None):
+    """Hand `adapter_names` to every module's forward for the duration of one call (forward pre-hooks).
+
+    generate() with num_beams > 1 repeats every input num_beams times, so the names are repeated too, except in
+    `encoder_modules` (an encoder-decoder's encoder runs once per input; its hooks run later and win).
+    """
+    per_sample = list(adapter_names)
+    if isinstance(num_beams, int) and num_beams > 1:
+        per_sample = [n for n in adapter_names for _ in range(num_beams)]
+
+    def inject(names):
+        def hook(module, args, kwargs):
+            kwargs["adapter_names"] = names
+            return args, kwargs
+        return hook
+
+    handles = [m.register_forward_pre_hook(inject(per_sample), with_kwargs=True) for m in modules]
+    if per_sample != list(adapter_names):
+        handles += [m.register_forward_pre_hook(inject(list(adapter_names)), with_kwargs=True)
+                    for m in encoder_modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

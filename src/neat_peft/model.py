@@ -5,19 +5,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import NeatConfig
-from .distributed import check_wrappable, full_shape, gather_full
-from .distributed import is_main_process as _is_main_process
 from .formats import (
     config_to_json,
-    layer_keys,
     lora_config_json,
     module_to_save_key,
     read_config,
@@ -25,8 +23,11 @@ from .formats import (
     rename_key_prefix,
     write_adapter,
 )
-from .layers import BASE_ONLY, ModulesToSave, NeatLayer, check_supported
+from .layers import BASE_ONLY, ModulesToSave, NeatLayer, check_mixed_batch, check_supported, per_sample_adapters
+from .shards import check_wrappable, gather_full
+from .shards import is_main_process as _is_main_process
 from .targets import find_modules_to_save, find_targets
+from .tensors import FILE_PREFIX, AdapterTensor, adapter_tensors
 
 DEFAULT_ADAPTER = "default"
 
@@ -38,41 +39,43 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def linear_layout_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of a layer's W0 in nn.Linear layout."""
+    """(d_out, d_in) of a layer's W0 in nn.Linear layout (also for a DeepSpeed ZeRO-3 partitioned weight)."""
     if isinstance(module, NeatLayer):
         return module.d_out, module.d_in
-    kind = check_supported("?", module)
-    shape = full_shape(module.weight)  # also right for a DeepSpeed ZeRO-3 partitioned weight
-    if kind == "linear":
-        return shape[0], shape[1]
-    if kind == "conv2d":
-        return shape[0], torch.Size(shape[1:]).numel()
-    return shape[1], shape[0]
+    return check_supported("?", module).shape(module)
 
 
-def adapter_tensor_shapes(module: nn.Module, config: NeatConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of each adapter tensor (roles A, B, enc<i>, dec<i>) NEAT adds to `module` under `config`."""
-    d_out, d_in = linear_layout_shape(module)
-    width = d_out if config.axis == "out" else d_in
-    shapes = {"A": (config.r, width), "B": (width, config.r)}
-    for i in range(config.depth):
-        shapes[f"enc{i}"] = shapes[f"dec{i}"] = (config.r, config.r)
-    return shapes
+def tensor_specs(module: nn.Module, config: NeatConfig) -> list[AdapterTensor]:
+    """The tensors NEAT adds to `module` under `config` (tensors.py)."""
+    return adapter_tensors(config.r, config.depth, config.axis, *linear_layout_shape(module))
 
 
-def _layer_role_params(layer: NeatLayer, adapter_name: str) -> dict[str, nn.Parameter]:
-    params = {"A": layer.neat_A[adapter_name].weight, "B": layer.neat_B[adapter_name].weight}
-    for i, (enc, dec) in enumerate(zip(layer.neat_encoders[adapter_name], layer.neat_decoders[adapter_name])):
-        params[f"enc{i}"], params[f"dec{i}"] = enc.weight, dec.weight
-    return params
+def computed_by_peanut(config: NeatConfig, layers: list[NeatLayer]) -> bool:
+    """True when peft 0.21's PEANuT computes exactly this adapter on these layers, so it is saved in peft's
+    PEANUT format: the config uses only what PEANuT knows, and every layer is a kind PEANuT has."""
+    return config.peft_compatible and all(layer.kind.peanut_compatible for layer in layers)
+
+
+def lora_export(layers: list[tuple[str, NeatLayer]], adapter_name: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """The LoRA computing exactly this adapter: ({'<path>.<lora key>': tensor}, fan_in_fan_out).
+
+    The one exporter behind `NeatModel.export_lora` and the plugin's `convert_to_lora_exact`. Every layer is checked
+    before anything is computed, so a refusal names all layers peft's LoRA cannot reproduce.
+    """
+    chosen = [(path, layer) for path, layer in layers if adapter_name in layer.adapter_configs]
+    problems = [f"{path!r} ({problem})" for path, layer in chosen
+                if (problem := layer.kind.lora_problem(layer.base_layer)) is not None]
+    if problems:
+        raise ValueError(f"Cannot export adapter {adapter_name!r} as LoRA: for {', '.join(problems)} peft's LoRA "
+                         "would compute something else. Keep it as a NEAT adapter (save_pretrained) or merge it "
+                         "(merge_and_unload).")
+    tensors = {f"{path}.{key}": tensor for path, layer in chosen for key, tensor in layer.lora_tensors(adapter_name).items()}
+    return tensors, any(layer.kind.lora_fan_in_fan_out for _, layer in chosen)
 
 
 def count_adapter_parameters(model: nn.Module, config: NeatConfig) -> int:
     """Trainable NEAT parameters `config` would add to `model` (modules_to_save not counted)."""
-    return sum(
-        sum(torch.Size(s).numel() for s in adapter_tensor_shapes(m, config).values())
-        for _, m in find_targets(model, config)
-    )
+    return sum(torch.Size(spec.shape).numel() for _, m in find_targets(model, config) for spec in tensor_specs(m, config))
 
 
 def match_lora_budget(model: nn.Module, config: NeatConfig, lora_r: int) -> int:
@@ -102,9 +105,11 @@ class NeatModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: NeatConfig, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
+        _check_wrappable_model(model)
         self.base_model = model
         self.peft_config: dict[str, NeatConfig] = {}
         self.active_adapters: list[str] = []
+        self._unloaded = False
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
         if _checkpointing_enabled(model):  # enabled before wrapping
@@ -117,6 +122,12 @@ class NeatModel(nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+    def _check_live(self) -> None:
+        if self._unloaded:
+            raise RuntimeError("This NeatModel was unloaded (merge_and_unload() or unload()): its adapters are gone "
+                               "from the model. Use the model those calls returned, or wrap it again with "
+                               "get_neat_model / NeatModel.from_pretrained.")
 
     # --- structure -------------------------------------------------------------------------------------
     def neat_layers(self) -> Iterator[tuple[str, NeatLayer]]:
@@ -135,6 +146,7 @@ class NeatModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, config: NeatConfig) -> None:
         """Add an adapter (not made active). Errors leave the model unchanged."""
+        self._check_live()
         if not isinstance(config, NeatConfig):
             raise TypeError(f"config must be a NeatConfig, got {type(config).__name__}.")
         if adapter_name in self.peft_config:
@@ -160,11 +172,19 @@ class NeatModel(nn.Module):
         self._update_trainable()
 
     def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
-        """Make these adapters active (their outputs are summed); only active adapters are trainable."""
+        """Make these adapters active (their outputs are summed); only active adapters are trainable.
+
+        As in peft, merged adapters are unmerged first (with a warning): the weights then hold W0 again.
+        """
+        self._check_live()
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         missing = [n for n in names if n not in self.peft_config]
         if missing or not names:
             raise ValueError(f"No adapter named {missing}; adapters: {list(self.peft_config)}.")
+        merged = sorted({n for _, layer in self.neat_layers() for n in layer.merged_adapters})
+        if merged and merged != sorted(names):
+            warnings.warn(f"Adapters {merged} are merged; unmerging them before activating {names}.", stacklevel=2)
+            self.unmerge_adapter()
         self.active_adapters = names
         for _, module in [*self.neat_layers(), *self._saved_modules()]:
             module.active_adapters = list(names)
@@ -173,6 +193,7 @@ class NeatModel(nn.Module):
         self._update_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self._check_live()
         if adapter_name not in self.peft_config:
             raise ValueError(f"No adapter named {adapter_name!r}; adapters: {list(self.peft_config)}.")
         if len(self.peft_config) == 1:
@@ -204,6 +225,7 @@ class NeatModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """Run the base model alone inside this block (merged adapters are taken out and put back)."""
+        self._check_live()
         merged = {path: list(layer.merged_adapters) for path, layer in self.neat_layers() if layer.merged}
         for path, layer in self.neat_layers():
             if path in merged:
@@ -242,32 +264,27 @@ class NeatModel(nn.Module):
             base.enable_input_require_grads()
 
     # --- running ---------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _batch_adapters(self, adapter_names: Optional[list[str]]):
+    def _routing(self, adapter_names: Optional[list[str]], num_beams: Optional[int] = None):
+        """The per-call context that hands one adapter name per sample to every layer (layers.per_sample_adapters)."""
         if adapter_names is None:
-            yield
-            return
-        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ONLY})
-        if unknown:
-            raise ValueError(f"adapter_names has unknown adapters {unknown}; adapters: {list(self.peft_config)} "
-                             f"(use {BASE_ONLY!r} for the base model).")
-        if any(layer.merged for _, layer in self.neat_layers()):
-            raise ValueError("A mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first.")
-        modules = [m for _, m in [*self.neat_layers(), *self._saved_modules()]]
-        for m in modules:
-            m.batch_adapter_names = list(adapter_names)
-        try:
-            yield
-        finally:
-            for m in modules:
-                m.batch_adapter_names = None
+            return contextlib.nullcontext()
+        layers = [layer for _, layer in self.neat_layers()]
+        check_mixed_batch(list(adapter_names), self.peft_config, layers, self.training)
+        modules = [*layers, *(m for _, m in self._saved_modules())]
+        get_encoder = getattr(self.base_model, "get_encoder", None)
+        encoder = get_encoder() if callable(get_encoder) else None
+        encoder_modules = [] if encoder is None or encoder is self.base_model else \
+            [m for m in encoder.modules() if m in set(modules)]
+        return per_sample_adapters(modules, list(adapter_names), encoder_modules, num_beams)
 
     def forward(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
-        with self._batch_adapters(adapter_names):
+        self._check_live()
+        with self._routing(adapter_names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Optional[list[str]] = None, **kwargs):
-        with self._batch_adapters(adapter_names):
+        self._check_live()
+        with self._routing(adapter_names, kwargs.get("num_beams")):
             return self.base_model.generate(*args, **kwargs)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -286,6 +303,7 @@ class NeatModel(nn.Module):
     # --- merging ---------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights. With safe_merge, non-finite results raise and nothing changes."""
+        self._check_live()
         if isinstance(adapter_names, str):
             adapter_names = [adapter_names]
         names = self.active_adapters if adapter_names is None else list(adapter_names)
@@ -306,6 +324,7 @@ class NeatModel(nn.Module):
             raise
 
     def unmerge_adapter(self) -> None:
+        self._check_live()
         for _, layer in self.neat_layers():
             layer.unmerge()
 
@@ -318,32 +337,33 @@ class NeatModel(nn.Module):
             _set_submodule(self.base_model, path, layer.base_layer)
         for path, saved in list(self._saved_modules()):
             _set_submodule(self.base_model, path, saved.active_module() if merge else saved.original_module)
+        self._unloaded = True
         return self.base_model
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
-        """The base model with the adapters merged in and every NEAT layer removed."""
+        """The base model with the adapters merged in and every NEAT layer removed (this NeatModel is then spent)."""
         return self._unload(True, safe_merge, adapter_names)
 
     def unload(self) -> nn.Module:
-        """The base model as it was, without adapters."""
+        """The base model as it was, without adapters (this NeatModel is then spent)."""
         return self._unload(False)
 
     # --- files -----------------------------------------------------------------------------------------
-    def _adapter_tensors(self, adapter_name: str) -> tuple[dict[str, torch.Tensor], list[str], set[str]]:
-        tensors, paths, kinds = {}, [], set()
+    def _adapter_tensors(self, adapter_name: str) -> tuple[dict[str, torch.Tensor], list[str], list[NeatLayer]]:
+        """(file key -> tensor, adapted module paths, their layers) of one adapter, modules_to_save included."""
+        tensors, paths, layers = {}, [], []
         for path, layer in self.neat_layers():
             if adapter_name not in layer.adapter_configs:
                 continue
-            keys = layer_keys(path, self.peft_config[adapter_name].depth)
-            for role, param in _layer_role_params(layer, adapter_name).items():
-                tensors[keys[role]] = param
+            for spec, param in layer.adapter_tensor_items(adapter_name):
+                tensors[spec.file_key(path)] = param
             paths.append(path)
-            kinds.add(layer.kind)
+            layers.append(layer)
         for path, saved in self._saved_modules():
             if adapter_name in saved.copies:
                 for pname, value in saved.copies[adapter_name].state_dict().items():
                     tensors[module_to_save_key(path, pname)] = value
-        return tensors, paths, kinds
+        return tensors, paths, layers
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike],
                         selected_adapters: Optional[list[str]] = None, is_main_process: Optional[bool] = None) -> None:
@@ -352,6 +372,7 @@ class NeatModel(nn.Module):
         In a torch.distributed job only rank 0 writes (is_main_process overrides that). Under FSDP2 the sharded
         adapter tensors are gathered first, a collective: call save_pretrained on every rank.
         """
+        self._check_live()
         if is_main_process is None:
             is_main_process = _is_main_process()
         names = selected_adapters or list(self.peft_config)
@@ -360,23 +381,24 @@ class NeatModel(nn.Module):
             raise ValueError(f"No adapter named {unknown}; adapters: {list(self.peft_config)}.")
         for name in names:
             config = self.peft_config[name]
-            tensors, paths, kinds = self._adapter_tensors(name)
+            tensors, paths, layers = self._adapter_tensors(name)
             tensors = {key: gather_full(t, key) for key, t in tensors.items()}
             if not is_main_process:
                 continue
             data = config.to_dict()
             data["target_modules"] = sorted(paths)  # the exact modules, so any loader adapts the same ones
             data["inference_mode"] = True
-            peft_compatible = config.peft_compatible and kinds == {"linear"}
-            if not peft_compatible:  # a NEAT file: its keys carry NEAT's prefix, as every peft type's do
+            peanut = computed_by_peanut(config, layers)
+            if not peanut:  # a NEAT file: its keys carry NEAT's prefix, as every peft type's do
                 tensors = rename_key_prefix(tensors, "peanut_", "neat_")
             directory = Path(save_directory) if name == DEFAULT_ADAPTER else Path(save_directory) / name
-            write_adapter(directory, config_to_json(data, peft_compatible, __version__), tensors)
+            write_adapter(directory, config_to_json(data, peanut, __version__), tensors)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike],
                         adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False) -> "NeatModel":
         """Load an adapter saved by neat-peft or by peft's PEANuT. Errors leave `model` unchanged."""
+        _check_wrappable_model(model)
         config, tensors = _read_checked(model, model_id, is_trainable)
         neat = cls(model, config, adapter_name)
         neat._load_tensors(adapter_name, tensors)
@@ -386,6 +408,7 @@ class NeatModel(nn.Module):
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False) -> None:
         """Load another adapter into this model (not made active). Errors leave the model unchanged."""
+        self._check_live()
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} exists already; pick another name or delete it.")
         config, tensors = _read_checked(self.base_model, model_id, is_trainable)
@@ -401,55 +424,20 @@ class NeatModel(nn.Module):
 
     def export_lora(self, save_directory: Union[str, os.PathLike], adapter_name: Optional[str] = None) -> None:
         """Write the adapter as a standard peft LoRA (exact: dW = s*up@down^T = lora_B @ lora_A, scaling 1)."""
+        self._check_live()
         name = adapter_name or self.active_adapter
         if name not in self.peft_config:
             raise ValueError(f"No adapter named {name!r}; adapters: {list(self.peft_config)}.")
         config = self.peft_config[name]
-        dilated = [path for path, layer in self.neat_layers() if name in layer.adapter_configs
-                   and layer.kind == "conv2d" and tuple(layer.base_layer.dilation) != (1, 1)]
-        if dilated:  # peft builds lora_A without the base conv's dilation: it would compute something else
-            raise ValueError(
-                f"Cannot export adapter {name!r} as LoRA: peft's LoRA Conv2d has no dilation, and {dilated} "
-                "use dilation != 1. Keep it as a NEAT adapter (save_pretrained) or merge it (merge_and_unload)."
-            )
-        renormed = [path for path, layer in self.neat_layers() if name in layer.adapter_configs
-                    and layer.kind == "embedding" and layer.base_layer.max_norm is not None]
-        if renormed:  # peft's LoRA embedding renormalises lora_A's rows in place: not the same update
-            raise ValueError(
-                f"Cannot export adapter {name!r} as LoRA: the embeddings {renormed} have max_norm set, and peft's "
-                "LoRA applies max_norm to its lora_A rows, which changes the update. Keep it as a NEAT adapter "
-                "(save_pretrained) or merge it (merge_and_unload)."
-            )
-        tensors, paths, kinds = {}, [], set()
-        with torch.no_grad():
-            for path, layer in self.neat_layers():
-                if name not in layer.adapter_configs:
-                    continue
-                for key, tensor in lora_tensors(layer, name).items():
-                    tensors[f"base_model.model.{path}.{key}"] = tensor
-                paths.append(path)
-                kinds.add(layer.kind)
-            for path, saved in self._saved_modules():
-                if name in saved.copies:
-                    for pname, value in saved.copies[name].state_dict().items():
-                        tensors[module_to_save_key(path, pname)] = value
-        write_adapter(save_directory,
-                      lora_config_json(config.to_dict(), config.r, paths, "conv1d" in kinds), tensors)
-
-
-def lora_tensors(layer: NeatLayer, adapter_name: str) -> dict[str, torch.Tensor]:
-    """peft LoRA tensors (keys relative to the layer) computing exactly this adapter's update:
-    dW = s * up @ down^T = lora_B @ lora_A with lora_A = down^T, lora_B = s * up (LoRA scaling 1)."""
-    config = layer.adapter_configs[adapter_name]
-    with torch.no_grad():
-        down, up = layer.factors(adapter_name, layer.pristine_weight())
-        lora_A, lora_B = down.t().contiguous(), (config.scaling * up).contiguous()
-    if layer.kind == "embedding":
-        return {"lora_embedding_A": lora_A, "lora_embedding_B": lora_B}
-    if layer.kind == "conv2d":
-        lora_A = lora_A.reshape(config.r, *layer.base_layer.weight.shape[1:])
-        lora_B = lora_B[:, :, None, None]
-    return {"lora_A.weight": lora_A, "lora_B.weight": lora_B}
+        layers = list(self.neat_layers())
+        lora, fan_in_fan_out = lora_export(layers, name)
+        tensors = {f"{FILE_PREFIX}{key}": tensor for key, tensor in lora.items()}
+        for path, saved in self._saved_modules():
+            if name in saved.copies:
+                for pname, value in saved.copies[name].state_dict().items():
+                    tensors[module_to_save_key(path, pname)] = value
+        paths = [path for path, layer in layers if name in layer.adapter_configs]
+        write_adapter(save_directory, lora_config_json(config.to_dict(), config.r, paths, fan_in_fan_out), tensors)
 
 
 def _read_checked(model: nn.Module, model_id, is_trainable: bool) -> tuple[NeatConfig, dict[str, torch.Tensor]]:
@@ -468,9 +456,8 @@ def _read_checked(model: nn.Module, model_id, is_trainable: bool) -> tuple[NeatC
         raise ValueError(f"The adapter in {str(model_id)!r} does not fit this model: {e}") from None
     expected: dict[str, tuple[int, ...]] = {}
     for path, module in targets:
-        keys = layer_keys(path, config.depth)
-        for role, shape in adapter_tensor_shapes(module, config).items():
-            expected[keys[role]] = shape
+        for spec in tensor_specs(module, config):
+            expected[spec.file_key(path)] = spec.shape
     for path, module in saves:
         original = module.original_module if isinstance(module, ModulesToSave) else module
         for pname, value in original.state_dict().items():
@@ -490,6 +477,24 @@ def _read_checked(model: nn.Module, model_id, is_trainable: bool) -> tuple[NeatC
         raise ValueError(f"The adapter in {str(model_id)!r} does not fit this model ({'; '.join(problems)}). "
                          "Was it trained on a different base model?")
     return config, tensors
+
+
+def _check_wrappable_model(model: nn.Module) -> None:
+    """Refuse, before anything changes, models that wrapping would silently break (peft warns; we raise)."""
+    if isinstance(model, NeatModel):
+        raise TypeError("This model is a NeatModel already: add more adapters with its add_adapter() / "
+                        "load_adapter(), or wrap its base_model after unload().")
+    adapted = [name for name, m in model.named_modules() if isinstance(m, NeatLayer)]
+    if adapted:
+        raise ValueError(
+            f"This model already holds NEAT layers ({adapted[:3]}{' ...' if len(adapted) > 3 else ''}) from "
+            "another NeatModel; wrapping it again would change that model too. Use the existing NeatModel's "
+            "add_adapter() / load_adapter(), or call its unload() first (or wrap a fresh copy of the base model)."
+        )
+    lazy = [name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(f"The model has uninitialized (lazy) parameters, e.g. {lazy[:3]}: run one forward pass to "
+                         "initialise them before adding NEAT adapters.")
 
 
 def _checkpointing_enabled(model: nn.Module) -> bool:

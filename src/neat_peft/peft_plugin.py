@@ -27,6 +27,7 @@ How it fits peft (peft's extension points are internal, so this module is thin a
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 import warnings
@@ -37,12 +38,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import NeatConfig
 from .formats import rename_key_prefix
-from .layers import BASE_ONLY, NeatLayer, check_supported
-from .model import lora_tensors
-from .targets import DEFAULT_TARGET_MODULES
+from .layers import NeatLayer, check_mixed_batch, check_supported, per_sample_adapters
+from .model import lora_export
+from .targets import DEFAULT_TARGET_MODULES, is_excluded, is_target
+from .tensors import CONTAINERS
 
 TESTED_PEFT = ">=0.21,<0.22"
 _TESTED_MINOR = (0, 21)
@@ -68,7 +70,7 @@ _PEFT_VERSION = getattr(peft, "__version__", "unknown")
 try:
     import peft.mapping as _peft_mapping
     from peft.config import PeftConfig
-    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_adapters_to_merge
     from peft.utils import AuxiliaryTrainingWrapper, PeftType, register_peft_method
 except ImportError as e:  # an internal that moved: refuse before defining anything that patches peft
     raise IncompatiblePeftError(
@@ -108,6 +110,20 @@ class NeatPeftConfig(PeftConfig, NeatConfig):
         return data
 
 
+def as_peft_config(config: NeatConfig) -> "NeatPeftConfig":
+    """peft's view of a core NeatConfig (the same fields): what the tuner keeps, saves and compares."""
+    if isinstance(config, NeatPeftConfig):
+        return config
+    if not isinstance(config, NeatConfig):
+        raise TypeError(f"NEAT's peft tuner needs a neat_peft.NeatConfig, got {type(config).__name__}.")
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(NeatConfig)}
+    peft_config = NeatPeftConfig(**fields)
+    for name in ("revision", "base_model_name_or_path"):  # peft's get_peft_model sets these on the config it got
+        if getattr(config, name, None) is not None:
+            setattr(peft_config, name, getattr(config, name))
+    return peft_config
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Layer: the core's NeatLayer under peft's BaseTunerLayer contract
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,15 +134,14 @@ class NeatPeftLayer(NeatLayer, BaseTunerLayer):
     active_adapters (list)        _active_adapter / set_adapter(names, inference_mode)
     disabled                      _disable_adapters / enable_adapters(enabled)
     merge(names, safe_merge)      merge(safe_merge, adapter_names), with peft's already-merged warnings
-    batch_adapter_names           forward(x, adapter_names=[...]) injected by peft's forward hooks
     """
 
-    adapter_layer_names = ("neat_A", "neat_B", "neat_encoders", "neat_decoders")
+    adapter_layer_names = tuple(f"neat_{container}" for container in CONTAINERS)
     other_param_names = ("neat_dropout", "adapter_configs")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: NeatPeftConfig, name: str = "?"):
         NeatLayer.__init__(self, base_layer, name)
-        if self.kind == "conv2d":
+        if isinstance(base_layer, nn.Conv2d):
             self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         else:  # linear layout: an embedding maps num_embeddings one-hot inputs to embedding_dim outputs
             self.in_features, self.out_features = self.d_in, self.d_out
@@ -188,22 +203,13 @@ class NeatPeftLayer(NeatLayer, BaseTunerLayer):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         # peft's convert_to_lora SVDs get_delta_weight as a 2-D matrix and writes lora_A/lora_B.weight: right for
-        # Linear and Conv1D only. convert_to_lora_exact handles all four kinds.
-        return self.kind in ("linear", "conv1d")
+        # Linear-like layers only. convert_to_lora_exact handles all four kinds.
+        return self.kind.dense
 
-    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any):
-        if self.disable_adapters and self.merged:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        if self.disable_adapters and self.merged:  # peft's rule: disabling adapters takes merged ones out
             self.unmerge()
-        if adapter_names is None:
-            return NeatLayer.forward(self, x, *args, **kwargs)
-        if len(adapter_names) != len(x):
-            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
-                             f"{len(adapter_names)} and {len(x)} respectively.")
-        self.batch_adapter_names = list(adapter_names)
-        try:
-            return NeatLayer.forward(self, x, *args, **kwargs)
-        finally:
-            self.batch_adapter_names = None
+        return NeatLayer.forward(self, x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "neat." + super().__repr__()
@@ -219,6 +225,37 @@ class NeatPeftModel(BaseTuner):
     tuner_layer_cls = NeatPeftLayer
     target_module_mapping = DEFAULT_TARGET_MODULES
 
+    def __init__(self, model, peft_config, adapter_name, **kwargs):
+        # get_peft_model(model, NeatConfig(...)): peft hands the core's config over; keep peft's own class inside.
+        if isinstance(peft_config, dict):
+            peft_config = {name: as_peft_config(c) for name, c in peft_config.items()}
+        else:
+            peft_config = as_peft_config(peft_config)
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
+    def inject_adapter(self, model, adapter_name, *args, state_dict=None, **kwargs):
+        config = self.peft_config[adapter_name] = as_peft_config(self.peft_config[adapter_name])
+        # peft replaces matched modules one by one and would stop half-way at an unsupported one; check all first
+        # so that a bad target_modules leaves the model as it was.
+        if state_dict is None and config.target_modules is not None:
+            adapted = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+            for key, module in model.named_modules():
+                if key and not isinstance(module, NeatPeftLayer) \
+                        and not any(key.startswith(f"{name}.") for name in adapted) \
+                        and self._check_target_module_exists(config, key):
+                    check_supported(key, module)
+        return super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
+
+    @staticmethod
+    def _check_target_module_exists(peft_config, key):
+        # The core's matcher (peft's rules, targets.py), so a config selects the same modules in both front-ends.
+        targets = peft_config.target_modules
+        if isinstance(targets, set):
+            targets = sorted(targets)
+        if is_excluded(key, peft_config):
+            return _ExcludedModule()
+        return is_target(key, peft_config, targets)
+
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key=None,
                             **optional_kwargs):
         if isinstance(target, NeatPeftLayer):
@@ -228,21 +265,6 @@ class NeatPeftModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    def inject_adapter(self, model, adapter_name, autocast_adapter_dtype=True, low_cpu_mem_usage=False,
-                       state_dict=None):
-        # peft replaces matched modules one by one and would stop half-way at an unsupported one; check all first
-        # so that a bad target_modules leaves the model as it was.
-        config = self.peft_config[adapter_name]
-        if state_dict is None and config.target_modules is not None:
-            adapted = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-            for key, module in model.named_modules():
-                if key and not isinstance(module, NeatPeftLayer) \
-                        and not any(key.startswith(f"{name}.") for name in adapted) \
-                        and self._check_target_module_exists(config, key):
-                    check_supported(key, module)
-        return super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                      low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -262,48 +284,21 @@ class NeatPeftModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """Mixed-adapter batches: hand `adapter_names` (one name per sample, '__base__' = no adapter) to every
-        NEAT layer and modules_to_save wrapper for the duration of one forward/generate call."""
+        """Mixed-adapter batches: hand `adapter_names` (one name per sample, '__base__' = no adapter) to every NEAT
+        layer and modules_to_save wrapper for one forward/generate call, under the core's rules."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield
             return
-        if self.training:
-            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         layers = [m for m in self.model.modules() if isinstance(m, NeatPeftLayer)]
-        if any(layer.merged for layer in layers):
-            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
-                             "`unmerge_adapter` first.")
         known = {name for layer in layers for name in layer.adapter_configs}
-        unknown = sorted({n for n in adapter_names if n != BASE_ONLY} - known)
-        if unknown:
-            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
-        per_sample = list(adapter_names)
-        num_beams = kwargs.get("num_beams")
-        if isinstance(num_beams, int) and num_beams > 1:  # generate repeats every input num_beams times
-            per_sample = [n for n in adapter_names for _ in range(num_beams)]
-
-        def inject(names):
-            def hook(module, args, kwargs):
-                kwargs["adapter_names"] = names
-                return args, kwargs
-            return hook
-
-        handles = []
-        for module in self.model.modules():
-            if isinstance(module, (NeatPeftLayer, AuxiliaryTrainingWrapper)):
-                handles.append(module.register_forward_pre_hook(inject(per_sample), with_kwargs=True))
+        check_mixed_batch(list(adapter_names), known, layers, self.training)
+        modules = [m for m in self.model.modules() if isinstance(m, (NeatPeftLayer, AuxiliaryTrainingWrapper))]
         encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
-        if per_sample is not adapter_names and encoder is not None and encoder is not self.model:
-            # an encoder runs once per input, not once per beam: a later hook restores the original names
-            for module in encoder.modules():
-                if isinstance(module, (NeatPeftLayer, AuxiliaryTrainingWrapper)):
-                    handles.append(module.register_forward_pre_hook(inject(list(adapter_names)), with_kwargs=True))
-        try:
+        encoder_modules = [] if encoder is None or encoder is self.model else \
+            [m for m in encoder.modules() if isinstance(m, (NeatPeftLayer, AuxiliaryTrainingWrapper))]
+        with per_sample_adapters(modules, list(adapter_names), encoder_modules, kwargs.get("num_beams")):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,21 +317,18 @@ def convert_to_lora_exact(model: nn.Module, adapter_name: str = "default"):
     if not isinstance(config, NeatPeftConfig):
         raise ValueError(f"{type(model).__name__} has no NEAT adapter named {adapter_name!r}; adapters: "
                          f"{list(getattr(model, 'peft_config', {}))}.")
-    state_dict, targets, conv1d = {}, set(), False
-    prefix = "base_model.model."
-    for name, module in model.named_modules():
-        if isinstance(module, NeatPeftLayer) and adapter_name in module.adapter_configs:
-            for key, tensor in lora_tensors(module, adapter_name).items():
-                state_dict[f"{name}.{key}"] = tensor
-            targets.add(name.removeprefix(prefix))
-            conv1d |= module.kind == "conv1d"
+    prefix = "base_model.model."  # named as in the user's model, keyed as peft's state dicts are
+    layers = [(name.removeprefix(prefix), m) for name, m in model.named_modules() if isinstance(m, NeatPeftLayer)]
+    lora, fan_in_fan_out = lora_export(layers, adapter_name)
+    state_dict = {f"{prefix}{key}": tensor for key, tensor in lora.items()}
+    targets = {name for name, m in layers if adapter_name in m.adapter_configs}
     for name, module in model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper) and hasattr(module, "modules_to_save") \
                 and adapter_name in module.modules_to_save:
             for pname, param in module.modules_to_save[adapter_name].state_dict().items():
                 state_dict[f"{name}.{pname}"] = param.detach().clone()
     lora_config = LoraConfig(
-        r=config.r, lora_alpha=config.r, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=conv1d,
+        r=config.r, lora_alpha=config.r, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
         modules_to_save=config.modules_to_save, base_model_name_or_path=config.base_model_name_or_path,
         task_type=config.task_type,
     )

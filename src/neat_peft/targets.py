@@ -8,7 +8,7 @@ from typing import Optional, Union
 from torch import nn
 
 from .config import NeatConfig
-from .layers import ModulesToSave, NeatLayer, check_supported, layer_kind
+from .layers import ModulesToSave, NeatLayer, check_supported, kind_of
 
 # Defaults when target_modules is None, by transformers `config.model_type` (attention query and value).
 DEFAULT_TARGET_MODULES = {
@@ -51,10 +51,16 @@ def _layer_index(name: str, layers_pattern: Optional[Union[str, list[str]]]) -> 
     return int(match.group(1)) if match else None
 
 
-def _is_target(name: str, config: NeatConfig, targets: Union[str, list[str]]) -> bool:
+def is_excluded(name: str, config: NeatConfig) -> bool:
+    """True if `name` matches config.exclude_modules (a list of names/suffixes, or a regex)."""
+    return config.exclude_modules is not None and _name_matches(name, config.exclude_modules)
+
+
+def is_target(name: str, config: NeatConfig, targets: Union[str, list[str]]) -> bool:
     """peft's check_target_module_exists: exclusions first, then a regex (full match), an exact name, or a
-    name suffix; layers_to_transform filters suffix matches only (an exact name says which module already)."""
-    if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
+    name suffix; layers_to_transform filters suffix matches only (an exact name says which module already).
+    `targets` is config.target_modules resolved (resolve_target_modules; "all-linear" expanded to names)."""
+    if is_excluded(name, config):
         return False
     if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
         return False  # a module trained in full is never also adapted
@@ -79,7 +85,8 @@ def _all_linear_names(model: nn.Module, config: NeatConfig) -> list[str]:
             skip.add(name)
 
     def is_linear(m: nn.Module) -> bool:  # an already adapted linear layer counts as one
-        return (m.kind if isinstance(m, NeatLayer) else layer_kind(m)) in ("linear", "conv1d")
+        kind = m.kind if isinstance(m, NeatLayer) else kind_of(m)
+        return kind is not None and kind.dense
 
     return [name for name, m in model.named_modules() if is_linear(m) and name not in skip and not _inside(name, skip)]
 
@@ -111,7 +118,7 @@ def find_targets(model: nn.Module, config: NeatConfig) -> list[tuple[str, nn.Mod
     wrapped = {n for n, m in model.named_modules() if isinstance(m, (NeatLayer, ModulesToSave))}
     found = []
     for name, module in model.named_modules():
-        if not name or _inside(name, wrapped) or not _is_target(name, config, targets):
+        if not name or _inside(name, wrapped) or not is_target(name, config, targets):
             continue
         if _inside(name, {n for n, _ in found}):
             continue
@@ -120,7 +127,7 @@ def find_targets(model: nn.Module, config: NeatConfig) -> list[tuple[str, nn.Mod
             _check_called_through_forward(model, name)
         found.append((name, module))
     if not found:
-        names = [n for n, m in model.named_modules() if n and layer_kind(m) is not None]
+        names = [n for n, m in model.named_modules() if n and kind_of(m) is not None]
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no module"
             + (f" (with layers_to_transform={config.layers_to_transform})" if config.layers_to_transform else "")
