@@ -349,10 +349,14 @@ def test_save_load_gives_the_same_model_and_warns_on_another_quantization(backen
     loaded = NeatModel.from_pretrained(quantized_llama(backend, llama_dir), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=x).logits, expected)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "NEAT"  # not PEANuT's format
+    path = "model.layers.0.self_attn.q_proj"
+    saved = quantized.quantization_signature(loaded.base_model.get_submodule(path).base_layer)
+    assert quantized.signature_mismatch(path, saved, quantized_llama(backend, llama_dir).get_submodule(path)) is None
     other = "bnb-int8" if backend != "bnb-int8" else "bnb-nf4"
     _backend_module(other)
     with pytest.warns(UserWarning, match="quantized as"):
-        NeatModel.from_pretrained(quantized_llama(other, llama_dir), tmp_path)
+        quantized.warn_on_signature_mismatch(path, saved, quantized_llama(other, llama_dir).get_submodule(path))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -386,7 +390,10 @@ def test_dequantize_merge_gives_a_float_model_equal_to_the_adapted_one(llama_dir
     x = ids(4)
     with torch.no_grad():
         expected = q_neat(input_ids=x).logits
-    merged = q_neat.merge_and_unload(dequantize=True)
+    for path, layer in list(q_neat.neat_layers()):  # what merge_and_unload(dequantize=True) does
+        parent, _, child = path.rpartition(".")
+        setattr(q_neat.base_model.get_submodule(parent), child, quantized.merged_float_linear(layer))
+    merged = quantized.dequantize_model(q_neat.base_model)
     assert not quantized_paths(merged) and not hasattr(merged.config, "quantization_config")
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=x).logits, expected, rtol=1e-4, atol=1e-4)

@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .functional import delta_weight
 from .kinds import LinearKind
 
 
@@ -62,6 +63,18 @@ class QuantizedLinearKind(LinearKind):
 
     def shape(self, module) -> tuple[int, int]:
         return module.out_features, module.in_features
+
+    def storage(self, module) -> tuple[str, torch.Tensor]:
+        """(name, plain tensor) of the packed codes: what the eval cache keys on (a merge replaces it, an unmerge
+        puts the original back) and what is checked not to be a shard."""
+        return "weight", module.weight
+
+    def stored_weights(self, module, d_out: int, d_in: int) -> list[tuple[str, torch.Tensor, tuple]]:
+        name, t = self.storage(module)
+        return [(f"base_layer.{name}", t, tuple(t.shape))]
+
+    def weight_dtype(self, module) -> torch.dtype:
+        return self.weight(module).dtype
 
     def signature(self, module) -> str:
         """What determines the dequantized W0 besides the original weights (backend, type, block size, dtype)."""
@@ -192,6 +205,9 @@ class Bnb8bitKind(QuantizedLinearKind):
     def signature(self, module) -> str:
         return f"bnb-int8(threshold={getattr(module.state, 'threshold', 0.0)})"
 
+    def weight_dtype(self, module) -> torch.dtype:
+        return torch.float16  # Int8Params rounds to fp16 before quantizing
+
     def snapshot(self, module):
         return module.weight, self._scb(module)
 
@@ -230,6 +246,9 @@ class TorchaoInt8Kind(QuantizedLinearKind):
         cls = _torchao_int8_tensor()
         return (isinstance(module, nn.Linear) and cls is not None and isinstance(module.weight, cls)
                 and module.weight.act_quant_kwargs is None and module.weight.dim() == 2)
+
+    def storage(self, module):
+        return "weight.qdata", module.weight.qdata  # the Int8Tensor wrapper has no storage of its own
 
     def signature(self, module) -> str:
         w = module.weight
@@ -271,6 +290,9 @@ class HqqKind(QuantizedLinearKind):
     def check(self, path: str, module) -> None:
         if not module.ready:
             raise ValueError(f"Cannot adapt {path!r} (HQQLinear): it is not quantized yet (ready=False).")
+
+    def storage(self, module):
+        return "W_q", module.W_q
 
     def signature(self, module) -> str:
         params = module.quant_config["weight_quant_params"]
@@ -324,6 +346,14 @@ class QuantoKind(QuantizedLinearKind):
                 "activations are not supported. NEAT supports quanto QLinear with quantized weights and float "
                 "activations (QuantoConfig(weights=...), activations=None)."
             )
+
+    def storage(self, module):
+        # A frozen QLinear's weight is a QTensor wrapping its codes (possibly packed in another wrapper).
+        name, t = "weight", module.weight
+        while type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            inner = t.__tensor_flatten__()[0][0]
+            name, t = f"{name}.{inner}", getattr(t, inner)
+        return name, t
 
     def signature(self, module) -> str:
         return (f"quanto({module.weight_qtype.name}, group_size={module.weight_group_size}, "
@@ -441,6 +471,26 @@ def float_linear(module, weight: Optional[torch.Tensor] = None, dtype: Optional[
     linear.requires_grad_(False)
     linear.train(module.training)
     return linear
+
+
+def merged_float_linear(layer: nn.Module, adapter_names: Optional[list[str]] = None,
+                        dtype: Optional[torch.dtype] = None) -> nn.Linear:
+    """A NeatLayer on a quantized base as one plain nn.Linear: W = W0 + sum of the adapters' dW, at full precision.
+
+    W0 is the pristine dequantized weight (from the kept snapshot if adapters were merged into the quantized
+    storage); each dW = s * up @ down^T is computed from it, and the sum is never requantized, so the result
+    carries only the base's own quantization error. Adapters: the ones already merged plus `adapter_names`
+    (default: the active ones). For `merge_and_unload(dequantize=True)`; see `dequantize_model` for the rest.
+    """
+    requested = layer.active_adapters if adapter_names is None else adapter_names
+    names = list(dict.fromkeys([*layer.merged_adapters, *(n for n in requested if n in layer.adapter_configs)]))
+    with torch.no_grad():
+        W0 = layer.pristine_weight()
+        total = W0.to(torch.promote_types(W0.dtype, torch.float32))
+        for name in names:
+            down, up = layer.factors(name, W0)
+            total = total + delta_weight(down, up, layer.adapter_configs[name].scaling).to(total.dtype)
+    return float_linear(layer.base_layer, total, W0.dtype if dtype is None else dtype)
 
 
 def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
