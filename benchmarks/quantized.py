@@ -242,8 +242,8 @@ def render(rows: list[dict], info: dict, command: str) -> str:
             f"{r['fp32_neat_total_mb']:.1f} | {r['vs_fp32_total_ratio']:.3f} |")
     lines.append("")
     lines.append(f"Targets (issue 11): time and peak memory NEAT/LoRA <= {TIME_TARGET} on the same quantized base "
-                 "(PASS/MISS; in brackets the spread of the per-round wall-time ratios; CPU time = this process's CPU seconds, a
-second opinion on a shared machine); quantized NEAT's total peak well "
+                 "(PASS/MISS; in brackets the spread of the per-round wall-time ratios; CPU time = this process's CPU "
+                 "seconds, a second opinion on a shared machine); quantized NEAT's total peak well "
                  "below fp32 NEAT's (last column).")
     return "\n".join(lines)
 
@@ -261,12 +261,16 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="nf4's compute dtype (QLoRA uses bfloat16 on GPUs)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared, loaded machine, OpenMP threads waiting for a "
+                             "descheduled sibling make every parallel op slow at random)")
     parser.add_argument("--quick", action="store_true", help="hidden 128, 1 block, 1 x 32 tokens, 2 rounds")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.layers, args.batch, args.seq, args.repeats = [128], 1, 1, 32, 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
     command = "python benchmarks/quantized.py " + " ".join(sys.argv[1:] if argv is None else argv)
     info = {**machine_info(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "nf4_compute_dtype": args.compute_dtype,
