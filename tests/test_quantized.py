@@ -458,3 +458,34 @@ def test_peft_plugin_on_a_kbit_prepared_bnb_model(llama_dir):
     out.loss.backward()
     assert all(p.grad is not None for p in plugin.parameters() if p.requires_grad)
     torch.testing.assert_close(out.logits.detach(), core(input_ids=x).logits.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["bnb-nf4", "hqq4"])
+def test_training_keeps_the_packed_weight_not_the_dequantized_w0(backend, llama_dir):
+    """recompute_weight: autograd saves no d_out x d_in float tensor for backward (H is recomputed there from the
+    packed weight); the same layer without recomputation would keep W0 -- the control shows the check can fail."""
+    import copy as copy_module
+
+    q_neat = get_neat_model(quantized_llama(backend, llama_dir), neat_config(target_modules=["down_proj"]))
+    layer = q_neat.base_model.get_submodule("model.layers.0.mlp.down_proj")
+    d_out, d_in = layer.d_out, layer.d_in
+    assert d_out != d_in  # a saved W0 cannot be mistaken for anything else
+
+    def saved_w0_count() -> int:
+        found = []
+
+        def pack(t):
+            if t.is_floating_point() and t.numel() == d_out * d_in:
+                found.append(tuple(t.shape))
+            return t
+
+        x = torch.randn(2, 5, d_in, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = layer(x)
+        out.sum().backward()
+        return len(found)
+
+    assert saved_w0_count() == 0
+    layer.kind = copy_module.copy(layer.kind)
+    layer.kind.recompute_weight = False
+    assert saved_w0_count() > 0
