@@ -219,6 +219,50 @@ def bench_group(d: int, targets_name: str, backends: list[str], directory: Path,
     return rows
 
 
+def requantization_errors(d: int, backends: list[str], directory: Path, args) -> list[dict]:
+    """Per backend, on layer 0's q_proj of the saved model: the error of the dequantized W0 against the float
+    weights, and what merging a NEAT update into the quantized storage (requantizing W0 + dW) does to it.
+
+    The NEAT adapter has random B scaled so that |dW| = 2% of |W0| (Frobenius), a typical fine-tuning update.
+    Errors: max |.| / max |W| and Frobenius |.| / |W| for W0; for the merge, |W_merged - (W0 + dW)| / |dW|
+    (the share of the update the requantized layer gets wrong; the dequantize-merge has none of it).
+    """
+    from transformers import LlamaForCausalLM
+
+    from neat_peft import NeatConfig, get_neat_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        W = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).model.layers[0].self_attn.q_proj.weight
+    W = W.detach().to(args.device)
+    rows = []
+    for backend in backends:
+        torch.manual_seed(0)
+        model = get_neat_model(load(backend, directory, args.device), NeatConfig(r=RANK, target_modules=["q_proj"],
+                                                                                   init_weights=False))
+        layer = model.base_model.model.layers[0].self_attn.q_proj
+        with torch.no_grad():
+            W0 = layer.base_weight().float()
+            dW = layer.get_delta_weight("default").float()
+            layer.neat_B["default"].weight.mul_(0.02 * W0.norm() / dW.norm())
+            dW = layer.get_delta_weight("default").float()
+            layer.merge()
+            merged = layer.kind.weight(layer.base_layer).float()
+        rows.append({"d": d, "backend": backend, "w0_max_err": ((W0 - W).abs().max() / W.abs().max()).item(),
+                     "w0_fro_err": ((W0 - W).norm() / W.norm()).item(),
+                     "merge_err_of_update": ((merged - (W0 + dW)).norm() / dW.norm()).item()})
+    return rows
+
+
+def render_errors(rows: list[dict]) -> str:
+    lines = ["| d | backend | W0 error, max / max W | W0 error, Frobenius | merged-update error ‖W_merged − W0 − dW‖ / ‖dW‖ |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['d']} | {r['backend']} | {r['w0_max_err']:.4f} | {r['w0_fro_err']:.4f} | "
+                     f"{r['merge_err_of_update']:.3f} |")
+    return "\n".join(lines)
+
+
 def verdict(value: float, threshold: float) -> str:
     return "PASS" if value <= threshold else "MISS"
 
@@ -266,6 +310,8 @@ def main(argv=None) -> None:
                              "descheduled sibling make every parallel op slow at random)")
     parser.add_argument("--quick", action="store_true", help="hidden 128, 1 block, 1 x 32 tokens, 2 rounds")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--errors", action="store_true",
+                        help="only measure dequantization and merge (requantization) errors per backend")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.layers, args.batch, args.seq, args.repeats = [128], 1, 1, 32, 2
@@ -276,6 +322,15 @@ def main(argv=None) -> None:
             "nf4_compute_dtype": args.compute_dtype,
             "batch": args.batch, "seq": args.seq, "layers": args.layers}
     rows = []
+    if args.errors:
+        for d in args.sizes:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_llama(d, 1, Path(tmp))
+                rows += requantization_errors(d, args.backends, Path(tmp), args)
+        print(f"command: {command}\n\n{render_errors(rows)}")
+        if args.json:
+            args.json.write_text(json.dumps({"machine": info, "command": command, "errors": rows}, indent=1))
+        return
     for d in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             save_llama(d, args.layers, Path(tmp))
