@@ -489,3 +489,22 @@ def test_training_keeps_the_packed_weight_not_the_dequantized_w0(backend, llama_
     layer.kind = copy_module.copy(layer.kind)
     layer.kind.recompute_weight = False
     assert saved_w0_count() > 0
+
+
+def test_transformers_trainer_fine_tunes_neat_on_a_4bit_base(llama_dir, tmp_path):
+    """The QLoRA workflow with the standalone NeatModel: transformers' Trainer accepts it (it refuses a quantized
+    model without attached adapters), the adapter trains and the quantized storage stays as it was."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    model = get_neat_model(quantized_llama("bnb-nf4", llama_dir), neat_config())
+    layer = model.base_model.get_submodule("model.layers.0.self_attn.q_proj")
+    storage = layer.base_layer.weight.detach().clone()
+    A = layer.neat_A["default"].weight.detach().clone()
+    data = [{"input_ids": ids(i, 1)[0], "labels": ids(i, 1)[0]} for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, remove_unused_columns=False, learning_rate=1e-2, save_strategy="no")
+    _quiet(Trainer(model=model, args=args, train_dataset=data).train)
+    assert not torch.equal(layer.neat_A["default"].weight, A)
+    assert torch.equal(layer.base_layer.weight, storage)

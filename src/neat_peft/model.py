@@ -103,6 +103,10 @@ class NeatModel(nn.Module):
     >>> model.print_trainable_parameters()
     """
 
+    # transformers' Trainer refuses to fine-tune a quantized model (QLoRA) unless it is a peft PeftModel or says
+    # adapters are attached (trainer_utils.validate_quantization_for_training reads this flag): NEAT's are.
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, config: NeatConfig, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         _check_wrappable_model(model)
