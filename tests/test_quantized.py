@@ -281,10 +281,13 @@ def test_prepare_stops_bitsandbytes_cpu_repacking(llama_dir):
 
 # --- NEAT on a quantized model against its fp32 twin -------------------------------------------------------------
 def neat_pair(backend, llama_dir, **config):
-    """(NEAT on the quantized Llama, NEAT on its fp32 twin, the two bases' own output mismatch), same adapter."""
-    qmodel = quantized_llama(backend, llama_dir)
+    """(NEAT on the quantized Llama, NEAT on its fp32 twin, the two bases' own eval output mismatch), same adapter.
+
+    bitsandbytes' CPU repacking is left on in the quantized model: NEAT must switch it off on every layer."""
+    plain = quantized_llama(backend, llama_dir)
+    mismatch = base_mismatch(plain, fp32_twin(plain, llama_dir), ids(1))
+    qmodel = quantized_llama(backend, llama_dir, keep_cpu_repacking=True)
     twin = fp32_twin(qmodel, llama_dir)
-    mismatch = base_mismatch(qmodel, twin, ids(1))
     torch.manual_seed(1)
     q_neat = get_neat_model(qmodel, neat_config(**config))
     t_neat = get_neat_model(twin, neat_config(**config))

@@ -24,6 +24,7 @@ from .formats import (
     write_adapter,
 )
 from .layers import BASE_ONLY, ModulesToSave, NeatLayer, check_mixed_batch, check_supported, per_sample_adapters
+from .quantized import prepare_model
 from .shards import check_wrappable, gather_full
 from .shards import is_main_process as _is_main_process
 from .targets import find_modules_to_save, find_targets
@@ -115,6 +116,7 @@ class NeatModel(nn.Module):
         self.active_adapters: list[str] = []
         self._unloaded = False
         self.add_adapter(adapter_name, config)
+        prepare_model(model)  # quantized bases: see quantized.py
         self.set_adapter(adapter_name)
         if _checkpointing_enabled(model):  # enabled before wrapping
             self._enable_input_require_grads()

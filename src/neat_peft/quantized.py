@@ -135,6 +135,8 @@ class Bnb4bitKind(QuantizedLinearKind):
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
             import bitsandbytes.functional as bnbf
 
+            if not hasattr(bnbf, "_convert_weight_packed_for_cpu_inverse"):
+                return  # check() refuses such a layer as a target; one NEAT does not adapt stays as it is
             weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
             if getattr(module, "quant_state", None) is not None:
                 module.quant_state = weight.quant_state
@@ -387,6 +389,18 @@ class QuantoKind(QuantizedLinearKind):
 
 
 QUANTIZED_KINDS = [Bnb4bitKind(), Bnb8bitKind(), TorchaoInt8Kind(), HqqKind(), QuantoKind()]
+
+
+def prepare_model(model: nn.Module) -> None:
+    """Model-wide preparation, once adapters are in: bitsandbytes' CPU repacking off on EVERY Linear4bit.
+
+    A repacked layer that NEAT does not adapt still breaks training: its repacked forward returns outputs with no
+    gradient to the input, so every adapter before it would stop learning after an eval pass (Bnb4bitKind.prepare).
+    """
+    kind = QUANTIZED_KINDS[0]
+    for module in model.modules():
+        if kind.matches(module) and getattr(module.weight, "quant_state", None) is not None:
+            kind.prepare(module)
 
 SUPPORTED_QUANTIZATION = (
     "bitsandbytes Linear4bit (nf4/fp4, double quant) and Linear8bitLt, torchao Int8WeightOnlyConfig (Int8Tensor "
