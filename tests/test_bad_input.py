@@ -57,7 +57,8 @@ class Unchanged:
         (dict(r=-3), r"NeatConfig\.r must be a positive integer, got -3"),
         (dict(r=2.5), r"NeatConfig\.r must be a positive integer, got 2\.5"),
         (dict(r=True), r"NeatConfig\.r must be a positive integer"),
-        (dict(depth=-1), r"NeatConfig\.depth must be an integer >= 0, got -1"),
+        (dict(depth=-1), r"NeatConfig\.depth must be an integer >= 0 \(at most 1024\), got -1"),
+        (dict(depth=10**9), r"NeatConfig\.depth must be an integer >= 0 \(at most 1024\), got 1000000000"),
         (dict(act_fn="relux"), r"NeatConfig\.act_fn: Unknown act_fn 'relux'. Choose one of: \[.*'relu'"),
         (dict(act_fn=None), r"NeatConfig\.act_fn must be an activation name"),
         (dict(dropout=-0.1), r"NeatConfig\.dropout must be in \[0, 1\), got -0\.1"),
@@ -65,7 +66,7 @@ class Unchanged:
         (dict(axis="rows"), r"NeatConfig\.axis must be 'out' or 'in', got 'rows'"),
         (dict(scaling=float("nan")), r"NeatConfig\.scaling must be a finite number"),
         (dict(scaling=float("inf")), r"NeatConfig\.scaling must be a finite number"),
-        (dict(scaling="1"), r"NeatConfig\.scaling must be a finite number, got '1'"),
+        (dict(scaling="1"), r"NeatConfig\.scaling must be a finite number.*, got '1'"),
         (dict(layers_pattern="layers"), r"layers_pattern needs layers_to_transform"),
     ],
 )
@@ -188,8 +189,8 @@ def check_load_refused(path, base, message, exc=ValueError):
 
 def test_load_into_model_with_other_shapes(saved_adapter):
     path, _ = saved_adapter
-    check_load_refused(path, TinyEncoder(d=6), r"does not fit this model \(.*shape mismatches, e\.g\. "
-                                               r"\['base_model\.model\.layers\.0\.query\.peanut_A\.weight: "
+    check_load_refused(path, TinyEncoder(d=6), r"does not fit this model \(.*shape mismatches, e\.g\. .*"
+                                               r"'base_model\.model\.layers\.0\.query\.peanut_A\.weight: "
                                                r"file \(2, 8\), "
                                                r"model needs \(2, 6\)'.*different base model\?")
 
@@ -312,3 +313,118 @@ def test_multihead_attention_projection_is_refused():
         with pytest.raises(ValueError, match=r"Cannot adapt 'attn\.out_proj': nn\.MultiheadAttention uses its "
                                              r"out_proj's weight directly"):
             get_neat_model(base, NeatConfig(r=2, target_modules=["fc", "out_proj"]))
+
+
+# --- hostile or careless config values, directly and from a file ----------------------------------------------
+HOSTILE_VALUES = [
+    (dict(target_modules=123), r"NeatConfig\.target_modules must be a list of module names, a regex string, or None, "
+                               r"got 123"),
+    (dict(target_modules="["), r"NeatConfig\.target_modules: the regex '\[' is refused: it is not a valid regular "
+                               r"expression"),
+    (dict(target_modules=[1, 2]), r"NeatConfig\.target_modules must be a list of module names.*got \[1, 2\]"),
+    (dict(target_modules="(.|.)*z"), r"NeatConfig\.target_modules: the regex '\(\.\|\.\)\*z' is refused: it has an "
+                                     r"alternation inside a repeat"),
+    (dict(exclude_modules="(a+)+"), r"NeatConfig\.exclude_modules: .*a repeat inside a repeat"),
+    (dict(modules_to_save=["(.|.)*z"]), r"NeatConfig\.modules_to_save: the regex '\(\.\|\.\)\*z' is refused"),
+    (dict(modules_to_save="classifier"), r"NeatConfig\.modules_to_save must be a list of module names or None"),
+    (dict(layers_to_transform="abc"), r"NeatConfig\.layers_to_transform must be a block index.*got 'abc'"),
+    (dict(layers_to_transform=[0, -1]), r"NeatConfig\.layers_to_transform must be a block index"),
+    (dict(layers_to_transform=[True]), r"NeatConfig\.layers_to_transform must be a block index"),
+    (dict(layers_to_transform=[0], layers_pattern="(xx|x)+"), r"NeatConfig\.layers_pattern: .*alternation inside"),
+    (dict(normalize_weight="false"), r"NeatConfig\.normalize_weight must be true or false \(a boolean\), got 'false'"),
+    (dict(inference_mode="false"), r"NeatConfig\.inference_mode must be true or false \(a boolean\), got 'false'"),
+    (dict(init_weights="false"), r"NeatConfig\.init_weights must be true or false \(a boolean\), got 'false'"),
+    (dict(init_weights=0), r"NeatConfig\.init_weights must be true or false"),
+    (dict(scaling=1e39), r"NeatConfig\.scaling must be a finite number within float32's range.*got 1e\+39"),
+    (dict(dropout=True), r"NeatConfig\.dropout must be in \[0, 1\)"),
+    (dict(task_type=["SEQ_CLS"]), r"NeatConfig\.task_type must be a string or None"),
+    (dict(modules_to_save=["x"] * 65), r"NeatConfig\.modules_to_save has 65 entries \(at most 64\)"),
+    (dict(depth=10**9), r"NeatConfig\.depth must be an integer >= 0 \(at most 1024\)"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", HOSTILE_VALUES, ids=range(len(HOSTILE_VALUES)))
+def test_hostile_config_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NeatConfig(**{"target_modules": ["query"], **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, message", HOSTILE_VALUES, ids=range(len(HOSTILE_VALUES)))
+def test_hostile_config_values_in_a_file(saved_adapter, kwargs, message):
+    """Saved with a matching hash (as a hostile tool would): the field checks refuse it, naming file and field."""
+    from neat_peft.formats import read_adapter, write_adapter
+
+    path, base = saved_adapter
+    config, tensors = read_adapter(path)
+    write_adapter(path, config | kwargs, tensors)
+    check_load_refused(path, base, rf"adapter_config\.json': {message}")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", r"must hold a JSON object \(\{\.\.\.\}\) of adapter fields, but its top level is list"),
+    ("null", r"must hold a JSON object .* but its top level is null"),
+    ('"NEAT"', r"must hold a JSON object .* but its top level is str"),
+    ("[" * 200_000 + "]" * 200_000, r"is nested too deeply to be an adapter config"),
+    ('{"peft_type": "NEAT", "peft_type": "PEANUT"}',
+     r"is not valid JSON \(the keys \['peft_type'\] appear more than once"),
+    ('{"peft_type": ["NEAT"]}', r"describes a \['NEAT'\] adapter"),
+])
+def test_config_file_that_is_no_adapter_config(saved_adapter, text, message):
+    path, base = saved_adapter
+    (path / "adapter_config.json").write_text(text)
+    check_load_refused(path, base, rf"adapter_config\.json' {message}")
+
+
+# --- adapter names and loaded tensors (checks model.py calls) ---------------------------------------------------
+@pytest.mark.parametrize("name, why", [
+    ("", "it is empty"), ("__base__", "'__base__' is reserved"), ("a/b", "it contains '/'"),
+    ("..", "it contains '.'"), ("../../etc", "it contains './'"), ("a\\b", r"it contains '\\\\'"),
+    ("/abs", "it contains '/'"), ("C:x", "it contains ':'"), ("a\x00b", r"it contains '\\x00'"),
+])
+def test_check_adapter_name_refuses_names_that_leave_the_directory(name, why):
+    from neat_peft.formats import check_adapter_name
+
+    with pytest.raises(ValueError, match=rf"cannot name an adapter: {why}"):
+        check_adapter_name(name, reserved=["__base__"])
+
+
+def test_check_adapter_name_accepts_plain_names():
+    from neat_peft.formats import check_adapter_name
+
+    for name in ("default", "b", "my-adapter_2", "Ünïcode", "with space"):
+        check_adapter_name(name)
+    with pytest.raises(ValueError, match="must be a string, got 3"):
+        check_adapter_name(3)
+
+
+def test_validate_adapter_tensors():
+    from neat_peft.formats import validate_adapter_tensors
+
+    key = "base_model.model.fc.peanut_A.weight"
+    good = {key: torch.ones(2, 3), "base_model.model.bn.num_batches_tracked": torch.tensor(4)}
+    shapes = {key: (2, 3), "base_model.model.bn.num_batches_tracked": ()}
+    ints = {"base_model.model.bn.num_batches_tracked": torch.int64}
+    out = validate_adapter_tensors(good, shapes, "f.safetensors", ints)
+    assert out.keys() == good.keys() and all(torch.equal(out[k], v) for k, v in good.items())
+    neat_named = {key.replace("peanut_", "neat_"): torch.ones(2, 3)}
+    assert list(validate_adapter_tensors(neat_named, {key: (2, 3)}, "f.safetensors")) == [key]
+    cases = [
+        ({key: torch.ones(2, 3, dtype=torch.int64)}, r"'f\.safetensors' holds tensors of the wrong dtype, e\.g\. "
+                                                     r"\['base_model\.model\.fc\.peanut_A\.weight: torch\.int64'\]"),
+        ({key: torch.ones(2, 3, dtype=torch.complex64)}, r"wrong dtype.*complex64"),
+        ({key: torch.ones(2, 3, dtype=torch.bool)}, r"wrong dtype.*torch\.bool"),
+        ({key: torch.ones(3, 2)}, r"The adapter in 'f\.safetensors' does not fit this model \(1 shape mismatches"),
+        ({key: torch.ones(2, 3), **neat_named},
+         r"'f\.safetensors': Two tensors, 'base_model\.model\.fc\.peanut_A\.weight' and "
+         r"'base_model\.model\.fc\.neat_A\.weight', are the same adapter tensor"),
+        ({key: torch.tensor([[1.0, float("nan"), 0], [0, 0, 0]])}, r"'f\.safetensors' holds NaN or inf in 1 tensors"),
+        ({key: torch.full((2, 3), float("-inf"), dtype=torch.bfloat16)}, r"holds NaN or inf"),
+    ]
+    for tensors, message in cases:
+        with pytest.raises(ValueError, match=message):
+            validate_adapter_tensors(tensors, {key: (2, 3)}, "f.safetensors")
+    with pytest.raises(ValueError, match=r"wrong dtype.*num_batches_tracked: torch\.float32"):
+        validate_adapter_tensors(good | {"base_model.model.bn.num_batches_tracked": torch.tensor(4.0)}, shapes,
+                                 "f.safetensors", ints)
+    inf = {key: torch.full((2, 3), float("inf"))}
+    assert torch.equal(validate_adapter_tensors(inf, {key: (2, 3)}, "f", allow_nonfinite=True)[key], inf[key])

@@ -16,6 +16,8 @@ from neat_peft import NeatConfig, NeatModel, get_neat_model
 from neat_peft import layers as neat_layers
 from neat_peft.peft_plugin import convert_to_lora_exact
 
+neat_peft.register_with_peft()
+
 
 class AllKinds(nn.Module):
     def __init__(self, dilation=1, max_norm=None):
@@ -144,6 +146,19 @@ def test_get_peft_model_takes_the_core_config_train_save_load_merge(tmp_path):
         torch.testing.assert_close(merged(x), trained, rtol=1e-5, atol=1e-5)
 
 
+def test_get_peft_model_before_registration_says_what_to_call():
+    import subprocess
+    import sys
+
+    code = ("import peft, torch, neat_peft\n"
+            "try:\n"
+            "    peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), neat_peft.NeatConfig(target_modules=['0']))\n"
+            "except AttributeError as e:\n"
+            "    print('ERROR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
+    assert "ERROR NeatConfig.peft_type: NEAT is not registered" in out and "neat_peft.register_with_peft()" in out
+
+
 def test_the_old_peft_config_name_keeps_working():
     NeatPeftConfig = neat_peft.register_with_peft()
     model = peft.get_peft_model(nn.Sequential(nn.Linear(4, 4)), NeatPeftConfig(r=2, target_modules=["0"]))
@@ -247,3 +262,51 @@ def test_a_lazy_layer_elsewhere_is_refused_before_the_target_is_wrapped():
         with pytest.raises(ValueError, match=r"uninitialized \(lazy\) parameters.*'1.weight'"):
             get_neat_model(base, NeatConfig(r=2, target_modules=["0"]))
     assert isinstance(base[0], nn.Linear) and type(base[0]) is nn.Linear
+
+
+# --- hostile adapter files through the model API (formats.read_adapter + validate_adapter_tensors) ----------------
+def _saved(tmp_path):
+    model = get_neat_model(_tiny(), NeatConfig(r=2, target_modules=["0"], init_weights=False))
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _rewrite_weights(path, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "adapter_model.safetensors")
+    save_file(change(tensors), path / "adapter_model.safetensors")  # no config hash: like a peft-written file
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: {k: v.fill_(float("nan")) if k.endswith("A.weight") else v for k, v in t.items()}, "NaN or inf"),
+    (lambda t: {k: v.long() if k.endswith("B.weight") else v for k, v in t.items()}, "wrong dtype.*torch.int64"),
+    (lambda t: {**t, **{k.replace("peanut_", "neat_"): v.clone() for k, v in t.items()}}, "two namings"),
+])
+def test_hostile_weights_are_refused_and_the_model_is_untouched(tmp_path, change, message):
+    path = _saved(tmp_path)
+    _rewrite_weights(path, change)
+    base = _tiny()
+    before = state_snapshot(base)
+    with pytest.raises(ValueError, match=message) as error:
+        NeatModel.from_pretrained(base, path)
+    assert "adapter_model.safetensors" in str(error.value)
+    assert_state_equal(base, before)
+    assert not any(isinstance(m, neat_peft.NeatLayer) for m in base.modules())
+
+
+def test_nonfinite_weights_load_when_asked_for(tmp_path):
+    path = _saved(tmp_path)
+    _rewrite_weights(path, lambda t: {k: v.fill_(float("inf")) if k.endswith("B.weight") else v for k, v in t.items()})
+    model = NeatModel.from_pretrained(_tiny(), path, allow_nonfinite=True)
+    assert torch.isinf(model.base_model[0].neat_B["default"].weight).all()
+
+
+@pytest.mark.parametrize("name", ["../outside", "a/b", "c:\\\\d", "x.y"])
+def test_adapter_names_that_could_write_outside_the_directory_are_refused(tmp_path, name):
+    model = get_neat_model(_tiny(), NeatConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="cannot name an adapter"):
+        model.add_adapter(name, NeatConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="cannot name an adapter"):
+        model.load_adapter(_saved(tmp_path), name)
+    assert list(model.peft_config) == ["default"]

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+import torch
+
 from .functional import NON_ACT2FN_ACTIVATIONS, get_activation
+from .patterns import layers_pattern_regex, modules_to_save_regex, target_regex
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+MAX_DEPTH = 1024  # loads loop over the layers: a hostile depth=10**9 would hang before any shape check
+MAX_REGEX_ENTRIES = 64  # modules_to_save / layers_pattern entries; real configs have a handful
+
+class PeftNotRegisteredError(AttributeError):
+    """peft asked a NeatConfig for its peft type before neat_peft.register_with_peft() was called."""
+
+
+# Filled in by neat_peft.peft_plugin.register_with_peft (the plugin depends on this module, never the other way).
+PEFT_REGISTRATION: dict[str, Optional[str]] = {"peft_type": None}
 
 # The fields peft's PeanutConfig lacks, with the value that means what PEANuT computes (a PEANUT file omits them).
 PEANUT_IMPLIED = {"axis": "out", "dropout": 0.0, "normalize_weight": False}
@@ -73,23 +86,54 @@ class NeatConfig:
     base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Where the base model came from."})
 
     def __post_init__(self):
+        """Check every field strictly (a config also comes from files: booleans must be booleans, regexes safe)."""
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"NeatConfig.r must be a positive integer, got {self.r!r}.")
-        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 0:
-            raise ValueError(f"NeatConfig.depth must be an integer >= 0, got {self.depth!r}.")
+        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or not 0 <= self.depth <= MAX_DEPTH:
+            raise ValueError(f"NeatConfig.depth must be an integer >= 0 (at most {MAX_DEPTH}), got {self.depth!r}.")
         if not isinstance(self.act_fn, str):
             raise ValueError(f"NeatConfig.act_fn must be an activation name, got {self.act_fn!r}.")
         try:
             get_activation(self.act_fn)
         except ValueError as e:
             raise ValueError(f"NeatConfig.act_fn: {e}") from None
-        if self.axis not in ("out", "in"):
+        if not isinstance(self.axis, str) or self.axis not in ("out", "in"):
             raise ValueError(f"NeatConfig.axis must be 'out' or 'in', got {self.axis!r}.")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"NeatConfig.dropout must be in [0, 1), got {self.dropout!r}.")
-        scaling_is_number = isinstance(self.scaling, (int, float)) and not isinstance(self.scaling, bool)
-        if not scaling_is_number or not math.isfinite(self.scaling):
-            raise ValueError(f"NeatConfig.scaling must be a finite number, got {self.scaling!r}.")
+        # The update is computed in the adapter's dtype: a scaling that overflows float32 is inf there.
+        if not _is_number(self.scaling) or not math.isfinite(self.scaling) or abs(self.scaling) > _FLOAT32_MAX:
+            raise ValueError(f"NeatConfig.scaling must be a finite number within float32's range "
+                             f"(|s| <= {_FLOAT32_MAX:.4g}), got {self.scaling!r}.")
+        for name in ("normalize_weight", "init_weights", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"NeatConfig.{name} must be true or false (a boolean), got {getattr(self, name)!r}.")
+        for name in ("task_type", "base_model_name_or_path"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"NeatConfig.{name} must be a string or None, got {getattr(self, name)!r}.")
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            setattr(self, name, _names_field(name, getattr(self, name), string_allowed=name != "modules_to_save"))
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), str):
+                target_regex(getattr(self, name), name)
+        layers_pattern = self.layers_pattern
+        layers_patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
+        for name, entries in (("modules_to_save", self.modules_to_save or []), ("layers_pattern", layers_patterns)):
+            if len(entries) > MAX_REGEX_ENTRIES:  # each entry is a regex matched against every module name
+                raise ValueError(f"NeatConfig.{name} has {len(entries)} entries (at most {MAX_REGEX_ENTRIES}).")
+        for entry in self.modules_to_save or ():
+            modules_to_save_regex(entry)
+        for pattern in layers_patterns:
+            layers_pattern_regex(pattern)
+        layers = self.layers_to_transform
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        if layers is not None and (not isinstance(layers, (list, tuple))
+                                   or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                              for i in layers)):
+            raise ValueError("NeatConfig.layers_to_transform must be a block index (an integer >= 0), a list of "
+                             f"them, or None, got {self.layers_to_transform!r}.")
+        self.layers_to_transform = None if layers is None else list(layers)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
                 "NeatConfig.layers_to_transform cannot be used when target_modules is a string (a regex or "
@@ -98,23 +142,17 @@ class NeatConfig:
             )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("NeatConfig.layers_pattern needs layers_to_transform (which block indices to adapt).")
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value))
 
     # --- what peft reads from a config, so that peft.get_peft_model(model, NeatConfig(...)) works -------------
     @property
     def peft_type(self) -> str:
-        """peft's name of the method. Reading it while peft is imported registers NEAT with peft (once, guarded:
-        see neat_peft.peft_plugin), so get_peft_model, which looks the type up, finds it."""
-        if "peft" in sys.modules:
-            from .peft_plugin import register_with_peft
-
-            register_with_peft()
-        return "NEAT"
+        """peft's name of the method, once neat_peft.register_with_peft() has made it a peft method."""
+        if PEFT_REGISTRATION["peft_type"] is None:
+            raise PeftNotRegisteredError(
+                "NeatConfig.peft_type: NEAT is not registered with peft in this process. Call "
+                "neat_peft.register_with_peft() once (it imports peft) before peft.get_peft_model(model, NeatConfig(...))."
+            )
+        return PEFT_REGISTRATION["peft_type"]
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -133,6 +171,8 @@ class NeatConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "NeatConfig":
         """Build from an adapter_config.json dict (ours or peft's PEANuT); peft's bookkeeping keys are ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"An adapter config must be a JSON object ({{...}}), got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known - set(PEFT_META_FIELDS) - {"neat_peft"})
         if unknown:
@@ -141,3 +181,18 @@ class NeatConfig:
                 "another method; upgrade neat-peft or check the file."
             )
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _names_field(name: str, value, string_allowed: bool):
+    """A module-name field: None, a list of strings (a set or tuple becomes a sorted list), or one string."""
+    if value is None or (string_allowed and isinstance(value, str)):
+        return value
+    if isinstance(value, (list, set, tuple)) and all(isinstance(v, str) for v in value):
+        return sorted(value) if isinstance(value, (set, tuple)) else list(value)
+    kinds = "a list of module names, a regex string, or None" if string_allowed else "a list of module names or None"
+    raise ValueError(f"NeatConfig.{name} must be {kinds}, got {value!r}.")
+

@@ -347,12 +347,6 @@ class NeatLayer(nn.Module):
         self.merged_adapters.clear()
         self.clear_cache()
 
-    def unload(self, merge: bool) -> nn.Module:
-        """The base layer, with the active adapters merged if `merge`."""
-        if merge:
-            self.merge()
-        return self.base_layer
-
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: r={c.r}, depth={c.depth}, axis={c.axis}" for n, c in self.adapter_configs.items())
         return f"kind={self.kind.name}, d_in={self.d_in}, d_out={self.d_out}, adapters=[{adapters}]"

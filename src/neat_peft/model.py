@@ -15,12 +15,14 @@ from torch import nn
 from ._version import __version__
 from .config import NeatConfig
 from .formats import (
+    WEIGHTS_NAME,
+    check_adapter_name,
     config_to_json,
     lora_config_json,
     module_to_save_key,
-    read_config,
-    read_weights,
+    read_adapter,
     rename_key_prefix,
+    validate_adapter_tensors,
     write_adapter,
 )
 from .layers import BASE_ONLY, ModulesToSave, NeatLayer, check_mixed_batch, check_supported, per_sample_adapters
@@ -157,8 +159,7 @@ class NeatModel(nn.Module):
             raise TypeError(f"config must be a NeatConfig, got {type(config).__name__}.")
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} exists already; pick another name or delete it.")
-        if not adapter_name or adapter_name == BASE_ONLY or "." in adapter_name:
-            raise ValueError(f"{adapter_name!r} cannot name an adapter (empty, contains '.', or reserved).")
+        check_adapter_name(adapter_name, reserved=(BASE_ONLY,))
         targets = find_targets(self.base_model, config)  # raises before anything changes
         saves = find_modules_to_save(self.base_model, config.modules_to_save)
         for path, module in targets:
@@ -402,22 +403,30 @@ class NeatModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike],
-                        adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False) -> "NeatModel":
-        """Load an adapter saved by neat-peft or by peft's PEANuT. Errors leave `model` unchanged."""
+                        adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False,
+                        allow_nonfinite: bool = False) -> "NeatModel":
+        """Load an adapter saved by neat-peft or by peft's PEANuT. Errors leave `model` unchanged.
+
+        The config and tensors are validated before anything changes (formats.read_adapter and
+        validate_adapter_tensors): one save's pair, the expected keys and shapes, floating point, finite values
+        (allow_nonfinite=True loads NaN/inf weights anyway).
+        """
         _check_wrappable_model(model)
-        config, tensors = _read_checked(model, model_id, is_trainable)
+        config, tensors = _read_checked(model, model_id, is_trainable, allow_nonfinite)
         neat = cls(model, config, adapter_name)
         neat._load_tensors(adapter_name, tensors)
         if not is_trainable:
             neat.eval()
         return neat
 
-    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False) -> None:
+    def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
+                     allow_nonfinite: bool = False) -> None:
         """Load another adapter into this model (not made active). Errors leave the model unchanged."""
         self._check_live()
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} exists already; pick another name or delete it.")
-        config, tensors = _read_checked(self.base_model, model_id, is_trainable)
+        check_adapter_name(adapter_name, reserved=(BASE_ONLY,))
+        config, tensors = _read_checked(self.base_model, model_id, is_trainable, allow_nonfinite)
         self.add_adapter(adapter_name, config)
         self._load_tensors(adapter_name, tensors)
 
@@ -446,43 +455,33 @@ class NeatModel(nn.Module):
         write_adapter(save_directory, lora_config_json(config.to_dict(), config.r, paths, fan_in_fan_out), tensors)
 
 
-def _read_checked(model: nn.Module, model_id, is_trainable: bool) -> tuple[NeatConfig, dict[str, torch.Tensor]]:
-    """Read an adapter directory and check it fits `model` (targets, keys, shapes). Changes nothing."""
-    data = read_config(model_id)
+def _read_checked(model: nn.Module, model_id, is_trainable: bool,
+                  allow_nonfinite: bool = False) -> tuple[NeatConfig, dict[str, torch.Tensor]]:
+    """Read an adapter directory and check it fits `model` (targets, keys, shapes, dtypes, values). Changes nothing."""
+    data, raw = read_adapter(model_id)
     try:
         config = NeatConfig.from_dict(data)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{str(Path(model_id) / 'adapter_config.json')!r}: {e}") from None
     config = dataclasses.replace(config, inference_mode=not is_trainable)
-    tensors = rename_key_prefix(read_weights(model_id), "neat_", "peanut_")  # read either naming
     try:
         targets = find_targets(model, config)
         saves = find_modules_to_save(model, config.modules_to_save)
     except ValueError as e:
         raise ValueError(f"The adapter in {str(model_id)!r} does not fit this model: {e}") from None
     expected: dict[str, tuple[int, ...]] = {}
+    non_float: dict[str, torch.dtype] = {}
     for path, module in targets:
         for spec in tensor_specs(module, config):
             expected[spec.file_key(path)] = spec.shape
     for path, module in saves:
         original = module.original_module if isinstance(module, ModulesToSave) else module
         for pname, value in original.state_dict().items():
-            expected[module_to_save_key(path, pname)] = tuple(value.shape)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: file {tuple(tensors[k].shape)}, model needs {expected[k]}"
-             for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        problems = []
-        if missing:
-            problems.append(f"missing {len(missing)} tensors, e.g. {missing[:3]}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} tensors for modules this model lacks, e.g. {unexpected[:3]}")
-        if wrong:
-            problems.append(f"{len(wrong)} shape mismatches, e.g. {wrong[:3]}")
-        raise ValueError(f"The adapter in {str(model_id)!r} does not fit this model ({'; '.join(problems)}). "
-                         "Was it trained on a different base model?")
-    return config, tensors
+            key = module_to_save_key(path, pname)
+            expected[key] = tuple(value.shape)
+            if not value.is_floating_point():  # e.g. a BatchNorm's num_batches_tracked
+                non_float[key] = value.dtype
+    return config, validate_adapter_tensors(raw, expected, Path(model_id) / WEIGHTS_NAME, non_float, allow_nonfinite)
 
 
 def _check_wrappable_model(model: nn.Module) -> None:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .config import NeatConfig
+from .config import PEFT_REGISTRATION, NeatConfig
 from .formats import rename_key_prefix
 from .layers import NeatLayer, check_mixed_batch, check_supported, per_sample_adapters
 from .model import lora_export
@@ -433,6 +433,7 @@ def _remove_enum_member(member) -> None:
 
 def _unregister(member) -> None:
     """Undo a registration: this plugin's entries in peft's mappings, then the enum member (if this call added it)."""
+    PEFT_REGISTRATION["peft_type"] = None
     ours = (NeatPeftConfig, NeatPeftModel, PREFIX)
     for name in ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING",
                  "PEFT_TYPE_TO_MIXED_MODEL_MAPPING"):
@@ -474,6 +475,7 @@ def register_with_peft(*, allow_untested_peft: bool = False) -> type[NeatPeftCon
         except Exception:
             _unregister(member)
             raise
+        PEFT_REGISTRATION["peft_type"] = PeftType[PEFT_TYPE_NAME]  # the core's NeatConfig now answers peft
         return NeatPeftConfig
 
 

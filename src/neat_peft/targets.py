@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Optional, Union
 
 from torch import nn
 
 from .config import NeatConfig
 from .layers import ModulesToSave, NeatLayer, check_supported, kind_of
+from .patterns import layers_pattern_regex, modules_to_save_regex, target_regex
 
 # Defaults when target_modules is None, by transformers `config.model_type` (attention query and value).
 DEFAULT_TARGET_MODULES = {
@@ -29,23 +29,31 @@ DEFAULT_TARGET_MODULES = {
 
 # peft's rule: the first numbered segment after a dot is the block index (lazy, so the expert index in
 # "layers.1.experts.0.w1" is not taken for the layer index).
-_DEFAULT_LAYER_PATTERN = r".*?\.[^.]*\.(\d+)\."
+_DEFAULT_LAYER_PATTERN = target_regex(r".*?\.[^.]*\.(\d+)\.", "layers_pattern")
 
 
-def _name_matches(name: str, patterns: Union[str, list[str]]) -> bool:
+def _dotted_suffixes(name: str) -> list[str]:
+    """'a.b.c' -> ['a.b.c', 'b.c', 'c']: p matches `name` as in peft (name == p or name ends with '.' + p) exactly
+    when p is one of these, so a set of names is matched in time independent of its size (files can be hostile)."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+def _name_matches(name: str, patterns: Union[str, list[str], frozenset[str]], field: str) -> bool:
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+        return target_regex(patterns, field).fullmatch(name) is not None
+    patterns = patterns if isinstance(patterns, frozenset) else frozenset(patterns)
+    return any(suffix in patterns for suffix in _dotted_suffixes(name))
 
 
 def _layer_index(name: str, layers_pattern: Optional[Union[str, list[str]]]) -> Optional[int]:
     if not layers_pattern:
-        match = re.match(_DEFAULT_LAYER_PATTERN, name)
+        match = _DEFAULT_LAYER_PATTERN.match(name)
     else:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         match = None
         for pattern in patterns:  # a regex, as in peft; may be the model's top-level ModuleList
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+            match = layers_pattern_regex(pattern).match(name)
             if match:
                 break
     return int(match.group(1)) if match else None
@@ -53,7 +61,7 @@ def _layer_index(name: str, layers_pattern: Optional[Union[str, list[str]]]) -> 
 
 def is_excluded(name: str, config: NeatConfig) -> bool:
     """True if `name` matches config.exclude_modules (a list of names/suffixes, or a regex)."""
-    return config.exclude_modules is not None and _name_matches(name, config.exclude_modules)
+    return config.exclude_modules is not None and _name_matches(name, config.exclude_modules, "exclude_modules")
 
 
 def is_target(name: str, config: NeatConfig, targets: Union[str, list[str]]) -> bool:
@@ -62,13 +70,13 @@ def is_target(name: str, config: NeatConfig, targets: Union[str, list[str]]) -> 
     `targets` is config.target_modules resolved (resolve_target_modules; "all-linear" expanded to names)."""
     if is_excluded(name, config):
         return False
-    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
+    if config.modules_to_save and any(modules_to_save_regex(m).match(name) for m in config.modules_to_save):
         return False  # a module trained in full is never also adapted
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
+        return target_regex(targets).fullmatch(name) is not None
     if name in targets:
         return True
-    if not any(name.endswith("." + t) for t in targets):
+    if not _name_matches(name, targets, "target_modules"):
         return False
     if not config.layers_to_transform:
         return True
@@ -81,7 +89,8 @@ def _all_linear_names(model: nn.Module, config: NeatConfig) -> list[str]:
     get_output = getattr(model, "get_output_embeddings", None)
     output_layer = get_output() if callable(get_output) else None
     for name, module in model.named_modules():
-        if module is output_layer or (config.modules_to_save and _name_matches(name, config.modules_to_save)):
+        saved = config.modules_to_save and _name_matches(name, config.modules_to_save, "modules_to_save")
+        if module is output_layer or saved:
             skip.add(name)
 
     def is_linear(m: nn.Module) -> bool:  # an already adapted linear layer counts as one
@@ -92,7 +101,9 @@ def _all_linear_names(model: nn.Module, config: NeatConfig) -> list[str]:
 
 
 def _inside(name: str, prefixes: set[str]) -> bool:
-    return any(name.startswith(p + ".") for p in prefixes)
+    """Whether `name` lies inside one of the modules named in `prefixes` (time independent of its size)."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
 
 
 def resolve_target_modules(model: nn.Module, config: NeatConfig) -> Union[str, list[str]]:
@@ -116,16 +127,19 @@ def find_targets(model: nn.Module, config: NeatConfig) -> list[tuple[str, nn.Mod
         targets = _all_linear_names(model, config)
     # Never adapt the inside of an adapted layer or of a module trained in full (its original and copies).
     wrapped = {n for n, m in model.named_modules() if isinstance(m, (NeatLayer, ModulesToSave))}
-    found = []
+    if not isinstance(targets, str):
+        targets = frozenset(targets)
+    found, found_names = [], set()
     for name, module in model.named_modules():
         if not name or _inside(name, wrapped) or not is_target(name, config, targets):
             continue
-        if _inside(name, {n for n, _ in found}):
+        if _inside(name, found_names):
             continue
         if not isinstance(module, NeatLayer):
             check_supported(name, module)
             _check_called_through_forward(model, name)
         found.append((name, module))
+        found_names.add(name)
     if not found:
         names = [n for n, m in model.named_modules() if n and kind_of(m) is not None]
         raise ValueError(
@@ -155,7 +169,7 @@ def find_modules_to_save(model: nn.Module, names: Optional[list[str]]) -> list[t
         return []
     found, unmatched = [], []
     for wanted in names:
-        hits = [(n, m) for n, m in model.named_modules() if n and _name_matches(n, [wanted])
+        hits = [(n, m) for n, m in model.named_modules() if n and _name_matches(n, [wanted], "modules_to_save")
                 and not _inside(n, {f for f, _ in found})]
         if not hits:
             unmatched.append(wanted)
