@@ -342,7 +342,7 @@ def test_adapter_update_is_exact_at_the_layer(backend, llama_dir):
 
 
 @pytest.mark.parametrize("backend", ["bnb-fp4-dq", "torchao-int8", "quanto-int4"])
-def test_save_load_gives_the_same_model_and_warns_on_another_quantization(backend, llama_dir, tmp_path):
+def test_save_load_gives_the_same_model_and_tells_another_quantization_apart(backend, llama_dir, tmp_path):
     q_neat, _, _ = neat_pair(backend, llama_dir)
     x = ids(2)
     q_neat.eval()
@@ -353,13 +353,20 @@ def test_save_load_gives_the_same_model_and_warns_on_another_quantization(backen
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=x).logits, expected)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "NEAT"  # not PEANuT's format
-    path = "model.layers.0.self_attn.q_proj"
-    saved = quantized.quantization_signature(loaded.base_model.get_submodule(path).base_layer)
-    assert quantized.signature_mismatch(path, saved, quantized_llama(backend, llama_dir).get_submodule(path)) is None
+    saved = quantized.quantization_signatures(loaded.neat_layers())
+    assert len(saved) == 2 * len(TARGETS)
+    paths = list(saved)
+
+    def layers_of(model):
+        return [(path, model.get_submodule(path)) for path in paths]
+
+    assert quantized.signature_mismatch(saved, layers_of(quantized_llama(backend, llama_dir))) is None
     other = "bnb-int8" if backend != "bnb-int8" else "bnb-nf4"
     _backend_module(other)
-    with pytest.warns(UserWarning, match="quantized as"):
-        quantized.warn_on_signature_mismatch(path, saved, quantized_llama(other, llama_dir).get_submodule(path))
+    message = quantized.signature_mismatch(saved, layers_of(quantized_llama(other, llama_dir)))
+    assert message.startswith(f"{len(paths)} adapted layer(s)") and saved[paths[0]] in message
+    float_base = _quiet(LlamaForCausalLM.from_pretrained, llama_dir, dtype=torch.float32)
+    assert "this base is none" in quantized.signature_mismatch(saved, layers_of(float_base))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -30,8 +30,7 @@ quantized with it has imported it).
 from __future__ import annotations
 
 import sys
-import warnings
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -436,29 +435,33 @@ def unsupported_quantization(module) -> Optional[str]:
 
 
 def quantization_signature(module) -> str:
-    """A short string naming how `module`'s frozen weight is quantized ("none" for a float layer).
+    """A short string naming how `module`'s frozen weight is quantized ("none" for a float layer), e.g.
+    "bnb-nf4(blocksize=64, double_quant=False, dtype=float32, compute=float32)"."""
+    kind = quantized_kind(getattr(module, "base_layer", module))  # a NeatLayer answers for its base layer
+    return "none" if kind is None else kind.signature(getattr(module, "base_layer", module))
+
+
+def quantization_signatures(layers: Iterable[tuple[str, nn.Module]]) -> dict[str, str]:
+    """{path: signature} of the quantized layers among (path, layer) pairs; float layers are left out.
 
     H = act(W0^T A^T) reads the dequantized W0, so an adapter trained on one quantization gives a different
-    update on another (nf4 vs fp4 vs int8 vs float): the engine stores this per adapted layer with the adapter
-    and warns (see `signature_mismatch`) when it loads onto a base whose signature differs.
+    update on another (nf4 vs fp4 vs int8 vs float). Stored with the adapter at save time; `signature_mismatch`
+    compares it at load time.
     """
-    kind = quantized_kind(module)
-    return "none" if kind is None else kind.signature(module)
+    signatures = {path: quantization_signature(module) for path, module in layers}
+    return {path: sig for path, sig in signatures.items() if sig != "none"}
 
 
-def signature_mismatch(path: str, saved: str, module) -> Optional[str]:
-    """A warning text if `module` is quantized differently from the base the adapter was saved on, else None."""
-    now = quantization_signature(module)
-    if saved == now:
+def signature_mismatch(saved: dict[str, str], layers: Iterable[tuple[str, nn.Module]]) -> Optional[str]:
+    """One warning text naming the layers whose quantization differs from `saved` (absent: "none"), else None."""
+    now = {path: quantization_signature(module) for path, module in layers}
+    differ = [(path, saved.get(path, "none"), sig) for path, sig in now.items() if saved.get(path, "none") != sig]
+    if not differ:
         return None
-    return (f"Layer {path!r}: the adapter was trained on a base quantized as {saved}, this base is {now}. NEAT's "
-            "update reads the frozen weight, so its outputs will differ from the trained model's.")
-
-
-def warn_on_signature_mismatch(path: str, saved: str, module) -> None:
-    message = signature_mismatch(path, saved, module)
-    if message is not None:
-        warnings.warn(message, stacklevel=3)
+    path, was, is_now = differ[0]
+    return (f"{len(differ)} adapted layer(s) are quantized differently from the base the adapter was trained on, "
+            f"e.g. {path!r}: trained on {was}, this base is {is_now}. NEAT's update reads the frozen weight, so the "
+            "outputs will differ from the trained model's. Load the base with the quantization it was trained on.")
 
 
 def float_linear(module, weight: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> nn.Linear:
