@@ -518,3 +518,22 @@ def test_transformers_trainer_fine_tunes_neat_on_a_4bit_base(llama_dir, tmp_path
     _quiet(Trainer(model=model, args=args, train_dataset=data).train)
     assert not torch.equal(layer.neat_A["default"].weight, A)
     assert torch.equal(layer.base_layer.weight, storage)
+
+
+@pytest.mark.parametrize("backend", ["bnb-nf4", "bnb-int8", "torchao-int8", "hqq4", "quanto-int4"])
+def test_eval_cache_dequantizes_once_and_a_merge_invalidates_it(backend, llama_dir, monkeypatch):
+    q_neat, _, _ = neat_pair(backend, llama_dir)
+    q_neat.eval()
+    kind = next(layer.kind for _, layer in q_neat.neat_layers())
+    calls = []
+    real = kind.weight
+    monkeypatch.setattr(kind, "weight", lambda module: (calls.append(module), real(module))[1])
+    x = ids(7)
+    with torch.no_grad():
+        first = q_neat(input_ids=x).logits
+        assert torch.equal(q_neat(input_ids=x).logits, first)
+        assert len(calls) == 2 * len(TARGETS)  # once per adapted layer, not per call
+        q_neat.merge_adapter()
+        q_neat.unmerge_adapter()
+        assert torch.equal(q_neat(input_ids=x).logits, first)
+    assert len(calls) > 2 * len(TARGETS)  # H was recomputed after the storage changed
