@@ -446,15 +446,16 @@ def test_unsupported_quantization_is_refused_and_the_model_left_untouched(llama_
 
 
 def test_peft_plugin_on_a_kbit_prepared_bnb_model(llama_dir):
-    """peft users: BitsAndBytesConfig, prepare_model_for_kbit_training, get_peft_model with NEAT; the result
-    trains and equals the standalone NEAT model with the same parameters."""
+    """peft users: BitsAndBytesConfig, prepare_model_for_kbit_training (gradient checkpointing on, its default),
+    get_peft_model with NEAT; outputs and gradients equal the standalone NEAT model's with the same parameters
+    (no checkpointing there)."""
     peft = pytest.importorskip("peft")
     pytest.importorskip("bitsandbytes")
     import neat_peft
 
     peft_config = neat_peft.register_with_peft()
-    model = peft.prepare_model_for_kbit_training(quantized_llama("bnb-nf4", llama_dir),
-                                                 use_gradient_checkpointing=False)
+    model = peft.prepare_model_for_kbit_training(quantized_llama("bnb-nf4", llama_dir, keep_cpu_repacking=True))
+    assert model.is_gradient_checkpointing
     plugin = peft.get_peft_model(model, peft_config(**neat_config().to_dict()))
     core = get_neat_model(quantized_llama("bnb-nf4", llama_dir), neat_config())
     with torch.no_grad():
@@ -463,11 +464,17 @@ def test_peft_plugin_on_a_kbit_prepared_bnb_model(llama_dir):
             if p.requires_grad:
                 core_params["base_model." + name.removeprefix("base_model.model.")].copy_(p)
     x = ids(6)
+    plugin.eval()
+    with torch.no_grad():
+        plugin(input_ids=x)  # an eval pass first: the plugin must have switched bnb's CPU repacking off too
     plugin.train(), core.train()
-    out = plugin(input_ids=x, labels=x)
-    out.loss.backward()
-    assert all(p.grad is not None for p in plugin.parameters() if p.requires_grad)
-    torch.testing.assert_close(out.logits.detach(), core(input_ids=x).logits.detach(), rtol=1e-5, atol=1e-5)
+    logits, grads = loss_and_grads(plugin, x)
+    core_logits, core_grads = loss_and_grads(core, x)
+    torch.testing.assert_close(logits, core_logits, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(core_grads) == 2 * 2 * len(TARGETS)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, core_grads["base_model." + name.removeprefix("base_model.model.")],
+                                   rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["bnb-nf4", "hqq4"])
