@@ -70,6 +70,8 @@ def quantized_llama(backend: str, directory, keep_cpu_repacking: bool = False) -
         kwargs["quantization_config"] = {
             "bnb-nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_compute_dtype=torch.float32),
+            "bnb-nf4-bf16": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",  # QLoRA's usual
+                                               bnb_4bit_compute_dtype=torch.bfloat16),
             "bnb-fp4-dq": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4",
                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32),
             "bnb-int8": BitsAndBytesConfig(load_in_8bit=True),
@@ -320,10 +322,11 @@ def test_outputs_and_gradients_equal_the_fp32_twin_also_after_an_eval_pass(backe
         assert torch.equal(again_grads[name], q_grads[name]), name
 
 
-@pytest.mark.parametrize("backend", ["bnb-nf4", "bnb-int8", "hqq4"])
+@pytest.mark.parametrize("backend", ["bnb-nf4", "bnb-nf4-bf16", "bnb-int8", "hqq4"])
 def test_adapter_update_is_exact_at_the_layer(backend, llama_dir):
     """One adapted layer, same input: the adapter's contribution and its gradients equal the twin's to fp32
-    rounding (the base's own output is left out: that is the backend's business)."""
+    rounding (the base's own output is left out: that is the backend's business). With bf16 compute, W0 is the
+    bf16 weight the base multiplies with, and the adapter still computes in fp32."""
     q_neat, t_neat, _ = neat_pair(backend, llama_dir, axis="in", depth=1)
     path = "model.layers.1.self_attn.v_proj"
     q_layer, t_layer = q_neat.base_model.get_submodule(path), t_neat.base_model.get_submodule(path)
