@@ -11,8 +11,8 @@ below answers, for one backend:
   bitsandbytes Linear8bitLt             int8_vectorwise_dequant(codes, SCB)                   new Int8Params
   torchao Int8Tensor (weight-only)      weight.dequantize()                                   Int8Tensor.from_hp,
                                                                                               same block size/range
-  hqq HQQLinear                         module.dequantize()                                   module.quantize(W, its
-                                                                                              quant_config)
+  hqq HQQLinear                         module.dequantize()                                   a fresh HQQLinear with
+                                                                                              its quant_config
   optimum-quanto QLinear                qweight.dequantize()                                  float weight, freeze()
 
 Merging dequantizes, adds dW and requantizes with the layer's own settings (the merged layer then carries the
@@ -21,7 +21,10 @@ are kept, never re-quantized), so it is exact.
 
 The adapter math itself is the plain linear one (LinearKind.update): only how W0 is read and written differs.
 `recompute_weight = True` on every kind: the engine computes H under non-reentrant checkpointing so that autograd
-keeps the packed weight for A's backward instead of the d_out x d_in fp32 W0.
+keeps the packed weight for A's backward instead of the d_out x d_in fp32 W0. `prepare_model` (called when
+adapters go in) keeps bitsandbytes from repacking 4-bit weights in place on CPU; `merged_float_linear` and
+`dequantize_model` give the full-precision model; `quantization_signatures` / `signature_mismatch` tell an
+adapter's base quantization apart from another.
 
 No backend is imported here: a layer is recognised by type only if its package is already loaded (a model
 quantized with it has imported it).
