@@ -271,7 +271,7 @@ def render(rows: list[dict], info: dict, command: str) -> str:
     lines = [f"command: {command}", f"machine: {info['cpu']} ({info['cores']} cores, {info['torch_threads']} torch "
              f"threads), device {info['device']}, torch {info['torch']}, transformers {info['transformers']}, peft "
              f"{info['peft']}; {info['batch']}x{info['seq']} tokens, {info['layers']} blocks, r = {RANK}, nf4 compute "
-             f"{info['nf4_compute_dtype']}", "",
+             f"{info['nf4_compute_dtype']}, recompute_weight {info['recompute_weight']}", "",
              "| d | targets | backend | NEAT ms | LoRA ms | time NEAT/LoRA | CPU time NEAT/LoRA | step MB NEAT / LoRA | step NEAT/LoRA | "
              "total MB NEAT / LoRA | total NEAT/LoRA | total MB NEAT fp32 | total NEAT q/fp32 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -310,6 +310,8 @@ def main(argv=None) -> None:
                              "descheduled sibling make every parallel op slow at random)")
     parser.add_argument("--quick", action="store_true", help="hidden 128, 1 block, 1 x 32 tokens, 2 rounds")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-recompute", action="store_true",
+                        help="NEAT keeps the dequantized W0 for backward (recompute_weight off): what recomputing saves")
     parser.add_argument("--errors", action="store_true",
                         help="only measure dequantization and merge (requantization) errors per backend")
     args = parser.parse_args(argv)
@@ -317,9 +319,13 @@ def main(argv=None) -> None:
         args.sizes, args.layers, args.batch, args.seq, args.repeats = [128], 1, 1, 32, 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
+    if args.no_recompute:
+        from neat_peft.quantized import QuantizedLinearKind
+
+        QuantizedLinearKind.recompute_weight = False
     command = "python benchmarks/quantized.py " + " ".join(sys.argv[1:] if argv is None else argv)
     info = {**machine_info(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-            "nf4_compute_dtype": args.compute_dtype,
+            "nf4_compute_dtype": args.compute_dtype, "recompute_weight": not args.no_recompute,
             "batch": args.batch, "seq": args.seq, "layers": args.layers}
     rows = []
     if args.errors:
