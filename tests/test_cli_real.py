@@ -82,7 +82,7 @@ def test_smollm2_gguf_loads_dequantized_and_saves(tmp_path):
 
     prompt = INSTRUCT_PROMPT.format(text="I love it, best day ever")
     item = features.causal_lm_dataset([{"prompt": prompt, "response": "positive"}], tokenizer, 128).items[0]
-    batch = features.CausalLMCollator(tokenizer.pad_token_id)([item])
+    batch = features.causal_lm_collator(tokenizer)([item])
     with torch.no_grad():
         loss = model(**batch).loss
     # The instruct model already answers this with a sentiment word ("Positive"): a low response loss

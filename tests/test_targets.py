@@ -106,3 +106,14 @@ def test_layers_to_transform_with_a_string_target_is_refused():
     for target in (r".*\.attn\.(query|value)", "all-linear"):
         with pytest.raises(ValueError, match="layers_to_transform cannot be used when target_modules is a string"):
             NeatConfig(r=2, target_modules=target, layers_to_transform=[0])
+
+
+def test_default_targets_match_vit_in_the_installed_transformers():
+    from transformers import ViTConfig, ViTModel
+
+    from neat_peft.targets import find_targets
+
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=16))
+    names = [name for name, _ in find_targets(vit, NeatConfig(target_modules=None))]
+    assert len(names) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in names)

@@ -16,7 +16,7 @@ DEFAULT_TARGET_MODULES = {
     "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"],
     "electra": ["query", "value"],
-    "vit": ["query", "value"],
+    "vit": ["q_proj", "v_proj"],  # transformers 5 renamed ViT's query/value
     "distilbert": ["q_lin", "v_lin"],
     "gpt2": ["c_attn"],
     "llama": ["q_proj", "v_proj"],

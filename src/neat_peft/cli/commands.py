@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import data as data_mod
-from . import features, models, recipe, report, rundir
+from . import features, models, recipe, report, rundir, tasks
 from .errors import CliError
 
 
@@ -41,6 +41,8 @@ def run_eval(run_dir: str, data_path: Optional[str]) -> dict[str, Any]:
     from .train import build_datasets, label_ids
 
     path, config, splits = open_run(run_dir)
+    if tasks.handles(config):
+        return tasks.run_eval(path, config, splits, data_path)
     source = "the run's test split"
     if data_path:
         if config["task"] == "image-classification":
@@ -91,6 +93,25 @@ def run_predict(run_dir: str, inputs: list[str], max_new_tokens: int, as_json: b
     path, config, splits = open_run(run_dir)
     if not inputs:
         raise CliError("Give at least one input to predict, e.g. neat-peft predict RUN_DIR \"some text\".")
+    if tasks.handles(config):
+        results = tasks.run_predict(path, config, splits, inputs)
+    else:
+        results = _predict(path, config, splits, inputs, max_new_tokens)
+    for r in results:
+        if as_json:
+            print(json.dumps(r, ensure_ascii=False))
+        elif "output" in r:
+            print(f"{r['input']!r} -> {r['output']}" + (f"  [answer: {r['answer'] or '-'}]" if "answer" in r else ""))
+        elif "score" in r:
+            print(f"{r['score']:.4f}\t{r['input']}")
+        else:
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in r["scores"].items())
+            print(f"{r['label']}\t({shown})\t{r['input']}")
+    return results
+
+
+def _predict(path: Path, config: dict[str, Any], splits: data_mod.Splits, inputs: list[str],
+             max_new_tokens: int) -> list[dict[str, Any]]:
     task = config["task"]
     tokenizer = None if task == "image-classification" else models.load_tokenizer(config)
     model = models.load_trained(path, config, splits.labels)
@@ -117,14 +138,6 @@ def run_predict(run_dir: str, inputs: list[str], max_new_tokens: int, as_json: b
             for text, p in zip(inputs, probs):
                 scores = {label: float(v) for label, v in zip(splits.labels, p)}
                 results.append({"input": text, "label": splits.labels[int(p.argmax())], "scores": scores})
-    for r in results:
-        if as_json:
-            print(json.dumps(r, ensure_ascii=False))
-        elif "output" in r:
-            print(f"{r['input']!r} -> {r['output']}")
-        else:
-            shown = ", ".join(f"{k} {v:.3f}" for k, v in r["scores"].items())
-            print(f"{r['label']}\t({shown})\t{r['input']}")
     return results
 
 
@@ -158,7 +171,7 @@ def run_merge(run_dir: str, out: str) -> float:
         merged = models.merged_model(model, config["method.name"]).eval()
         diff = float((before - _logits(merged, batch)).abs().max())
     target.mkdir(parents=True, exist_ok=True)
-    if config["task"] == "image-classification":
+    if config["task"] == "image-classification" and not tasks.handles(config):
         state = {k: v.contiguous() for k, v in merged.state_dict().items()}
         save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
         models.write_json(target / "neat_peft_model.json", {
@@ -168,9 +181,9 @@ def run_merge(run_dir: str, out: str) -> float:
         how = "load with neat_peft.cli.models.load_image_model (EfficientNet is not a transformers model)"
     else:
         merged.save_pretrained(target)
-        tokenizer.save_pretrained(target)
-        loader = "AutoModelForSequenceClassification" if config["task"] == "text-classification" else \
-            "AutoModelForCausalLM"
+        # a transformers vision model keeps its image processor beside it, a text model its tokenizer
+        (tokenizer or tasks.load_processor(config)).save_pretrained(target)
+        loader = tasks.auto_class(config["task"])
         how = f"load with transformers.{loader}.from_pretrained('{target}')"
     print(f"merged {config['method.name']} model saved to {target} ({how}); max |logit difference| merged vs "
           f"unmerged on {len(next(iter(batch.values())))} test examples: {diff:.2e}")

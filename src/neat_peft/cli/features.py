@@ -3,6 +3,7 @@ and images scaled as EfficientNet-Lite expects ((x - 0.5) / 0.5, three channels)
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -52,28 +53,20 @@ def causal_lm_dataset(rows, tokenizer, max_length: int) -> ListDataset:
         response_ids = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         response_ids = response_ids[:max_length]
         prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - max_length):]
-        items.append({"input_ids": prompt_ids + response_ids,
+        ids = prompt_ids + response_ids
+        items.append({"input_ids": ids, "attention_mask": [1] * len(ids),
                       "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids})
     return ListDataset(items)
 
 
-class CausalLMCollator:
-    """Right-pads input_ids with the pad token and labels with IGNORE_INDEX."""
+def causal_lm_collator(tokenizer):
+    """transformers' DataCollatorForSeq2Seq, right-padding input_ids with the pad token and labels with
+    IGNORE_INDEX (a copy of the tokenizer, so generation can keep its own padding side)."""
+    from transformers import DataCollatorForSeq2Seq
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(it["input_ids"]) for it in items)
-        ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, it in enumerate(items):
-            n = len(it["input_ids"])
-            ids[i, :n] = torch.tensor(it["input_ids"])
-            labels[i, :n] = torch.tensor(it["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    right = copy.copy(tokenizer)
+    right.padding_side = "right"
+    return DataCollatorForSeq2Seq(right, padding="longest", label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
 
 def image_tensor(image: np.ndarray, size: int) -> torch.Tensor:

@@ -104,9 +104,9 @@ def _plain_copy_of_gguf_model(model):
 def load_base_model(config: dict[str, Any], labels: list[str], source_override: Optional[str] = None) -> nn.Module:
     """The pre-trained model for the task (classification heads sized to `labels`)."""
     task = config["task"]
-    if task == "image-classification":
+    if task == "image-classification" and config["model.name"] == "efficientnet-lite0":
         return load_image_model(config, labels, source_override)
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
     source, gguf = (source_override, None) if source_override else resolve_source(config)
     kwargs: dict[str, Any] = {"dtype": torch.float32}
@@ -114,10 +114,15 @@ def load_base_model(config: dict[str, Any], labels: list[str], source_override: 
         kwargs["gguf_file"] = gguf
     if config["model.revision"] and not source_override:
         kwargs["revision"] = config["model.revision"]
-    if task == "text-classification":
+    if task == "text-regression":  # one output, MSE loss (transformers' problem_type "regression")
+        kwargs.update(num_labels=1, problem_type="regression", ignore_mismatched_sizes=True)
+    elif task != "causal-lm" and task != "generative-qa":
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={name: i for i, name in enumerate(labels)},
                       ignore_mismatched_sizes=True)  # a classifier with another label count is replaced
+    if task == "image-classification":  # a transformers vision model (ViT, ...) with a fresh classifier
+        return _from_pretrained(AutoModelForImageClassification, source, config["model.name"], **kwargs)
+    if task in ("text-classification", "text-pair-classification", "text-regression"):
         model = _from_pretrained(AutoModelForSequenceClassification, source, config["model.name"], **kwargs)
         if model.config.pad_token_id is None:
             tokenizer = load_tokenizer(config)
@@ -184,17 +189,17 @@ def load_image_model(config: dict[str, Any], labels: list[str], weights_override
 
 def head_names(model: nn.Module, task: str) -> list[str]:
     """Module paths of the freshly initialised task head (trained in full, with train.head_lr)."""
-    if task == "image-classification":
+    if isinstance(model, ImageClassifier):
         return ["backbone._fc"]
-    if task == "text-classification":
-        return [n for n, _ in model.named_children() if n in HEAD_NAMES]
-    return []
+    if task in ("causal-lm", "generative-qa"):
+        return []
+    return [n for n, _ in model.named_children() if n in HEAD_NAMES]
 
 
 def default_targets(config: dict[str, Any]):
     if config["method.targets"] is not None:
         return config["method.targets"]
-    return EFFICIENTNET_TARGETS if config["task"] == "image-classification" else None
+    return EFFICIENTNET_TARGETS if config["model.name"] == "efficientnet-lite0" else None
 
 
 def neat_config(config: dict[str, Any], heads: list[str]):
@@ -206,6 +211,7 @@ def neat_config(config: dict[str, Any], heads: list[str]):
             scaling=float(config["method.scaling"]), axis=config["method.axis"],
             dropout=float(config["method.dropout"]), normalize_weight=config["method.normalize_weight"],
             target_modules=default_targets(config), exclude_modules=config["method.exclude"],
+            layers_to_transform=config["method.layers_to_transform"],
             modules_to_save=heads or None, base_model_name_or_path=config["model.name"],
         )
     except ValueError as e:
@@ -288,7 +294,7 @@ def load_trained(run_dir: Path, config: dict[str, Any], labels: list[str]) -> nn
     method = config["method.name"]
     if method == "full":
         folder = run_dir / "model"
-        if config["task"] == "image-classification":
+        if config["task"] == "image-classification" and config["model.name"] == "efficientnet-lite0":
             model = load_image_model(config, labels, str(folder / "model.safetensors"))
         else:
             model = load_base_model(config, labels, source_override=str(folder))

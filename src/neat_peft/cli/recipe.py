@@ -16,7 +16,8 @@ from .errors import CliError
 NONE = type(None)
 NUM = (int, float)
 
-TASKS = ("text-classification", "causal-lm", "image-classification")
+TASKS = ("text-classification", "causal-lm", "image-classification", "text-pair-classification", "text-regression",
+         "generative-qa")
 METHODS = ("neat", "lora", "full", "head-only")
 
 # dotted key -> (default, accepted types, help)
@@ -36,6 +37,23 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "data.hub_split": ("train", (str,), "Split to read when data.source is a `datasets` hub name."),
     "data.text_column": ("text", (str,), "Column holding the input text (text-classification)."),
     "data.label_column": ("sentiment", (str,), "Column holding the class label (text-classification)."),
+    "data.text_pair_column": ("text_pair", (str, NONE), "Column holding the second text (text-pair-classification, "
+                              "text-regression); null for single-sentence data (CoLA, SST-2)."),
+    "data.answer_column": ("answer", (str,), "Column holding the gold answer that generative-qa scores against."),
+    "data.image_column": ("image", (str,), "Column holding the image (image-classification from a `datasets` set)."),
+    "data.eval_splits": (None, (list, NONE),
+                         "Splits of data.source to evaluate on instead of held-out fractions (e.g. [validation]; "
+                         "MNLI: [validation_matched, validation_mismatched]); the first is the validation set."),
+    "data.test_split": (None, (str, NONE),
+                        "Split used as the test set (e.g. test); null: the first of data.eval_splits, or held out."),
+    "data.test_source": (None, (str, NONE), "Where data.test_split is read (null: data.source), e.g. a second "
+                         "hub data set holding the test images."),
+    "data.eval_sets": (None, (list, NONE),
+                       "generative-qa: test sets, each {name, source, extractor[, split]}, scored by generation."),
+    "data.prompt_template": ("chat", (str,),
+                             "generative-qa prompt: chat (the model's chat template), alpaca "
+                             "(LLM-Adapters' instruction template), plain (prompt + newline), or a string holding "
+                             "{prompt} (e.g. peft's benchmark: 'Question: {prompt} Think step by step.\\nAnswer:')."),
     "data.prompt_column": ("prompt", (str,), "Column holding the prompt (causal-lm)."),
     "data.response_column": ("response", (str,), "Column holding the response the model learns (causal-lm)."),
     "data.keep_labels": (None, (list, NONE), "Keep only rows whose label is in this list."),
@@ -59,6 +77,8 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "method.targets": (None, (list, str, NONE),
                        "Modules to adapt: names/suffixes, a regex, 'all-linear', or null for the model's default."),
     "method.exclude": (None, (list, str, NONE), "Modules never to adapt."),
+    "method.layers_to_transform": (None, (list, NONE),
+                                   "Adapt the targets of these layer indices only (e.g. NEAT-S: [4, ..., 11])."),
     "method.match_lora_r": (None, (int, NONE),
                             "NEAT: choose r so NEAT's parameter count matches (without exceeding) LoRA at this rank."),
     "method.lora_alpha": (None, (int, float, NONE), "LoRA alpha (null: 2 * r)."),
@@ -71,6 +91,10 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "train.grad_accum_steps": (1, (int,), "Micro-batches accumulated into one optimizer step."),
     "train.lr": (2e-3, NUM, "Learning rate of the adapter (or of the whole body for method full)."),
     "train.head_lr": (2e-3, NUM, "Learning rate of the classification head."),
+    "train.warmup_steps": (None, (int, NONE), "Warm-up steps (overrides train.warmup_ratio when set)."),
+    "train.eval_strategy": ("steps", (str,), "Validate every train.eval_every steps ('steps') or every epoch "
+                            "('epoch', which also checkpoints at each epoch end instead of every train.save_every steps)."),
+    "train.precision": ("fp32", (str,), "fp32, or bf16 / fp16 mixed precision (autocast; weights stay fp32)."),
     "train.weight_decay": (0.0, NUM, "AdamW weight decay."),
     "train.warmup_ratio": (0.06, NUM, "Fraction of steps with a linear learning-rate warm-up."),
     "train.scheduler": ("linear", (str,), "transformers scheduler name: linear, cosine, constant, ..."),
@@ -81,6 +105,14 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "train.keep_checkpoints": (2, (int,), "How many recent checkpoints to keep."),
     "train.seed": (0, (int,), "Seed of the split, the subset, the initialisation and the data order."),
     "train.threads": (None, (int, NONE), "torch CPU threads (null: torch's default)."),
+    # --- eval
+    "eval.metric": (None, (str, NONE), "Validation metric that picks the best evaluation (null: the task's own: "
+                    "accuracy; pearson for text-regression; accuracy of extracted answers for generative-qa)."),
+    "eval.extractor": (None, (str, NONE), "generative-qa: how the answer is read from the generated text "
+                       "(see neat_peft.cli.tasks.EXTRACTORS: boolq, piqa, siqa, arc, obqa, hellaswag, winogrande, "
+                       "letter, yes-no, true-false, number)."),
+    "eval.num_beams": (1, (int,), "generative-qa: beams (1: greedy)."),
+    "eval.max_new_tokens": (32, (int,), "generative-qa: tokens generated per answer."),
     # --- output
     "output.dir": (None, (str, NONE), "Run directory (null: runs/<task>-<method>)."),
 }
@@ -128,7 +160,7 @@ def _unknown(name: str, where: str) -> CliError:
     section = name.split(".", 1)[0]
     same = [k for k in KEYS if k.startswith(section + ".")]
     listing = (f"Keys of section '{section}': {', '.join(same)}." if same and "." in name else
-               "Sections: task, model.*, data.*, method.*, train.*, output.*.")
+               "Sections: task, model.*, data.*, method.*, train.*, eval.*, output.*.")
     return CliError(f"Unknown recipe key '{name}' {where}.{hint} {listing} `neat-peft recipe-keys` lists them all.")
 
 
@@ -220,6 +252,9 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         raise CliError(f"train.max_steps must be -1 (use epochs) or positive, got {config['train.max_steps']}.")
     if config["train.epochs"] <= 0:
         raise CliError(f"train.epochs must be positive, got {config['train.epochs']}.")
+    from .tasks import validate_task_keys
+
+    validate_task_keys(config)
     return config
 
 

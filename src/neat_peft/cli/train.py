@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from . import data as data_mod
-from . import features, launch, models, recipe, report, rundir
+from . import features, launch, models, recipe, report, rundir, tasks
 from .errors import CliError
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -153,6 +153,8 @@ def make_callbacks(examples_per_step: int, primary: str):
 def build_datasets(config: dict[str, Any], splits: data_mod.Splits, tokenizer):
     """{split: Dataset} and the collator for the task."""
     task = config["task"]
+    if tasks.handles(config):
+        return tasks.build_datasets(config, splits, tokenizer)
     if task == "text-classification":
         from transformers import DataCollatorWithPadding
 
@@ -161,7 +163,7 @@ def build_datasets(config: dict[str, Any], splits: data_mod.Splits, tokenizer):
         return sets, DataCollatorWithPadding(tokenizer)
     if task == "causal-lm":
         sets = {k: features.causal_lm_dataset(v, tokenizer, config["data.max_length"]) for k, v in splits.rows.items()}
-        return sets, features.CausalLMCollator(tokenizer.pad_token_id)
+        return sets, features.causal_lm_collator(tokenizer)
     folder = Path(splits.info["folder"])
     arrays = {part: data_mod.load_images(folder, part) for part in ("train", "test")}
     sets = {}
@@ -192,15 +194,20 @@ def training_arguments(config: dict[str, Any], run_dir: Path, for_training: bool
         num_train_epochs=float(config["train.epochs"]),
         max_steps=config["train.max_steps"],
         lr_scheduler_type=config["train.scheduler"],
-        warmup_steps=float(config["train.warmup_ratio"]),
+        warmup_steps=float(config["train.warmup_ratio"]) if config["train.warmup_steps"] is None
+        else config["train.warmup_steps"],
+        bf16=config["train.precision"] == "bf16", fp16=config["train.precision"] == "fp16",
         max_grad_norm=float(config["train.max_grad_norm"]),
-        eval_strategy="steps" if for_training else "no", eval_steps=config["train.eval_every"],
-        save_strategy="steps", save_steps=config["train.save_every"],
+        eval_strategy=config["train.eval_strategy"] if for_training else "no", eval_steps=config["train.eval_every"],
+        # Validating per epoch also checkpoints at each epoch end, after that validation: a checkpoint written
+        # mid-way (before it) would lose the epoch's result on resume, and with it the best-epoch report.
+        save_strategy="epoch" if config["train.eval_strategy"] == "epoch" else "steps",
+        save_steps=config["train.save_every"],
         save_total_limit=config["train.keep_checkpoints"],
         logging_strategy="steps", logging_steps=config["train.log_every"], logging_nan_inf_filter=False,
         seed=config["train.seed"], data_seed=config["train.seed"],
         report_to="none", disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
-        prediction_loss_only=config["task"] == "causal-lm", dataloader_num_workers=0,
+        prediction_loss_only=config["task"] in ("causal-lm", tasks.QA), dataloader_num_workers=0,
         # Several processes on CPU (torchrun): accelerate wraps the model in DDP only when told the run is on CPU;
         # without use_cpu every process silently trained its own copy. gloo: NCCL is for GPUs only.
         use_cpu=cpu_processes, ddp_backend="gloo" if cpu_processes else None,
@@ -256,6 +263,8 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
         config["output.dir"] = str(run_dir)
         launch.check_resume(rundir.last_complete_checkpoint(run_dir), run_dir, config)
         splits = data_mod.read_splits(run_dir)
+    elif tasks.handles(config):
+        splits = tasks.build_splits(config)
     elif config["task"] == "image-classification":
         splits = data_mod.build_image_splits(config)
     else:
@@ -289,19 +298,25 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
               + f"; trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     _announce(describe_data(config, splits))
 
-    classification = config["task"] != "causal-lm"
+    classification = config["task"] not in ("causal-lm", tasks.QA)
     n_classes = len(splits.labels)
+    custom = tasks.handles(config)
 
     def compute_metrics(prediction):
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         return report.classification_metrics(logits, prediction.label_ids, n_classes)
 
+    if custom:
+        compute_metrics = tasks.metrics_fn(config, splits)
+
     args = training_arguments(config, run_dir)
     examples_per_step = config["train.batch_size"] * config["train.grad_accum_steps"] * max(args.world_size, 1)
     trainer = make_trainer_class()(
-        model=model, args=args, train_dataset=datasets["train"], eval_dataset=datasets["validation"],
+        model=model, args=args, train_dataset=datasets["train"],
+        eval_dataset=tasks.eval_dataset(datasets, splits) if custom else datasets["validation"],
         data_collator=collator, compute_metrics=compute_metrics if classification else None,
-        callbacks=make_callbacks(examples_per_step, "accuracy" if classification else "loss"),
+        callbacks=make_callbacks(examples_per_step, tasks.primary_metric(config) if custom else
+                                 "accuracy" if classification else "loss"),
         heads=method_info["heads"], head_lr=float(config["train.head_lr"]), sums_loss=not classification,
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -309,7 +324,7 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
     trainer.remove_callback(PrinterCallback)  # our Progress callback shows loss and validation results
     trainer.remove_callback(ProgressCallback)
     base_eval = None
-    if not classification and mode == "fresh":
+    if not classification and not custom and mode == "fresh":
         # Adapters start at zero, so before training every method computes the base model: its test loss.
         base_eval = trainer.evaluate(datasets["test"], metric_key_prefix="test")
         if is_main_process():
@@ -337,7 +352,10 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
                                "trainable_params": trainable, "total_params": total, "train_seconds": train_seconds,
                                "steps": trainer.state.global_step, "resumed_from": checkpoint.name if checkpoint else None,
                                "data": splits.info, "method_info": {k: v for k, v in method_info.items()}}
-    if classification:
+    if custom:
+        metrics["test"] = tasks.test_report(trainer, datasets, config, splits, tokenizer)
+        metrics["best_validation"] = tasks.best_validation(trainer.state.log_history, config, splits)
+    elif classification:
         prediction = trainer.predict(datasets["test"], metric_key_prefix="test")
         metrics["test"] = {"accuracy": prediction.metrics["test_accuracy"],
                            "macro_f1": prediction.metrics["test_macro_f1"], "examples": len(datasets["test"])}
@@ -353,9 +371,11 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
         if base_eval is not None:
             metrics["base_model"] = {"loss": base_eval["test_loss"],
                                      "perplexity": report.perplexity(base_eval["test_loss"])}
-    primary = "accuracy" if classification else "loss"
+    primary = tasks.primary_metric(config) if custom else "accuracy" if classification else "loss"
     validation = [h for h in trainer.state.log_history if f"eval_{primary}" in h]
     metrics["validation_curve"] = [{"step": h["step"], primary: h[f"eval_{primary}"]} for h in validation]
+    if custom:
+        metrics["validation_curve"] = tasks.validation_curve(trainer.state.log_history, config, splits)
     if is_main_process():
         models.save_trained(trainer.model, config, run_dir, tokenizer)
         models.write_json(run_dir / "log_history.json", {"log_history": trainer.state.log_history})
@@ -363,7 +383,7 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
                            f"{config['model.name']} · {config['method.name']} · {config['data.source']}")
         models.write_json(run_dir / "metrics.json", metrics)  # written last: it marks the run finished
         print()
-        print(report.final_table(metrics))
+        print(tasks.final_table(metrics) if custom else report.final_table(metrics))
         print(f"\nsaved: {run_dir}/ (adapter or weights, config.yaml, metrics.json, training_curves.png, split/)")
     launch.finish()
     return metrics
