@@ -405,7 +405,7 @@ def test_dequantize_merge_gives_a_float_model_equal_to_the_adapted_one(llama_dir
         expected = q_neat(input_ids=x).logits
     for path, layer in list(q_neat.neat_layers()):  # what merge_and_unload(dequantize=True) does
         parent, _, child = path.rpartition(".")
-        setattr(q_neat.base_model.get_submodule(parent), child, quantized.merged_float_linear(layer))
+        setattr(q_neat.base_model.get_submodule(parent), child, quantized.merged_float_linear(layer, safe_merge=True))
     merged = quantized.dequantize_model(q_neat.base_model)
     assert not quantized_paths(merged) and not hasattr(merged.config, "quantization_config")
     with torch.no_grad():

@@ -494,13 +494,14 @@ def float_linear(module, weight: Optional[torch.Tensor] = None, dtype: Optional[
 
 
 def merged_float_linear(layer: nn.Module, adapter_names: Optional[list[str]] = None,
-                        dtype: Optional[torch.dtype] = None) -> nn.Linear:
+                        dtype: Optional[torch.dtype] = None, safe_merge: bool = False) -> nn.Linear:
     """A NeatLayer on a quantized base as one plain nn.Linear: W = W0 + sum of the adapters' dW, at full precision.
 
     W0 is the pristine dequantized weight (from the kept snapshot if adapters were merged into the quantized
     storage); each dW = s * up @ down^T is computed from it, and the sum is never requantized, so the result
     carries only the base's own quantization error. Adapters: the ones already merged plus `adapter_names`
     (default: the active ones). For `merge_and_unload(dequantize=True)`; see `dequantize_model` for the rest.
+    safe_merge: raise (changing nothing) if W would hold NaN/inf in `dtype`.
     """
     requested = layer.active_adapters if adapter_names is None else adapter_names
     names = list(dict.fromkeys([*layer.merged_adapters, *(n for n in requested if n in layer.adapter_configs)]))
@@ -510,7 +511,11 @@ def merged_float_linear(layer: nn.Module, adapter_names: Optional[list[str]] = N
         for name in names:
             down, up = layer.factors(name, W0)
             total = total + delta_weight(down, up, layer.adapter_configs[name].scaling).to(total.dtype)
-    return float_linear(layer.base_layer, total, W0.dtype if dtype is None else dtype)
+    dtype = W0.dtype if dtype is None else dtype
+    if safe_merge and not torch.isfinite(total.to(dtype)).all():
+        raise ValueError(f"Merging adapter(s) {names} into {getattr(layer, 'layer_name', '?')!r} would put NaN/inf "
+                         "into the weights; nothing was merged. The adapter is broken (check training for divergence).")
+    return float_linear(layer.base_layer, total, dtype)
 
 
 def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
