@@ -547,3 +547,14 @@ def test_eval_cache_dequantizes_once_and_a_merge_invalidates_it(backend, llama_d
         q_neat.unmerge_adapter()
         assert torch.equal(q_neat(input_ids=x).logits, first)
     assert len(calls) > 2 * len(TARGETS)  # H was recomputed after the storage changed
+
+
+def test_dequantize_merge_with_safe_merge_refuses_a_broken_adapter(llama_dir):
+    pytest.importorskip("bitsandbytes")
+    q_neat, _, _ = neat_pair("bnb-nf4", llama_dir)
+    path, layer = next(iter(q_neat.neat_layers()))
+    with torch.no_grad():
+        layer.neat_B["default"].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        quantized.merged_float_linear(layer, safe_merge=True)
+    assert q_neat.base_model.get_submodule(path) is layer and not layer.merged
