@@ -127,8 +127,8 @@ class Bnb4bitKind(QuantizedLinearKind):
         bitsandbytes >= 0.49 on a CPU with AVX512-BF16 repacks a Linear4bit weight *in place* at the first
         eval/no-grad forward (bnb issue #2078): afterwards dequantize_4bit reads garbage and the training kernel
         loses input gradients, so a train -> eval -> train run would silently differ from one that never
-        evaluated. NEAT turns that repacking off on the layers it wraps; a layer already repacked (an eval
-        forward ran before wrapping) is unpacked with bitsandbytes' own inverse (its absmax was rounded to bf16
+        evaluated. NEAT turns that repacking off on every Linear4bit of the model (`prepare_model`); a layer
+        already repacked (an eval forward ran before wrapping) is unpacked with bitsandbytes' own inverse (its absmax was rounded to bf16
         by the repacking; W0 is then exactly what the unpacked layer computes with).
         """
         if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -182,8 +182,8 @@ class Bnb4bitKind(QuantizedLinearKind):
 class Bnb8bitKind(QuantizedLinearKind):
     """bitsandbytes Linear8bitLt (LLM.int8): int8 codes with one absmax scale (SCB) per output row.
 
-    W0 = codes * SCB / 127. The base forward with threshold 0 computes x @ W0^T; with an outlier threshold
-    (transformers' default 6.0) it also quantizes activations, which the adapter does not see (it reads W0).
+    W0 = codes * SCB / 127. The training forward multiplies with W0; the no-grad (eval) forward runs an int8 x int8
+    matmul that also quantizes the activations. The adapter reads W0 either way.
     """
 
     name = "bnb-8bit"
