@@ -182,8 +182,9 @@ class Bnb4bitKind(QuantizedLinearKind):
 class Bnb8bitKind(QuantizedLinearKind):
     """bitsandbytes Linear8bitLt (LLM.int8): int8 codes with one absmax scale (SCB) per output row.
 
-    W0 = codes * SCB / 127. The training forward multiplies with W0; the no-grad (eval) forward runs an int8 x int8
-    matmul that also quantizes the activations. The adapter reads W0 either way.
+    W0 = codes * SCB / 127. On CPU in training mode the base forward multiplies with W0 (MatMul8bitFp); in eval
+    mode, and on GPUs always, it runs LLM.int8's int8 matmul, which also quantizes the activations. The adapter
+    reads W0 either way.
     """
 
     name = "bnb-8bit"
