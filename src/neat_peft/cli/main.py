@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export-lora", help="save a NEAT adapter as an exactly equivalent peft LoRA adapter")
     ex.add_argument("run_dir")
     ex.add_argument("out")
+    ex.add_argument("--gguf", action="store_true",
+                    help="also write OUT/adapter.gguf, a GGUF LoRA adapter for llama.cpp / Ollama (llama models)")
 
     an = sub.add_parser("analyze", help="singular values, effective rank and |dW|/|W0| of a run's update per layer")
     an.add_argument("run_dir")
@@ -117,7 +119,7 @@ def dispatch(args: argparse.Namespace) -> None:
     elif args.command == "export-lora":
         from .commands import run_export_lora
 
-        run_export_lora(args.run_dir, args.out)
+        run_export_lora(args.run_dir, args.out, args.gguf)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
