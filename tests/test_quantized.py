@@ -371,6 +371,13 @@ def test_save_load_gives_the_same_model_and_tells_another_quantization_apart(bac
     assert message.startswith(f"{len(paths)} adapted layer(s)") and saved[paths[0]] in message
     float_base = _quiet(LlamaForCausalLM.from_pretrained, llama_dir, dtype=torch.float32)
     assert "this base is none" in quantized.signature_mismatch(saved, layers_of(float_base))
+    # the model API stores the signatures with the adapter and warns on a base quantized otherwise
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["neat_peft"]["base_quantization"] == saved
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*quantized differently")
+        NeatModel.from_pretrained(quantized_llama(backend, llama_dir), tmp_path)
+    with pytest.warns(UserWarning, match="quantized differently"):
+        NeatModel.from_pretrained(quantized_llama(other, llama_dir), tmp_path)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -404,10 +411,7 @@ def test_dequantize_merge_gives_a_float_model_equal_to_the_adapted_one(llama_dir
     x = ids(4)
     with torch.no_grad():
         expected = q_neat(input_ids=x).logits
-    for path, layer in list(q_neat.neat_layers()):  # what merge_and_unload(dequantize=True) does
-        parent, _, child = path.rpartition(".")
-        setattr(q_neat.base_model.get_submodule(parent), child, quantized.merged_float_linear(layer, safe_merge=True))
-    merged = quantized.dequantize_model(q_neat.base_model)
+    merged = q_neat.merge_and_unload(safe_merge=True, dequantize=True)
     assert not quantized_paths(merged) and not hasattr(merged.config, "quantization_config")
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=x).logits, expected, rtol=1e-4, atol=1e-4)
