@@ -14,6 +14,8 @@ from . import data as data_mod
 from . import features, models, recipe, report, rundir, tasks
 from .errors import CliError
 
+GGUF_NAME = "adapter.gguf"  # export-lora --gguf writes it beside the peft LoRA files
+
 
 def open_run(run_dir: str) -> tuple[Path, dict[str, Any], data_mod.Splits]:
     """A finished run's directory, validated recipe and split (each damage explained by a CliError)."""
@@ -205,7 +207,7 @@ def run_merge(run_dir: str, out: str) -> float:
     return diff
 
 
-def run_export_lora(run_dir: str, out: str) -> None:
+def run_export_lora(run_dir: str, out: str, gguf: bool = False) -> None:
     path, config, splits = open_run(run_dir)
     target = Path(out)
     rundir.check_empty_output(target, "LoRA adapter")
@@ -213,8 +215,16 @@ def run_export_lora(run_dir: str, out: str) -> None:
     if method not in ("neat", "lora"):
         raise CliError(f"export-lora needs a run trained with method neat or lora; '{path}' used method {method} "
                        "(no low-rank update to export). Use `neat-peft merge` for a full model.")
-    model = load_run_model(path, config, splits) if method == "neat" else None
+    model = load_run_model(path, config, splits) if method == "neat" or gguf else None
     with rundir.output_folder(target, "LoRA adapter") as folder:
+        if gguf:  # first, so that an adapter GGUF cannot hold is refused before anything is written
+            from neat_peft.gguf_export import export_gguf_lora
+
+            try:
+                export_gguf_lora(model if method == "neat" else path / "adapter", folder / GGUF_NAME,
+                                 config=getattr(model, "config", None))
+            except (ValueError, FileNotFoundError, ImportError) as e:
+                raise CliError(f"Cannot write a GGUF adapter for '{path}': {e}") from None
         if method == "lora":
             for f in (path / "adapter").iterdir():
                 shutil.copy2(f, folder / f.name)
@@ -224,3 +234,6 @@ def run_export_lora(run_dir: str, out: str) -> None:
             else "a copy of the run's LoRA adapter")
     print(f"LoRA adapter written to {target} (load with peft.PeftModel.from_pretrained(base_model, '{target}'); "
           f"{what})")
+    if gguf:
+        print(f"GGUF LoRA adapter written to {target / GGUF_NAME} (llama.cpp: llama-cli -m BASE.gguf --lora "
+              f"{target / GGUF_NAME}; Ollama: ADAPTER {target / GGUF_NAME} in a Modelfile)")

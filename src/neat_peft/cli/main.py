@@ -47,7 +47,7 @@ def _merge(args: argparse.Namespace) -> None:
 def _export_lora(args: argparse.Namespace) -> None:
     from .commands import run_export_lora
 
-    run_export_lora(args.run_dir, args.out)
+    run_export_lora(args.run_dir, args.out, args.gguf)
 
 
 def _analyze(args: argparse.Namespace) -> None:
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export-lora", help="save a NEAT adapter as an exactly equivalent peft LoRA adapter")
     ex.add_argument("run_dir")
     ex.add_argument("out")
+    ex.add_argument("--gguf", action="store_true",
+                    help="also write OUT/adapter.gguf, a GGUF LoRA adapter for llama.cpp / Ollama (llama models)")
     ex.set_defaults(func=_export_lora)
 
     an = sub.add_parser("analyze", help="singular values, effective rank and |dW|/|W0| of a run's update per layer")
