@@ -140,6 +140,7 @@ def test_damaged_marker_is_refused(capsys, tmp_path):
 # One value each key refuses; every key of the schema must be here, so a new key gets a check too.
 BAD_VALUES = {
     "task": "translation", "model.name": "''", "model.gguf_file": "''", "model.revision": "' '",
+    "model.quantization": "int3", "model.compute_dtype": "float64",
     "data.source": "''", "data.hub_config": "''", "data.hub_split": "''", "data.text_column": "''",
     "data.label_column": "''", "data.prompt_column": "''", "data.response_column": "''", "data.keep_labels": "[]",
     "data.dedupe": "maybe", "data.validation_fraction": "0.5", "data.test_fraction": "-0.1",

