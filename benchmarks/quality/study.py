@@ -1,0 +1,497 @@
+"""The NEAT vs LoRA study (issue #12, protocol in protocol.py): run it, resume it, time it.
+
+    python benchmarks/quality/study.py run [--workers 2] [--stop-at HH:MM]    # start or continue the study
+    python benchmarks/quality/study.py pilot                                  # timed short runs -> estimate
+    python benchmarks/quality/study.py status                                 # done / pending / estimate
+    python benchmarks/quality/study.py run --quick --out /tmp/q               # the few-minute version (tests)
+    python benchmarks/quality/study_doc.py                                    # docs/RESULTS.md from the JSON
+
+Each run is one `neat-peft train` in its own process (1 torch thread), so its peak memory (ru_maxrss) and CPU
+time are its own. The coordinator writes OUT/study.json atomically after every finished run; `run` again skips
+every run already there (finished or diverged), so the study can be stopped at any moment (a run cut short
+is redone whole) and continued with the same command. A lock file keeps two coordinators off one folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from machine import load_average, machine_info, versions  # noqa: E402
+from protocol import QUICK, STUDY, Job, Protocol  # noqa: E402
+
+SCHEMA = 1
+DEFAULT_OUT = HERE / "results"
+DIVERGED = "the loss became NaN or infinite"  # the CLI's message for a non-finite loss
+PILOT_STEPS = 12
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def slug(key: str) -> str:
+    return key.replace("/", "__")
+
+
+# --- one run (in its own process) ----------------------------------------------------------------------------
+def split_digest(run_dir: Path) -> str:
+    """sha256 over the run's train/validation/test files: equal digests = the very same examples (pairing)."""
+    h = hashlib.sha256()
+    for part in ("train", "validation", "test"):
+        h.update((run_dir / "split" / f"{part}.jsonl").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_one(proto: Protocol, job: Job, out: Path, extra: list[str]) -> dict[str, Any]:
+    """Train `job` with the CLI in this process and return its record."""
+    from neat_peft.cli.main import main as cli_main
+
+    task, method = proto.tasks[job.task], proto.methods[job.method]
+    data = task.prepare(out / "data") if task.prepare is not None else None
+    run_dir = out / "runs" / slug(job.key)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["train", *job.overrides(method, task.overrides(data)), *extra, "--output-dir", str(run_dir),
+            "--overwrite"]
+    record: dict[str, Any] = {**asdict(job), "key": job.key, "family": method.family, "r": method.r,
+                              "command": "neat-peft " + " ".join(argv), "started": now(),
+                              "git_commit": versions()["git_commit"],  # the code (and numerics) of this run
+                              "load_average_before": load_average()}
+    log_path = run_dir.with_name(run_dir.name + ".log")
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    with open(log_path, "w", encoding="utf-8") as log:
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                code = cli_main(argv)
+        except Exception:  # a crash inside the CLI is this run's result, not the study's
+            log.write(traceback.format_exc())
+            code = -1
+
+    def measured() -> None:  # wall, CPU and peak memory of the run so far (training, test, generation)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
+        record.update(wall_seconds=time.perf_counter() - start, cpu_seconds=cpu,
+                      peak_rss_mb=usage.ru_maxrss / 1024, load_average_after=load_average(), finished=now())
+        # How much of a core the run got: 1.0 on an idle machine with 1 thread, less when others compete.
+        record["cpu_share"] = record["cpu_seconds"] / max(record["wall_seconds"], 1e-9)
+
+    measured()
+    metrics_path = run_dir / "metrics.json"
+    text = log_path.read_text(encoding="utf-8", errors="replace")
+    if code != 0 or not metrics_path.is_file():
+        record.update(status="diverged" if DIVERGED in text else "error", exit_code=code, error=text[-800:].strip())
+        return record
+    metrics = json.loads(metrics_path.read_text())
+    history = json.loads((run_dir / "log_history.json").read_text())["log_history"]
+    record.update(
+        status="ok", trainable_params=metrics["trainable_params"], total_params=metrics["total_params"],
+        adapter_params=metrics["method_info"].get("adapter_params"), adapted_modules=metrics["method_info"].get(
+            "targets"), train_seconds=metrics["train_seconds"], steps=metrics["steps"],
+        train_loss=[{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+        data_used=metrics["data"].get("used"), split_sha256=split_digest(run_dir))
+    if task.generation:
+        curve = [{"step": h["step"], "loss": h["eval_loss"], "seconds": h.get("eval_runtime")}
+                 for h in history if "eval_loss" in h]
+        generation_start = time.perf_counter()
+        scores = generation_accuracy(run_dir)
+        record.update(validation={**scores["validation"], "loss": curve[-1]["loss"] if curve else None},
+                      validation_curve=curve, test={**scores["test"], "loss": metrics["test"]["loss"]},
+                      majority_baseline=scores["majority_baseline"],
+                      generation_seconds=time.perf_counter() - generation_start)
+        measured()
+        return record
+    curve = [{"step": h["step"], "accuracy": h["eval_accuracy"], "macro_f1": h["eval_macro_f1"],
+              "loss": h["eval_loss"], "seconds": h.get("eval_runtime")} for h in history if "eval_accuracy" in h]
+    record.update(validation=curve[-1] if curve else {}, validation_curve=curve,
+                  test={k: metrics["test"][k] for k in ("accuracy", "macro_f1", "examples")},
+                  majority_baseline={k: metrics["majority_baseline"][k] for k in ("accuracy", "macro_f1", "label")})
+    return record
+
+
+def first_word(text: str) -> str:
+    """The answer as scored: its first word, lowercased, without surrounding punctuation."""
+    words = text.strip().split()
+    return words[0].strip(".,;:!?\"'()*").lower() if words else ""
+
+
+def generation_accuracy(run_dir: Path, max_new_tokens: int = 4, batch_size: int = 16) -> dict[str, Any]:
+    """Greedy decoding of every validation and test prompt of a finished causal-LM run; an answer is correct
+    when its first word is the reference response. Also the majority class (the training split's most frequent
+    response) scored the same way."""
+    from collections import Counter
+
+    import torch
+    from neat_peft.cli import features, models
+    from neat_peft.cli.commands import open_run
+
+    path, config, splits = open_run(str(run_dir))
+    tokenizer = models.load_tokenizer(config)
+    model = models.load_trained(path, config, splits.labels)
+    majority = Counter(r["response"].strip().lower() for r in splits.rows["train"]).most_common(1)[0][0]
+    out: dict[str, Any] = {}
+    tokenizer.padding_side = "left"  # batched decoding: every prompt ends where generation starts
+    with torch.no_grad():
+        for part in ("validation", "test"):
+            answers = []
+            rows = splits.rows[part]
+            for i in range(0, len(rows), batch_size):
+                texts = [features.prompt_text(tokenizer, r["prompt"]) for r in rows[i:i + batch_size]]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                     max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                answers += [first_word(tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True))
+                            for row in ids]
+            truth = [r["response"].strip().lower() for r in splits.rows[part]]
+            out[part] = {"accuracy": sum(a == t for a, t in zip(answers, truth)) / len(truth),
+                         "examples": len(truth), "answers": dict(Counter(answers).most_common(5))}
+            if part == "test":
+                out["majority_baseline"] = {"accuracy": sum(t == majority for t in truth) / len(truth),
+                                            "label": majority}
+    return out
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(1)
+    proto = QUICK if args.quick else STUDY
+    job = Job(**json.loads(args.job))
+    record = run_one(proto, job, Path(args.out), json.loads(args.extra))
+    atomic_write_json(Path(args.record), record)
+    return 0
+
+
+# --- the coordinator ------------------------------------------------------------------------------------------
+class Study:
+    """OUT/study.json: the protocol it was run under, the machine, every invocation and every run's record."""
+
+    def __init__(self, out: Path, proto: Protocol, quick: bool):
+        self.out, self.proto, self.quick = out, proto, quick
+        self.path = out / "study.json"
+        out.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            self.data = json.loads(self.path.read_text())
+            new = json.loads(json.dumps(proto.snapshot()))
+            changed = Protocol.incompatible(self.data["protocol"], new)
+            if changed:
+                raise SystemExit(f"{self.path} was run under another protocol than protocol.py now defines "
+                                 f"(changed: {', '.join(changed)}); its runs would not be comparable with new ones. "
+                                 "Use another --out, or restore protocol.py as it was (git log "
+                                 "benchmarks/quality/protocol.py).")
+            self.data["protocol"] = new  # the same, or extended by new tasks or methods
+        else:
+            self.data = {"schema": SCHEMA, "study": "neat-vs-lora", "quick": quick, "created": now(),
+                         "protocol": proto.snapshot(), "machine": machine_info(), "versions": versions(),
+                         "invocations": [], "runs": [], "errors": []}
+
+    @property
+    def records(self) -> dict[str, dict[str, Any]]:
+        """Finished runs by key: ok or diverged (a diverged tuning cell is a result; an error is retried)."""
+        return {r["key"]: r for r in self.data["runs"]}
+
+    def add(self, record: dict[str, Any]) -> None:
+        if record["status"] in ("ok", "diverged"):
+            self.data["runs"] = [r for r in self.data["runs"] if r["key"] != record["key"]] + [record]
+        else:
+            self.data["errors"].append(record)
+        self.save()
+
+    def save(self) -> None:
+        self.data["updated"] = now()
+        atomic_write_json(self.path, self.data)
+
+    def pending(self) -> list[Job]:
+        done = self.records
+        return [j for j in self.proto.jobs(done) if j.key not in done]
+
+
+@contextlib.contextmanager
+def exclusive(out: Path):
+    lock = open(out / "study.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"Another study process holds {out / 'study.lock'}; wait for it or stop it "
+                         "(its pid is in that file).") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def start_worker(job: Job, out: Path, quick: bool, extra: list[str]) -> tuple[subprocess.Popen, Path]:
+    spool = out / "spool"
+    spool.mkdir(exist_ok=True)
+    record = spool / f"{slug(job.key)}.json"
+    record.unlink(missing_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_one", "--job", json.dumps(asdict(job)), "--out",
+           str(out), "--record", str(record), "--extra", json.dumps(extra)] + (["--quick"] if quick else [])
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL), record
+
+
+def stop_time(text: Optional[str]) -> Optional[float]:
+    """UTC HH:MM -> seconds since the epoch of its next occurrence."""
+    if not text:
+        return None
+    hour, minute = (int(x) for x in text.split(":"))
+    t = dt.datetime.now(dt.timezone.utc).replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if t < dt.datetime.now(dt.timezone.utc):
+        t += dt.timedelta(days=1)
+    return t.timestamp()
+
+
+def workers(option: str, out: Path) -> int:
+    if option != "auto":
+        return int(option)
+    try:
+        return int(json.loads((out / "pilot.json").read_text())["parallel"]["workers"])
+    except (OSError, KeyError, ValueError):
+        return 1
+
+
+def run_main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    proto = QUICK if args.quick else STUDY
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        study = Study(out, proto, args.quick)
+        invocation = {"argv": sys.argv[1:], "started": now(), "workers": args.workers, "pid": os.getpid(),
+                      "versions": versions(), "load_average": load_average()}
+        study.data["invocations"].append(invocation)
+        study.save()
+        stop = stop_time(args.stop_at)
+        running: dict[str, tuple[subprocess.Popen, Path, Job]] = {}
+        attempted: set[str] = set()
+        started = 0
+        while True:
+            can_start = (stop is None or time.time() < stop) and (args.max_runs is None or started < args.max_runs)
+            queue = [j for j in study.pending() if j.key not in running and j.key not in attempted] if can_start else []
+            while queue and len(running) < workers(args.workers, out):
+                job = queue.pop(0)
+                proc, record = start_worker(job, out, args.quick, [])
+                running[job.key] = (proc, record, job)
+                attempted.add(job.key)
+                started += 1
+                print(f"[{now()}] start {job.key} ({job.phase})", flush=True)
+            if not running:
+                break
+            time.sleep(2)
+            for key, (proc, record, job) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[key]
+                if record.is_file():
+                    rec = json.loads(record.read_text())
+                    record.unlink()
+                else:  # the worker itself died (killed, out of memory): retried by the next invocation
+                    rec = {**asdict(job), "key": job.key, "status": "error", "exit_code": proc.returncode,
+                           "error": "the worker process ended without writing its record", "finished": now()}
+                study.add(rec)
+                shown = (f"val {rec['validation']['accuracy']:.4f} test {rec['test']['accuracy']:.4f}"
+                         if rec["status"] == "ok" else rec["status"].upper())
+                print(f"[{now()}] done  {key}: {shown} ({rec.get('wall_seconds', 0):.0f} s; "
+                      f"{len(study.records)} runs in {study.path.name}, {len(study.pending())} runnable now)",
+                      flush=True)
+        invocation["finished"] = now()
+        study.save()
+    print(f"wrote {study.path}")
+    return 0
+
+
+# --- pilot and estimate ------------------------------------------------------------------------------------
+def pilot_main(args: argparse.Namespace) -> int:
+    """Short runs at the real sizes (PILOT_STEPS steps, one validation) -> seconds per step, per validation and
+    per start-up of each task (NEAT r=8, which runs on every task) and of each method family relative to it (on
+    sentiment); then two runs at once against one, to decide on 2 workers. Probes already in OUT/pilot.json are
+    kept (rerun to continue an interrupted pilot)."""
+    out = Path(args.out)
+    scratch = out / "pilot"
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = out / "pilot.json"
+    result: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {
+        "created": now(), "machine": machine_info(), "pilot_steps": PILOT_STEPS, "single": []}
+    extra = [f"train.max_steps={PILOT_STEPS}", f"train.eval_every={PILOT_STEPS}", f"train.log_every={PILOT_STEPS}"]
+    probes = [Job(t, "neat-r8", 1e-3, 1.0, 0, "pilot") for t in STUDY.tasks]
+    probes += [Job("sentiment", m, 1e-3, None, 0, "pilot") for m in ("lora-r8", "full", "head-only")]
+
+    def collect(jobs: list[Job]) -> list[dict[str, Any]]:
+        started = [start_worker(job, scratch, False, extra) for job in jobs]
+        recs = []
+        for proc, rec_path in started:
+            proc.wait()
+            rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {"status": "error", "error": "died"}
+            recs.append(rec)
+        return recs
+
+    for job in probes:
+        if any(p["task"] == job.task and p["method"] == job.method for p in result["single"] + result.get(
+                "failed", [])):
+            continue
+        (rec,) = collect([job])
+        if rec["status"] != "ok":  # recorded: the study's runs of this kind will fail the same way
+            result.setdefault("failed", []).append({"task": job.task, "method": job.method,
+                                                    "error": rec.get("error", "")[-400:]})
+            print(f"pilot {job.task} {job.method}: FAILED {rec.get('error', '')[-300:]}", flush=True)
+        else:
+            result["single"].append(pilot_timing(rec))
+            print(f"pilot {job.task} {job.method}: {json.dumps(result['single'][-1])}", flush=True)
+        atomic_write_json(path, result)
+    if "parallel" in result:  # measured by an earlier pilot: only the probes were missing
+        result["estimate"] = estimate(STUDY, {}, result)
+        atomic_write_json(path, result)
+        print(json.dumps(result["estimate"]["summary"], indent=1))
+        return 0
+    # Two at once: the same sentiment probe at seeds 1 and 2; gain = 2 x (one run's wall) / (the pair's wall).
+    t0 = time.perf_counter()
+    pair = collect([Job("sentiment", "neat-r8", 1e-3, 1.0, s, "pilot") for s in (1, 2)])
+    pair_wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    (single,) = collect([Job("sentiment", "neat-r8", 1e-3, 1.0, 1, "pilot")])
+    single_wall = time.perf_counter() - t0
+    gain = 2 * single_wall / pair_wall
+    result["parallel"] = {"single_wall_seconds": single_wall, "pair_wall_seconds": pair_wall,
+                          "throughput_gain": gain, "workers": 2 if gain >= 1.15 else 1,
+                          "pair_cpu_share": [r.get("cpu_share") for r in pair],
+                          "single_cpu_share": single.get("cpu_share"),
+                          "load_average": [r.get("load_average_before") for r in pair + [single]],
+                          "rule": "2 workers if two runs at once finish >= 15% more runs per hour than one"}
+    result["estimate"] = estimate(STUDY, {}, result)
+    result["finished"] = now()
+    atomic_write_json(path, result)
+    print(json.dumps(result["parallel"], indent=1))
+    print(json.dumps(result["estimate"]["summary"], indent=1))
+    return 0
+
+
+def pilot_timing(rec: dict[str, Any]) -> dict[str, Any]:
+    eval_s = rec["validation_curve"][-1]["seconds"]
+    return {"task": rec["task"], "method": rec["method"], "family": rec["family"],
+            "seconds_per_step": (rec["train_seconds"] - eval_s) / rec["steps"], "seconds_per_validation": eval_s,
+            "other_seconds": rec["wall_seconds"] - rec["train_seconds"], "wall_seconds": rec["wall_seconds"],
+            "cpu_share": rec["cpu_share"], "load_average": rec["load_average_before"]}
+
+
+def job_seconds(proto: Protocol, job: Job, pilot: dict[str, Any]) -> float:
+    """A run's predicted wall time: the pilot's wall seconds per step of its task (NEAT r=8), times its family's
+    cost relative to NEAT measured on sentiment, plus validations, the test pass (as validations, per example)
+    and start-up. The family ratio compares CPU seconds per step (wall x CPU share), so that probes run under
+    different loads still compare the methods' work, not the machine's business at that moment."""
+    task = proto.tasks[job.task]
+    single = pilot["single"]
+    base = next(p for p in single if p["task"] == job.task and p["method"] == "neat-r8")
+    sent = next(p for p in single if p["task"] == "sentiment" and p["method"] == "neat-r8")
+    fam = next((p for p in single if p["task"] == "sentiment" and p["family"] == proto.methods[job.method].family),
+               sent)
+    per_step = base["seconds_per_step"] * (fam["seconds_per_step"] * fam["cpu_share"]) / (
+        sent["seconds_per_step"] * sent["cpu_share"])
+    evals = task.steps // task.eval_every
+    test_passes = task.test_examples / task.validation_examples
+    return (task.steps * per_step + evals * base["seconds_per_validation"]
+            + base["other_seconds"] + (test_passes - 1) * base["seconds_per_validation"])
+
+
+def estimate(proto: Protocol, records: dict[str, dict[str, Any]], pilot: dict[str, Any]) -> dict[str, Any]:
+    """Total and remaining compute (run wall seconds on this machine, as loaded as during the pilot). Finished
+    runs count at their measured wall time; the rest at the pilot's prediction."""
+    per_task: dict[str, dict[str, Any]] = {}
+    probed = {p["task"] for p in pilot["single"] if p["method"] == "neat-r8"}
+    for job in proto.jobs(records, full=True):
+        entry = per_task.setdefault(job.task, {"runs": 0, "done_runs": 0, "done_hours": 0.0, "remaining_hours": 0.0,
+                                               "remaining_cpu_hours": 0.0, "estimated": job.task in probed})
+        entry["runs"] += 1
+        rec = records.get(job.key)
+        if rec is not None:
+            entry["done_runs"] += 1
+            entry["done_hours"] += rec.get("wall_seconds", 0) / 3600
+        elif entry["estimated"]:
+            wall = job_seconds(proto, job, pilot) / 3600
+            share = next(p["cpu_share"] for p in pilot["single"] if p["task"] == job.task and p["method"] == "neat-r8")
+            entry["remaining_hours"] += wall
+            entry["remaining_cpu_hours"] += wall * share  # what an idle core would need
+    workers = pilot.get("parallel", {}).get("workers", 1)
+    gain = pilot.get("parallel", {}).get("throughput_gain", 1.0) if workers == 2 else 1.0
+    total = sum(e["remaining_hours"] for e in per_task.values())
+    return {"per_task": per_task, "summary": {
+        "runs": sum(e["runs"] for e in per_task.values()), "done_runs": sum(e["done_runs"] for e in per_task.values()),
+        "done_hours": sum(e["done_hours"] for e in per_task.values()), "remaining_run_hours": total,
+        "workers": workers, "remaining_wall_hours": total / gain,
+        "remaining_cpu_hours": sum(e["remaining_cpu_hours"] for e in per_task.values()),
+        "not_estimated": [t for t, e in per_task.items() if not e["estimated"]]}}
+
+
+def status_main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    study = Study(out, STUDY, False)
+    records = study.records
+    print(f"{study.path}: {len(records)} runs finished, {len(study.data['errors'])} errors logged, "
+          f"{len(study.pending())} runnable now")
+    pilot_path = out / "pilot.json"
+    if pilot_path.is_file():
+        print(json.dumps(estimate(STUDY, records, json.loads(pilot_path.read_text())), indent=1))
+    return 0
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start or continue the study (skips the runs already in OUT/study.json)")
+    run.add_argument("--workers", default="auto", help="runs at once, each with 1 torch thread; auto (default): "
+                     "the pilot's measured decision in OUT/pilot.json, read again before each start (1 until then)")
+    run.add_argument("--stop-at", help="UTC HH:MM: start no run after it (a running one finishes)")
+    run.add_argument("--max-runs", type=int, help="start at most this many runs")
+    run.add_argument("--quick", action="store_true", help="the few-minute version the tests run")
+    run.set_defaults(func=run_main)
+    pilot = sub.add_parser("pilot", help="timed short runs and a 2-at-once run -> OUT/pilot.json with the estimate")
+    pilot.set_defaults(func=pilot_main)
+    status = sub.add_parser("status", help="print what is done and the estimated remaining compute")
+    status.set_defaults(func=status_main)
+    one = sub.add_parser("_one", help=argparse.SUPPRESS)
+    one.add_argument("--job", required=True)
+    one.add_argument("--record", required=True)
+    one.add_argument("--extra", default="[]")
+    one.add_argument("--quick", action="store_true")
+    one.set_defaults(func=worker_main)
+    for s in (run, pilot, status, one):
+        s.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""docs/RESULTS.md from the study's JSON: every figure in it is read from a file, none is typed.
+
+    python benchmarks/quality/study_doc.py [--results benchmarks/quality/results] [--doc docs/RESULTS.md]
+
+Reads RESULTS/study.json (study.py run) and RESULTS/pilot.json (study.py pilot, optional); writes the
+document and its plots (DOC's folder/results/*.png). Cells of the study without results are listed as pending:
+the document is valid at any point of the study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import stats  # noqa: E402
+from protocol import STUDY, Job, Protocol  # noqa: E402
+from study import estimate  # noqa: E402
+
+RESUME = "nice -n 19 python benchmarks/quality/study.py run   # --workers auto: the pilot's decision"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def fmt_ms(values: list[float]) -> str:
+    m, s = stats.mean_std(values)
+    return "–" if math.isnan(m) else f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def cell_text(lr: float, s: Optional[float]) -> str:
+    return f"lr {lr:g}" + ("" if s is None else f", s {s:g}")
+
+
+class View:
+    """The study's JSON read through its protocol: tuned cells, runs per method and seed."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+        self.proto = Protocol.from_snapshot(data["protocol"])
+        self.records = {r["key"]: r for r in data["runs"]}
+
+    def chosen(self, task: str, method: str):
+        return self.proto.choose(self.records, task, method)
+
+    def seed_runs(self, task: str, method: str) -> dict[int, dict[str, Any]]:
+        """seed -> finished run at the method's chosen cell."""
+        cell = self.chosen(task, method)
+        if cell is None:
+            return {}
+        out = {}
+        for seed in range(max(1, self.proto.seeds_of(task, method))):
+            rec = self.records.get(Job(task, method, *cell, seed, "").key)
+            if rec is not None:
+                out[seed] = rec
+        return out
+
+    def test_acc(self, task: str, method: str) -> dict[int, float]:
+        """seed -> test accuracy of the finished runs (a diverged seed has none; the main table counts them)."""
+        return {s: r["test"]["accuracy"] for s, r in self.seed_runs(task, method).items() if r["status"] == "ok"}
+
+    def majority(self, task: str) -> dict[int, float]:
+        return {r["seed"]: r["majority_baseline"]["accuracy"] for r in self.data["runs"]
+                if r["task"] == task and r["status"] == "ok"}
+
+
+def tuning_table(v: View, task: str) -> str:
+    methods = [m for m in v.proto.methods_of(task).values() if not m.tuned_as]
+    lines = []
+    for m in methods:
+        chosen = v.chosen(task, m.name)
+        cells = []
+        for lr, s in m.grid:
+            rec = v.records.get(Job(task, m.name, lr, s, 0, "tune").key)
+            text = ("pending" if rec is None else "diverged" if rec["status"] != "ok"
+                    else pct(rec["validation"]["accuracy"]))
+            if chosen == (lr, s):
+                text = f"**{text}**"
+            cells.append(f"{cell_text(lr, s)}: {text}")
+        lines.append(f"| {m.label} | " + "; ".join(cells) + f" | {'–' if chosen is None else cell_text(*chosen)} |")
+    return "\n".join(["| method | validation accuracy % at seed 0, per cell (chosen in bold) | chosen |",
+                      "|---|---|---|", *lines])
+
+
+def main_table(v: View, task: str) -> str:
+    lines = ["| method | trainable params | chosen cell | seeds done / planned | val acc % | test acc % | "
+             "run wall min | peak RSS MB | CPU share | plateaued |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in v.proto.methods_of(task).values():
+        if m.tuned_as:
+            continue
+        all_runs = list(v.seed_runs(task, m.name).values())
+        runs = [r for r in all_runs if r["status"] == "ok"]
+        diverged = len(all_runs) - len(runs)
+        chosen = v.chosen(task, m.name)
+        flat = [x for x in (stats.plateaued(r["validation_curve"], v.data["protocol"]["plateau_points"])
+                            for r in runs) if x is not None]
+        params = f"{runs[0]['trainable_params']:,}" if runs else "–"
+        wall = stats.mean_std([r["wall_seconds"] / 60 for r in runs])[0]
+        rss = stats.mean_std([r["peak_rss_mb"] for r in runs])[0]
+        share = stats.mean_std([r["cpu_share"] for r in runs])[0]
+        label = m.label + (f" ({diverged} seed(s) diverged, left out)" if diverged else "")
+        lines.append(f"| {label} | {params} | {'pending' if chosen is None else cell_text(*chosen)} | "
+                     f"{len(runs)} / {v.proto.seeds_of(task, m.name)} | "
+                     f"{fmt_ms([r['validation']['accuracy'] for r in runs])} | "
+                     f"{fmt_ms([r['test']['accuracy'] for r in runs])} | "
+                     f"{'–' if math.isnan(wall) else f'{wall:.1f}'} | {'–' if math.isnan(rss) else f'{rss:.0f}'} | "
+                     f"{'–' if math.isnan(share) else f'{share:.2f}'} | "
+                     f"{f'{sum(flat)} of {len(flat)}' if flat else '–'} |")
+    base = v.majority(task)
+    if base:
+        lines.append(f"| majority class | 0 | – | {len(base)} | – | {fmt_ms(list(base.values()))} | "
+                     "– | – | – | – |")
+    return "\n".join(lines)
+
+
+def pair_lines(v: View, task: str) -> list[str]:
+    out = []
+    for a, b in v.proto.pairs:
+        if a not in v.proto.methods_of(task) or b not in v.proto.methods_of(task):
+            continue
+        la, lb = v.proto.methods[a].label, v.proto.methods[b].label
+        result = stats.paired(v.test_acc(task, a), v.test_acc(task, b))
+        out.append(f"- {la} − {lb} (test accuracy, paired by seed): {stats.verdict(result, la, lb)}.")
+    return out
+
+
+def sweep_points(v: View, task: str) -> dict[str, list[tuple[int, int, float]]]:
+    """family -> [(r, trainable params, test accuracy)] at seed 0, chosen cells (r=1 and 8 from their tuning)."""
+    out: dict[str, list] = {}
+    for m in v.proto.methods_of(task).values():
+        if m.family not in ("neat", "lora") or m.r is None or "method.depth=1" in m.overrides:
+            continue
+        rec = v.seed_runs(task, m.name).get(0)
+        if rec is not None and rec["status"] == "ok":
+            out.setdefault(m.family, []).append((m.r, rec["trainable_params"], rec["test"]["accuracy"]))
+    return {k: sorted(x) for k, x in out.items()}
+
+
+def plot_sweep(v: View, task: str, path: Path) -> bool:
+    points = sweep_points(v, task)
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for family, marker in (("lora", "s"), ("neat", "o")):
+        pts = points.get(family, [])
+        if pts:
+            ax.plot([p[1] for p in pts], [100 * p[2] for p in pts], marker=marker, label=family.upper())
+            for r, x, y in pts:
+                ax.annotate(f"r={r}", (x, 100 * y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    base = v.majority(task).get(0)
+    if base is not None:
+        ax.axhline(100 * base, color="grey", ls="--", lw=1, label="majority class")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log; includes the classifier head)")
+    ax.set_ylabel("test accuracy %, seed 0")
+    ax.set_title(f"{task}: accuracy vs parameters")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_curves(v: View, task: str, path: Path) -> bool:
+    """One panel per tuned method: the validation curve of each of its finished seed-0 cells (the chosen one
+    thick). Classification tasks plot accuracy; the LLM row its validation loss (it is scored once, at the end)."""
+    methods = [m for m in v.proto.methods_of(task).values() if not m.tuned_as]
+    panels = []
+    for m in methods:
+        runs = [(cell, v.records.get(Job(task, m.name, *cell, 0, "").key)) for cell in m.grid]
+        runs = [(cell, r) for cell, r in runs if r is not None and r["status"] == "ok" and r["validation_curve"]]
+        if runs:
+            panels.append((m, runs))
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "loss" if v.proto.tasks[task].generation else "accuracy"
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(5.0, 4.2 * cols), 3.4 * rows), squeeze=False, sharey=True)
+    for ax, (m, runs) in zip(axes.flat, panels):
+        chosen = v.chosen(task, m.name)
+        for cell, r in runs:
+            curve = r["validation_curve"]
+            ax.plot([c["step"] for c in curve], [(100 if key == "accuracy" else 1) * c[key] for c in curve],
+                    lw=2.5 if cell == chosen else 1, marker=".", label=cell_text(*cell))
+        ax.set_title(m.label, fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("validation accuracy %" if key == "accuracy" else "validation loss")
+    fig.suptitle(f"{task}: tuning runs at seed 0 (chosen cell thick)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def pairing_line(v: View, task: str) -> str:
+    """Whether every run of a seed trained and was scored on the same examples (the split files' digest)."""
+    digests: dict[int, set[str]] = {}
+    for r in v.data["runs"]:
+        if r["task"] == task and r["status"] == "ok":
+            digests.setdefault(r["seed"], set()).add(r["split_sha256"])
+    if not digests:
+        return ""
+    bad = sorted(s for s, d in digests.items() if len(d) > 1)
+    if bad:
+        return f"**Pairing broken: runs of seed(s) {bad} used different splits.**"
+    return (f"Pairing checked: at each of seeds {sorted(digests)} every finished run used the same split "
+            "(equal `split_sha256`).")
+
+
+def small_norm_section(small: dict[str, Any]) -> str:
+    """The synthetic normalize_weight measurement (small_norm.py), independent of the study's runs."""
+    import small_norm
+
+    s, steps = small["setup"], str(small["setup"]["steps"])
+    final: dict[str, dict[str, float]] = {}
+    for row in small["best"].values():
+        final.setdefault(row["std_label"], {})[row["arm"]] = sum(row["relative_loss"][steps]) / len(
+            row["relative_loss"][steps])
+    reading = "; ".join(f"W0 std {std}: " + ", ".join(f"{arm} {x:.3f}" for arm, x in arms.items())
+                        for std, arms in final.items())
+    return "\n".join([
+        "## normalize_weight on a synthetic small-norm layer (`benchmarks/quality/small_norm.py`)\n",
+        f"One frozen {s['d']}x{s['d']} layer, NEAT r={s['r']}, {s['optimizer']}, target W0 + D with D of rank "
+        f"{s['target_rank']} and entry RMS {s['target_rms']}; loss relative to the untouched W0 (lower is better), "
+        f"best learning rate of {', '.join(f'{g:g}' for g in s['lr_grid'])} per variant, mean ± std over "
+        f"{s['seeds']} seeds; {small['seconds']:.0f} s. Command: `python benchmarks/quality/small_norm.py --out "
+        "benchmarks/quality/results/small_norm.json`.\n",
+        small_norm.markdown(small) + "\n",
+        f"Final relative loss (step {steps}): {reading}."
+        + "".join(f" {row['arm']} (W0 std {row['std_label']}) chose lr {row['lr']:g}, an end of the grid: a better "
+                  "rate may lie beyond it." for row in small["best"].values()
+                  if row["lr"] in (min(s["lr_grid"]), max(s["lr_grid"])))
+        + "\n"])
+
+
+def task_status(v: View, task: str) -> tuple[int, int]:
+    jobs = v.proto.jobs(v.records, full=True)
+    mine = [j for j in jobs if j.task == task]
+    return sum(j.key in v.records for j in mine), len(mine)
+
+
+def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) -> str:
+    """The document. `current`: the protocol as protocol.py defines it now; used instead of the JSON's when it only
+    adds tasks or methods (what the next `study.py run` would do), so their runs show as pending."""
+    data = json.loads((results / "study.json").read_text(encoding="utf-8"))
+    pilot_path = results / "pilot.json"
+    pilot = json.loads(pilot_path.read_text()) if pilot_path.is_file() else None
+    if current is not None and not Protocol.incompatible(data["protocol"], current):
+        data = {**data, "protocol": current}
+    v = View(data)
+    snap = data["protocol"]
+    assets = doc.parent / "results"
+    assets.mkdir(parents=True, exist_ok=True)
+    done_total = sum(task_status(v, t)[0] for t in v.proto.tasks)
+    all_total = sum(task_status(v, t)[1] for t in v.proto.tasks)
+    est = estimate(v.proto, v.records, pilot) if pilot and "parallel" in pilot else None
+    m, ver = data["machine"], data["versions"]
+    out = ["# Results: NEAT vs LoRA, tuned per method, paired seeds, confidence intervals\n",
+           "*Generated by `benchmarks/quality/study_doc.py` from `benchmarks/quality/results/study.json`"
+           + (" and `pilot.json`" if pilot else "") + "; no figure in this file is typed by hand.*\n"]
+    state = "complete" if done_total == all_total else "in progress"
+    out.append(f"**Status: study {state}: {done_total} of {all_total} planned runs finished** (JSON updated "
+               f"{data.get('updated', '?')})."
+               + (f" Estimated remaining compute: {est['summary']['remaining_run_hours']:.0f} run-hours, about "
+                  f"{est['summary']['remaining_wall_hours']:.0f} hours of wall time with "
+                  f"{est['summary']['workers']} run(s) at once on this machine as loaded as during the pilot "
+                  f"(about {est['summary']['remaining_cpu_hours']:.0f} CPU-core-hours: what idle cores would need, "
+                  "one run per core)"
+                  + (f", not counting {', '.join(est['summary']['not_estimated'])} (no pilot probe yet)"
+                     if est["summary"].get("not_estimated") else "") + "." if est else "") + "\n")
+    out.append("## Summary\n")
+    for task in v.proto.tasks:
+        done, total = task_status(v, task)
+        out.append(f"**{task}** ({done} of {total} runs):\n")
+        out += pair_lines(v, task)
+        pending = [mm.label for mm in v.proto.methods_of(task).values()
+                   if not mm.tuned_as and v.chosen(task, mm.name) is None]
+        if pending:
+            out.append(f"- Tuning still pending for: {', '.join(pending)}.")
+        out.append("")
+    out.append("A verdict (better/worse) is stated only where the 95% interval of the paired difference excludes 0; "
+               "otherwise the line says no difference was detected, with the interval's width: the smallest "
+               "difference the study, at that many seeds, could have shown. 'pending' means the cell has no "
+               "result yet.\n")
+
+    out.append("## Protocol\n")
+    out += [
+        "- Every run is one `neat-peft train` (the CLI's own entry point, `benchmarks/quality/study.py` calls it in "
+        "a fresh process per run with 1 torch thread) with the task's data and size overrides, the method's "
+        "overrides, the learning rate, NEAT's scale s and the seed; each run's exact command is in `study.json`.",
+        "- Tuning, on validation only, at seed 0: learning rate over "
+        f"{', '.join(f'{x:g}' for x in snap['grid_lr'])} for the adapters and head-only (whose rate is the "
+        f"head's), {', '.join(f'{x:g}' for x in snap['grid_full_lr'])} for full fine-tuning (a stated deviation: "
+        "the usual range for fine-tuning every weight of a BERT-size model, a decade and a half below the "
+        f"adapters'); NEAT also over s in {{{', '.join(f'{x:g}' for x in snap['grid_scale'])}}}. The cell with the "
+        "best validation accuracy at the end of training is chosen (first in grid order on ties; a diverged run "
+        f"never wins). The classifier head trains at {snap['head_lr']:g} for every method but head-only. LoRA: "
+        "peft, alpha = 2r fixed, dropout 0. NEAT: relu, axis out, depth 0 unless the row says depth 1.",
+        "- Seeds: " + "; ".join(f"{mm.label} {mm.seeds}" for mm in v.proto.methods.values() if not mm.tuned_as)
+        + "".join(f" ({name}: {t.seeds} seed(s), methods {', '.join(t.methods or ())})"
+                  for name, t in v.proto.tasks.items() if t.seeds)
+        + ". Seed 0 at the chosen cell is the tuning run itself (selection used validation only; test is untouched "
+        "by it). The seed draws the split and the subset once (the CLI seeds its split with train.seed), and "
+        "every method uses it at that seed: the design is paired (the runs' `split_sha256` fields show it).",
+        f"- Accuracy vs parameters: LoRA and NEAT at r in {{{', '.join(map(str, snap['sweep_r']))}}}, seed 0; r=2, 4 "
+        "and 16 at the cell chosen for r=8 (not tuned on their own).",
+        f"- Budget: a fixed number of steps per task, the same for every method and seed (below); validation "
+        f"{snap['evals_per_run']} times per run (the curves). 'Plateaued' = the last third of the curve gains less "
+        f"than {100 * snap['plateau_points']:.0f} point over the best before it. Test accuracy is that of the model "
+        "at the end of training.",
+        "- Recorded per run: trainable parameters, wall time, CPU time and CPU share (CPU seconds / wall seconds: "
+        "below 1 when other jobs competed for the cores), peak RSS of the run's own process (ru_maxrss: libraries "
+        "included), the load average before and after.",
+    ]
+    for name, t in snap["tasks"].items():
+        out.append(f"- {name}: {t['description']}; {t['train_examples']} training examples, {t['epochs']} epochs "
+                   f"= {t['steps']} steps of batch {t['batch_size']}, {t['validation_examples']} validation and "
+                   f"{t['test_examples']} test examples, `{t['input_size']}`. Data: {t['source_note']}")
+    out.append(f"\nMachine: {m['cpu']}, {m['cores']} logical cores, shared with other jobs (load average when the "
+               f"study started: {m['load_average']}); {m['platform']}, Python {m['python']}; "
+               + ", ".join(f"{k} {val}" for k, val in ver.items() if val) + ".\n")
+    out.append("Invocations (from `study.json`):\n")
+    out += [f"- `python benchmarks/quality/study.py {' '.join(inv['argv'])}` (started {inv['started']}"
+            + (f", finished {inv['finished']}" if inv.get("finished") else ", running or stopped")
+            + (f"; code {inv['versions']['git_commit']}" if inv.get("versions", {}).get("git_commit") else "") + ")"
+            for inv in data["invocations"]]
+    out.append("")
+
+    out.append("## Compute\n")
+    if pilot:
+        out.append(f"Timed pilot (`python benchmarks/quality/study.py pilot`, {pilot['created']}): each task's "
+                   f"NEAT r=8 run cut to {pilot['pilot_steps']} steps at the real data sizes, plus LoRA, full "
+                   "fine-tuning and head-only on sentiment for the per-family cost (compared in CPU seconds per step: "
+                   "wall x CPU share). The CPU share and load average columns show how busy the machine was "
+                   "during each probe:\n")
+        out.append("| task | method | s per step | s per validation | start-up + test + save s | CPU share | "
+                   "load average |\n|---|---|---:|---:|---:|---:|---|")
+        for p in pilot["single"]:
+            out.append(f"| {p['task']} | {p['method']} | {p['seconds_per_step']:.2f} | "
+                       f"{p['seconds_per_validation']:.1f} | {p['other_seconds']:.0f} | {p['cpu_share']:.2f} | "
+                       f"{p['load_average']} |")
+        for f in pilot.get("failed", []):
+            out.append(f"| {f['task']} | {f['method']} | failed: {f['error'][-160:].splitlines()[-1]} | | | | |")
+        out.append("")
+        par = pilot.get("parallel")
+        if par:
+            out.append(f"\nTwo runs at once: {par['pair_wall_seconds']:.0f} s for the pair vs "
+                       f"{par['single_wall_seconds']:.0f} s for one, a throughput gain of "
+                       f"{par['throughput_gain']:.2f}x; rule: {par['rule']} -> **{par['workers']} worker(s)**.\n")
+        if est:
+            out.append("| task | runs finished / planned | run-hours done | run-hours remaining (estimate) |\n"
+                       "|---|---:|---:|---:|")
+            for task, e in est["per_task"].items():
+                left = f"{e['remaining_hours']:.1f}" if e.get("estimated", True) else "not estimated (no pilot probe)"
+                out.append(f"| {task} | {e['done_runs']} / {e['runs']} | {e['done_hours']:.1f} | {left} |")
+            s = est["summary"]
+            out.append(f"| all | {s['done_runs']} / {s['runs']} | {s['done_hours']:.1f} | "
+                       f"{s['remaining_run_hours']:.1f}"
+                       + (f" + {', '.join(s['not_estimated'])}" if s.get("not_estimated") else "") + " |\n")
+            out.append("Finished runs count at their measured wall time, the others at the pilot's prediction "
+                       "(steps x s/step scaled by the family's cost on sentiment, validations, test, start-up). "
+                       "The machine's load varies a lot; read these as the order of magnitude.\n")
+    out.append("Resume (skips every finished run; the JSON is rewritten after each run):\n")
+    out.append("```bash\n" + RESUME
+               + "\npython benchmarks/quality/study_doc.py        # this file\n```\n")
+
+    for task in v.proto.tasks:
+        done, total = task_status(v, task)
+        out.append(f"## {task}: {v.proto.tasks[task].description}\n")
+        out.append(f"{done} of {total} runs finished. {pairing_line(v, task)}\n")
+        out.append("### Main table (chosen cells; mean ± sample std over seeds)\n")
+        out.append(main_table(v, task) + "\n")
+        out.append("### NEAT vs LoRA, paired by seed\n")
+        out += pair_lines(v, task)
+        out.append("")
+        out.append("### Tuning (seed 0, validation)\n")
+        out.append(tuning_table(v, task) + "\n")
+        sweep_png, curve_png = assets / f"{task}_params.png", assets / f"{task}_curves.png"
+        if plot_sweep(v, task, sweep_png):
+            out.append(f"![{task}: accuracy vs parameters]({os.path.relpath(sweep_png, doc.parent)})\n")
+        else:
+            sweep_png.unlink(missing_ok=True)
+            out.append("Accuracy vs parameters: pending (no seed-0 run at a chosen cell yet).\n")
+        if plot_curves(v, task, curve_png):
+            out.append(f"![{task}: validation curves]({os.path.relpath(curve_png, doc.parent)})\n")
+        else:
+            curve_png.unlink(missing_ok=True)
+            out.append("Validation curves: pending.\n")
+
+    small_path = results / "small_norm.json"
+    if small_path.is_file():
+        out.append(small_norm_section(json.loads(small_path.read_text())))
+    out.append("## What this replaces\n")
+    out.append("The previous version of this file reported 24-step runs on 384 examples (`benchmarks/quality/run.py`, "
+               "now removed): a smoke test of the pipeline, far from converged, with learning rates shared across "
+               "methods and NEAT's scale never tuned. Its numbers are superseded by this study and no longer shown.\n")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=str(HERE / "results"))
+    p.add_argument("--doc", default=str(HERE.parents[1] / "docs" / "RESULTS.md"))
+    args = p.parse_args(argv)
+    doc = Path(args.doc)
+    text = build(Path(args.results), doc, json.loads(json.dumps(STUDY.snapshot())))
+    tmp = doc.with_name(doc.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(doc)
+    print(f"wrote {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
