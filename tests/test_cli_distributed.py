@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from cli_helpers import ROOT, cli, make_tiny_bert, needs_corpus, needs_minilm, tree_digest
+from neat_peft.cli.rundir import MARKER
 
 pytestmark = [needs_minilm, needs_corpus]
 
@@ -91,6 +92,7 @@ def killed_after(run: Path, step: int, dest: Path) -> Path:
     """What `run` held had it been killed right after its checkpoint at `step`: its recipe, its split and that
     checkpoint (as in test_resume_after_sigkill_matches_uninterrupted, without racing a kill against torchrun)."""
     dest.mkdir(parents=True)
+    shutil.copy2(run / MARKER, dest / MARKER)
     shutil.copy2(run / "config.yaml", dest / "config.yaml")
     shutil.copytree(run / "split", dest / "split")
     shutil.copytree(run / "checkpoints" / f"checkpoint-{step}", dest / "checkpoints" / f"checkpoint-{step}")

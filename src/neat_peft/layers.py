@@ -18,14 +18,16 @@ from torch import nn
 from .config import NeatConfig
 from .functional import delta_weight, get_activation, kaiming_uniform_, low_rank_factors, rms, weight_network
 from .kinds import Conv1DKind, Conv2dKind, EmbeddingKind, LayerKind, LinearKind
+from .quantized import QUANTIZED_KINDS, SUPPORTED_QUANTIZATION, unsupported_quantization
 from .shards import check_wrappable, require_whole
 from .tensors import CONTAINERS, AdapterTensor, adapter_tensors
 
 BASE_ONLY = "__base__"  # the name a sample uses in a mixed batch to bypass every adapter
 
-# Checked in order: a subclass's kind comes before its parent's.
-KINDS: list[LayerKind] = [LinearKind(), Conv1DKind(), EmbeddingKind(), Conv2dKind()]
-SUPPORTED_LAYERS = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv2d (groups=1, zero padding)"
+# Checked in order: a subclass's kind comes before its parent's (bitsandbytes' Linear4bit is an nn.Linear).
+KINDS: list[LayerKind] = [*QUANTIZED_KINDS, LinearKind(), Conv1DKind(), EmbeddingKind(), Conv2dKind()]
+SUPPORTED_LAYERS = ("nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv2d (groups=1, zero padding), and quantized "
+                    f"linears: {SUPPORTED_QUANTIZATION}")
 
 
 def kind_of(module: nn.Module) -> Optional[LayerKind]:
@@ -35,6 +37,10 @@ def kind_of(module: nn.Module) -> Optional[LayerKind]:
 
 def check_supported(path: str, module: nn.Module) -> LayerKind:
     """Return the layer's kind, or raise a ValueError that names the module and what is supported."""
+    why = unsupported_quantization(module)  # a quantized layer that would pass for an nn.Linear
+    if why is not None:
+        raise ValueError(f"Cannot adapt module {path!r} of type {type(module).__name__}: {why} Remove it from "
+                         "target_modules (or add it to exclude_modules).")
     kind = kind_of(module)
     if kind is None:
         raise ValueError(
@@ -99,7 +105,7 @@ class NeatLayer(nn.Module):
         return adapter_tensors(config.r, config.depth, config.axis, self.d_out, self.d_in)
 
     def add_adapter(self, adapter_name: str, config: NeatConfig) -> None:
-        weight = self.base_layer.weight
+        weight = self.kind.stored_weights(self.base_layer, self.d_out, self.d_in)[0][1]  # hqq has no .weight
         dtype = weight.dtype if weight.is_floating_point() else None
         # Adapter weights are kept in fp32 even on a half-precision base (peft's autocast_adapter_dtype).
         factory = {"device": weight.device, "dtype": torch.float32 if dtype in (torch.float16, torch.bfloat16, None)

@@ -26,6 +26,14 @@ from .formats import (
     write_adapter,
 )
 from .layers import BASE_ONLY, ModulesToSave, NeatLayer, check_mixed_batch, check_supported, per_sample_adapters
+from .quantized import (
+    QuantizedLinearKind,
+    dequantize_model,
+    merged_float_linear,
+    prepare_model,
+    quantization_signatures,
+    signature_mismatch,
+)
 from .shards import check_wrappable, gather_full
 from .shards import is_main_process as _is_main_process
 from .targets import find_modules_to_save, find_targets
@@ -105,6 +113,10 @@ class NeatModel(nn.Module):
     >>> model.print_trainable_parameters()
     """
 
+    # transformers' Trainer refuses to fine-tune a quantized model (QLoRA) unless it is a peft PeftModel or says
+    # adapters are attached (trainer_utils.validate_quantization_for_training reads this flag): NEAT's are.
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, config: NeatConfig, adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         _check_wrappable_model(model)
@@ -113,6 +125,7 @@ class NeatModel(nn.Module):
         self.active_adapters: list[str] = []
         self._unloaded = False
         self.add_adapter(adapter_name, config)
+        prepare_model(model)  # quantized bases: see quantized.py
         self.set_adapter(adapter_name)
         if _checkpointing_enabled(model):  # enabled before wrapping
             self._enable_input_require_grads()
@@ -341,9 +354,30 @@ class NeatModel(nn.Module):
         self._unloaded = True
         return self.base_model
 
-    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
-        """The base model with the adapters merged in and every NEAT layer removed (this NeatModel is then spent)."""
-        return self._unload(True, safe_merge, adapter_names)
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None,
+                         dequantize: bool = False, dtype: Optional[torch.dtype] = None) -> nn.Module:
+        """The base model with the adapters merged in and every NEAT layer removed (this NeatModel is then spent).
+
+        On a quantized base, merging requantizes W0 + dW, which loses about as much as a small update holds
+        (docs/quantized.md). dequantize=True instead makes every quantized layer a full-precision nn.Linear (dtype:
+        default float32) holding the pristine dequantized W0 plus the adapters' dW, never requantized, and drops the
+        model's quantization marks: the usual way to ship a QLoRA result.
+        """
+        if not dequantize:
+            return self._unload(True, safe_merge, adapter_names)
+        self._check_live()
+        quantized = [(path, layer) for path, layer in self.neat_layers() if isinstance(layer.kind, QuantizedLinearKind)]
+        merged = [(path, layer, merged_float_linear(layer, adapter_names, dtype, safe_merge))
+                  for path, layer in quantized]  # computed before anything changes: a refusal leaves the model
+        for path, _, linear in merged:
+            _set_submodule(self.base_model, path, linear)
+        try:
+            model = self._unload(True, safe_merge, adapter_names)
+        except Exception:
+            for path, layer, _ in merged:
+                _set_submodule(self.base_model, path, layer)
+            raise
+        return dequantize_model(model, dtype)
 
     def unload(self) -> nn.Module:
         """The base model as it was, without adapters (this NeatModel is then spent)."""
@@ -392,8 +426,12 @@ class NeatModel(nn.Module):
             peanut = computed_by_peanut(config, layers)
             if not peanut:  # a NEAT file: its keys carry NEAT's prefix, as every peft type's do
                 tensors = rename_key_prefix(tensors, "peanut_", "neat_")
+            data = config_to_json(data, peanut, __version__)
+            quantized = quantization_signatures(zip(paths, layers))
+            if quantized:  # a NEAT file (PEANuT can't run quantized bases): loads compare it, see _read_checked
+                data["neat_peft"]["base_quantization"] = quantized
             directory = Path(save_directory) if name == DEFAULT_ADAPTER else Path(save_directory) / name
-            write_adapter(directory, config_to_json(data, peanut, __version__), tensors)
+            write_adapter(directory, data, tensors)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike],
@@ -475,7 +513,15 @@ def _read_checked(model: nn.Module, model_id, is_trainable: bool,
             expected[key] = tuple(value.shape)
             if not value.is_floating_point():  # e.g. a BatchNorm's num_batches_tracked
                 non_float[key] = value.dtype
-    return config, validate_adapter_tensors(raw, expected, Path(model_id) / WEIGHTS_NAME, non_float, allow_nonfinite)
+    tensors = validate_adapter_tensors(raw, expected, Path(model_id) / WEIGHTS_NAME, non_float, allow_nonfinite)
+    saved = (data.get("neat_peft") or {}).get("base_quantization", {}) if isinstance(data.get("neat_peft"), dict) else {}
+    if not (isinstance(saved, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in saved.items())):
+        raise ValueError(f"{str(Path(model_id) / 'adapter_config.json')!r}: neat_peft.base_quantization must map module "
+                         f"paths to strings, got {saved!r}. Save the adapter again from its model.")
+    mismatch = signature_mismatch(saved, targets)
+    if mismatch:
+        warnings.warn(f"{str(model_id)!r}: {mismatch}", stacklevel=3)
+    return config, tensors
 
 
 def _check_wrappable_model(model: nn.Module) -> None:

@@ -43,6 +43,7 @@ from .config import PEFT_REGISTRATION, NeatConfig
 from .formats import rename_key_prefix
 from .layers import NeatLayer, check_mixed_batch, check_supported, per_sample_adapters
 from .model import lora_export
+from .quantized import prepare_model
 from .targets import DEFAULT_TARGET_MODULES, is_excluded, is_target
 from .tensors import CONTAINERS
 
@@ -244,7 +245,9 @@ class NeatPeftModel(BaseTuner):
                         and not any(key.startswith(f"{name}.") for name in adapted) \
                         and self._check_target_module_exists(config, key):
                     check_supported(key, module)
-        return super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
+        result = super().inject_adapter(model, adapter_name, *args, state_dict=state_dict, **kwargs)
+        prepare_model(model)  # quantized bases: see quantized.py
+        return result
 
     @staticmethod
     def _check_target_module_exists(peft_config, key):

@@ -18,6 +18,7 @@ import tarfile
 import tempfile
 import types
 from pathlib import Path
+from typing import Optional
 
 PACKAGE = "peft_upstream_tests"
 
@@ -64,10 +65,13 @@ def _unpack_tests(tarball: Path, version: str, target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _stub_missing_optional_imports() -> None:
-    """testing_common.py imports diffusers at module level for its Stable Diffusion tests, which are not run here."""
+def _stub_missing_optional_imports() -> Optional[types.ModuleType]:
+    """testing_common.py imports diffusers at module level for its Stable Diffusion tests, which are not run here.
+    Returns the stub put into sys.modules (None if diffusers is installed), to be taken out after the import:
+    left there, other libraries' `find_spec("diffusers")` (optimum-quanto's) raise on it."""
     try:
         import diffusers  # noqa: F401
+        return None
     except ImportError:
         stub = types.ModuleType("diffusers")
 
@@ -76,6 +80,7 @@ def _stub_missing_optional_imports() -> None:
 
         stub.StableDiffusionPipeline = StableDiffusionPipeline
         sys.modules["diffusers"] = stub
+        return stub
 
 
 def import_peft_test_module(name: str = "test_custom_models"):
@@ -90,9 +95,13 @@ def import_peft_test_module(name: str = "test_custom_models"):
         if (root / PACKAGE).exists():
             shutil.rmtree(root / PACKAGE)
         _unpack_tests(tarball, version, root)
-    _stub_missing_optional_imports()
+    stub = _stub_missing_optional_imports()
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     import importlib
 
-    return importlib.import_module(f"{PACKAGE}.{name}")
+    try:
+        return importlib.import_module(f"{PACKAGE}.{name}")
+    finally:
+        if stub is not None and sys.modules.get("diffusers") is stub:
+            del sys.modules["diffusers"]

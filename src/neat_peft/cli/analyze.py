@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 import torch
 
-from . import models, rundir
-from .commands import open_run
+from . import rundir
+from .commands import load_run_model, open_run
 from .errors import CliError
 
 W0_SUBSPACE_K = 16
@@ -36,11 +36,16 @@ def run_updates(run_dir: str) -> tuple[dict[str, Any], dict[str, tuple[torch.Ten
                        f"run ({' or '.join(ADAPTER_METHODS)}). Train one with method.name=neat or method.name=lora.")
     if config["task"] == "image-classification":
         raise CliError("analyze handles nn.Linear adapters (text models); this run adapts convolutions.")
-    model = models.load_trained(path, config, splits.labels)
+    model = load_run_model(path, config, splits)
     updates = neat_updates(model) if method == "neat" else lora_updates(model)
     if not updates:
         raise CliError(f"No {method} layers found in the model of '{run_dir}'.")
-    metrics = json.loads((path / "metrics.json").read_text())
+    try:
+        metrics = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+        metrics.get("test")
+    except (ValueError, AttributeError) as e:
+        raise CliError(f"'{path / 'metrics.json'}' is damaged ({type(e).__name__}: {e}); train the run again "
+                       "with --overwrite.") from None
     info = {"run_dir": str(path), "method": method, "model": config["model.name"], "task": config["task"],
             "data": config["data.source"], "r": metrics.get("method_info", {}).get("r", config["method.r"]),
             "trainable_params": metrics.get("trainable_params"), "test": metrics.get("test")}

@@ -18,10 +18,23 @@ GGUF_NAME = "adapter.gguf"  # export-lora --gguf writes it beside the peft LoRA 
 
 
 def open_run(run_dir: str) -> tuple[Path, dict[str, Any], data_mod.Splits]:
+    """A finished run's directory, validated recipe and split (each damage explained by a CliError)."""
     path = Path(run_dir)
     rundir.check_run(path)
     config = recipe.load_resolved(path / "config.yaml")
     return path, config, data_mod.read_splits(path)
+
+
+def load_run_model(path: Path, config: dict[str, Any], splits: data_mod.Splits):
+    """The trained model of a finished run; a damaged weights file is named, not shown as a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        return models.load_trained(path, config, splits.labels)
+    except (ValueError, OSError, RuntimeError, KeyError, SafetensorError) as e:
+        raise CliError(f"Cannot load the trained model of '{path}' ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}). Its adapter or weights files are damaged; "
+                       "train the run again with --overwrite.") from None
 
 
 def _eval_trainer(model, config: dict[str, Any], run_dir: Path, collator, n_classes: int):
@@ -56,7 +69,7 @@ def run_eval(run_dir: str, data_path: Optional[str]) -> dict[str, Any]:
             splits.rows["test"] = data_mod.read_eval_rows(data_path, config, splits.labels)
         source = f"'{data_path}'"
     tokenizer = None if config["task"] == "image-classification" else models.load_tokenizer(config)
-    model = models.load_trained(path, config, splits.labels)
+    model = load_run_model(path, config, splits)
     datasets, collator = build_datasets(config, splits, tokenizer)
     classification = config["task"] != "causal-lm"
     trainer = _eval_trainer(model, config, path, collator, len(splits.labels))
@@ -116,7 +129,7 @@ def _predict(path: Path, config: dict[str, Any], splits: data_mod.Splits, inputs
              max_new_tokens: int) -> list[dict[str, Any]]:
     task = config["task"]
     tokenizer = None if task == "image-classification" else models.load_tokenizer(config)
-    model = models.load_trained(path, config, splits.labels)
+    model = load_run_model(path, config, splits)
     results = []
     with torch.no_grad():
         if task == "causal-lm":
@@ -166,25 +179,27 @@ def run_merge(run_dir: str, out: str) -> float:
     target = Path(out)
     rundir.check_empty_output(target, "merged model")
     tokenizer = None if config["task"] == "image-classification" else models.load_tokenizer(config)
-    model = models.load_trained(path, config, splits.labels)
+    model = load_run_model(path, config, splits)
     batch = _sample_batch(config, splits, tokenizer)
     with torch.no_grad():
         before = _logits(model, batch)
         merged = models.merged_model(model, config["method.name"]).eval()
         diff = float((before - _logits(merged, batch)).abs().max())
-    target.mkdir(parents=True, exist_ok=True)
+    with rundir.output_folder(target, "merged model") as folder:
+        if config["task"] == "image-classification" and not tasks.handles(config):
+            state = {k: v.contiguous() for k, v in merged.state_dict().items()}
+            save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            models.write_json(folder / "neat_peft_model.json", {
+                "architecture": "efficientnet-lite0 (efficientnet_lite_pytorch.EfficientNet) in "
+                                "neat_peft.cli.models.ImageClassifier", "labels": splits.labels,
+                "image_size": config["data.image_size"], "input_scaling": "(x - 0.5) / 0.5, 3 channels"})
+        else:
+            merged.save_pretrained(folder)
+            # a transformers vision model keeps its image processor beside it, a text model its tokenizer
+            (tokenizer or tasks.load_processor(config)).save_pretrained(folder)
     if config["task"] == "image-classification" and not tasks.handles(config):
-        state = {k: v.contiguous() for k, v in merged.state_dict().items()}
-        save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
-        models.write_json(target / "neat_peft_model.json", {
-            "architecture": "efficientnet-lite0 (efficientnet_lite_pytorch.EfficientNet) in "
-                            "neat_peft.cli.models.ImageClassifier", "labels": splits.labels,
-            "image_size": config["data.image_size"], "input_scaling": "(x - 0.5) / 0.5, 3 channels"})
         how = "load with neat_peft.cli.models.load_image_model (EfficientNet is not a transformers model)"
     else:
-        merged.save_pretrained(target)
-        # a transformers vision model keeps its image processor beside it, a text model its tokenizer
-        (tokenizer or tasks.load_processor(config)).save_pretrained(target)
         loader = tasks.auto_class(config["task"])
         how = f"load with transformers.{loader}.from_pretrained('{target}')"
     print(f"merged {config['method.name']} model saved to {target} ({how}); max |logit difference| merged vs "
@@ -200,24 +215,21 @@ def run_export_lora(run_dir: str, out: str, gguf: bool = False) -> None:
     if method not in ("neat", "lora"):
         raise CliError(f"export-lora needs a run trained with method neat or lora; '{path}' used method {method} "
                        "(no low-rank update to export). Use `neat-peft merge` for a full model.")
-    model = models.load_trained(path, config, splits.labels) if method == "neat" or gguf else None
-    created = not target.exists()
-    target.mkdir(parents=True, exist_ok=True)
-    if gguf:  # first, so that an adapter GGUF cannot hold is refused before anything is written
-        from neat_peft.gguf_export import export_gguf_lora
+    model = load_run_model(path, config, splits) if method == "neat" or gguf else None
+    with rundir.output_folder(target, "LoRA adapter") as folder:
+        if gguf:  # first, so that an adapter GGUF cannot hold is refused before anything is written
+            from neat_peft.gguf_export import export_gguf_lora
 
-        try:
-            export_gguf_lora(model if method == "neat" else path / "adapter", target / GGUF_NAME,
-                             config=getattr(model, "config", None))
-        except (ValueError, FileNotFoundError, ImportError) as e:
-            if created:
-                target.rmdir()
-            raise CliError(f"Cannot write a GGUF adapter for '{path}': {e}") from None
-    if method == "lora":
-        for f in (path / "adapter").iterdir():
-            shutil.copy2(f, target / f.name)
-    else:
-        model.export_lora(target)
+            try:
+                export_gguf_lora(model if method == "neat" else path / "adapter", folder / GGUF_NAME,
+                                 config=getattr(model, "config", None))
+            except (ValueError, FileNotFoundError, ImportError) as e:
+                raise CliError(f"Cannot write a GGUF adapter for '{path}': {e}") from None
+        if method == "lora":
+            for f in (path / "adapter").iterdir():
+                shutil.copy2(f, folder / f.name)
+        else:
+            model.export_lora(folder)
     what = ("it computes exactly the NEAT update: lora_B @ lora_A = dW, scaling 1" if method == "neat"
             else "a copy of the run's LoRA adapter")
     print(f"LoRA adapter written to {target} (load with peft.PeftModel.from_pretrained(base_model, '{target}'); "

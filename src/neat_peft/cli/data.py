@@ -104,9 +104,10 @@ def load_split(source: str, hub_config: Optional[str], split: str, hint: str = "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). It needs one file "
                            f"per split named after the split (e.g. {split}.jsonl) or an image folder "
                            f"{split}/<class>/<image>.{hint and ' ' + hint}") from None
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        from .models import is_offline
+
         why = ("it needs the network: this machine is offline and it is not in the local cache"
-               if offline else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+               if is_offline() else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         instead = f" {hint}" if hint else ""
         raise CliError(f"Data source '{source}' (split '{split}') is not a local file and could not be loaded as a "
                        f"`datasets` hub data set: {why}. Give a local .csv/.json/.jsonl/.parquet file or a folder "
@@ -292,13 +293,29 @@ def write_splits(run_dir: Path, splits: Splits) -> None:
 
 
 def read_splits(run_dir: Path) -> Splits:
+    """The split a run wrote, checked: each file parses and holds as many rows as info.json says it used."""
     folder = run_dir / "split"
-    info = json.loads((folder / "info.json").read_text())
+    fix = (f"The run's split is damaged, so '{run_dir}' cannot be evaluated or resumed as it was; train it again "
+           "with --overwrite.")
+    try:
+        info = json.loads((folder / "info.json").read_text(encoding="utf-8"))
+        labels, used = info.pop("labels"), info["used"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CliError(f"Cannot read '{folder / 'info.json'}' ({type(e).__name__}: {e}). {fix}") from None
+    missing = [f"{name}.jsonl" for name in SPLITS if not (folder / f"{name}.jsonl").is_file()]
+    if missing:
+        raise CliError(f"'{folder}' lacks {', '.join(missing)}. {fix}")
     rows = {}
     # train / validation / test, and the extra evaluation sets some tasks keep (e.g. MNLI mismatched)
     for path in sorted(folder.glob("*.jsonl")):
-        rows[path.stem] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    return Splits(rows, info.pop("labels"), info)
+        try:
+            rows[path.stem] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+        except (OSError, ValueError) as e:
+            raise CliError(f"Cannot read '{path}' ({type(e).__name__}: {e}). {fix}") from None
+        if path.stem in used and len(rows[path.stem]) != used[path.stem]:
+            raise CliError(f"'{path}' holds {len(rows[path.stem])} rows but the run used {used[path.stem]} (it is "
+                           f"truncated or was edited). {fix}")
+    return Splits(rows, labels, info)
 
 
 # --- images (IDX files, Fashion-MNIST's format) ---------------------------------------------------------
@@ -350,7 +367,9 @@ def _torchvision_download() -> Path:
         from torchvision.datasets import FashionMNIST
     except ImportError:
         FashionMNIST = None
-    if FashionMNIST is not None and os.environ.get("HF_HUB_OFFLINE") != "1":
+    from .models import is_offline
+
+    if FashionMNIST is not None and not is_offline():
         try:
             FashionMNIST(str(root.parent.parent), train=True, download=True)
             FashionMNIST(str(root.parent.parent), train=False, download=True)
@@ -358,7 +377,7 @@ def _torchvision_download() -> Path:
         except Exception as e:  # network errors come in many types
             reason = f"torchvision's download failed ({type(e).__name__}: {e})"
     else:
-        reason = "torchvision is not installed" if FashionMNIST is None else "HF_HUB_OFFLINE=1"
+        reason = "torchvision is not installed" if FashionMNIST is None else "this machine is offline"
     raise CliError(f"Fashion-MNIST is not on this machine: '{FASHION_MNIST_DIR}' is missing and {reason}. Install "
                    "Debian's package (apt-get install -y dataset-fashion-mnist), or set data.source to a folder "
                    "holding the IDX files.")

@@ -44,12 +44,16 @@ def prompt_text(tokenizer, prompt: str) -> str:
     return prompt + "\n"
 
 
-def causal_lm_dataset(rows, tokenizer, max_length: int) -> ListDataset:
+def causal_lm_dataset(rows, tokenizer, max_length: int, encode_prompt=None) -> ListDataset:
     """input_ids = prompt + response + eos; labels = IGNORE_INDEX on the prompt, so only the response is learnt.
-    Too-long examples lose the start of the prompt, never the response."""
+    Too-long examples lose the start of the prompt, never the response. encode_prompt(prompt) -> token ids
+    (default: the prompt as prompt_text shows it to the model)."""
+    if encode_prompt is None:
+        def encode_prompt(prompt):
+            return tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     items = []
     for r in rows:
-        prompt_ids = tokenizer(prompt_text(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]
+        prompt_ids = encode_prompt(r["prompt"])
         response_ids = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         response_ids = response_ids[:max_length]
         prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - max_length):]

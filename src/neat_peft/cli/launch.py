@@ -22,7 +22,10 @@ LAUNCH_FILE = "launch.json"
 
 
 def world_size() -> int:
-    """Processes in this launch (torchrun and accelerate launch set WORLD_SIZE; a plain run has none)."""
+    """Processes in this launch (torchrun and accelerate launch set WORLD_SIZE; a plain run has none).
+
+    Read only to configure TrainingArguments (CPU + gloo under several processes); once they exist their
+    world_size and process_index are what the run uses."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -52,11 +55,11 @@ def _processes(n: int) -> str:
     return f"{n} process" + ("" if n == 1 else "es")
 
 
-def check_resume(checkpoint: Optional[Path], run_dir: Path, config: dict[str, Any]) -> None:
-    """Refuse to resume `checkpoint` with a different number of processes than wrote it (nothing is changed)."""
+def check_resume(checkpoint: Optional[Path], run_dir: Path, config: dict[str, Any], now: int) -> None:
+    """Refuse to resume `checkpoint` with `now` processes if a different number wrote it (nothing is changed)."""
     if checkpoint is None:  # nothing to resume from: the run starts again, with any number of processes
         return
-    recorded, now = recorded_world_size(checkpoint), world_size()
+    recorded = recorded_world_size(checkpoint)
     if recorded is None or recorded == now:
         return
     per_process = config["train.batch_size"] * config["train.grad_accum_steps"]

@@ -8,12 +8,58 @@ import sys
 import textwrap
 from typing import Optional
 
-from .errors import CliError
+from .errors import CliError, describe_os_error
 
 DESCRIPTION = """\
 Fine-tune a pre-trained model with NEAT (or LoRA, full fine-tuning, head-only) in one command.
 With no arguments, `neat-peft train` fine-tunes MiniLM-L6 on a 3-class tweet-sentiment corpus with NEAT,
 offline, in about 5 minutes on 2 CPU cores."""
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import run_train
+
+    run_train(args.config, args.overrides, args.output_dir, args.resume, args.overwrite)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from .commands import run_eval
+
+    result = run_eval(args.run_dir, args.data)
+    if args.json:
+        print(json.dumps(result))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from .commands import run_predict
+
+    run_predict(args.run_dir, args.inputs, args.max_new_tokens, args.json)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from .commands import run_merge
+
+    run_merge(args.run_dir, args.out)
+
+
+def _export_lora(args: argparse.Namespace) -> None:
+    from .commands import run_export_lora
+
+    run_export_lora(args.run_dir, args.out, args.gguf)
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    from .analyze import run_analyze
+
+    run_analyze(args.run_dir, args.compare, args.out)
+
+
+def _recipe_keys(args: argparse.Namespace) -> None:
+    from .recipe import explain
+
+    print(explain())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,37 +75,44 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.lr=1e-3")
     train.add_argument("--output-dir", "-o", help="run directory (same as output.dir=...)")
     train.add_argument("--resume", action="store_true", help="continue the unfinished run in the run directory "
-                       "from its last complete checkpoint")
+                       "from its newest checkpoint that loads")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in the run directory "
-                       "(only the files a run writes are removed)")
+                       "(only the files that run wrote are removed)")
+    train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a finished run on its test split or on other data")
     ev.add_argument("run_dir")
     ev.add_argument("--data", help="a data file (or IDX folder) with the run's columns, instead of its test split")
     ev.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    ev.set_defaults(func=_eval)
 
     pr = sub.add_parser("predict", help="run a finished run's model on texts, prompts or image files")
     pr.add_argument("run_dir")
     pr.add_argument("inputs", nargs="+", metavar="INPUT")
     pr.add_argument("--max-new-tokens", type=int, default=16, help="causal-lm: tokens to generate")
     pr.add_argument("--json", action="store_true", help="one JSON object per input")
+    pr.set_defaults(func=_predict)
 
     mg = sub.add_parser("merge", help="save the model with the adapter merged in (plain transformers model)")
     mg.add_argument("run_dir")
     mg.add_argument("out")
+    mg.set_defaults(func=_merge)
 
     ex = sub.add_parser("export-lora", help="save a NEAT adapter as an exactly equivalent peft LoRA adapter")
     ex.add_argument("run_dir")
     ex.add_argument("out")
     ex.add_argument("--gguf", action="store_true",
                     help="also write OUT/adapter.gguf, a GGUF LoRA adapter for llama.cpp / Ollama (llama models)")
+    ex.set_defaults(func=_export_lora)
 
     an = sub.add_parser("analyze", help="singular values, effective rank and |dW|/|W0| of a run's update per layer")
     an.add_argument("run_dir")
     an.add_argument("--compare", help="a second run (e.g. LoRA on the same task) shown side by side")
     an.add_argument("--out", help="output folder (default: RUN_DIR-analysis)")
+    an.set_defaults(func=_analyze)
 
-    sub.add_parser("recipe-keys", help="list every recipe key with its default and meaning")
+    keys = sub.add_parser("recipe-keys", help="list every recipe key with its default and meaning")
+    keys.set_defaults(func=_recipe_keys, light=True)
     return parser
 
 
@@ -79,47 +132,15 @@ def _quiet_libraries() -> None:
 
 
 def dispatch(args: argparse.Namespace) -> None:
-    if args.command == "recipe-keys":
-        from .recipe import explain
-
-        print(explain())
-        return
-    try:
-        import transformers  # noqa: F401
-        import yaml  # noqa: F401
-    except ImportError as e:
-        raise CliError(f"The neat-peft command needs the training extras ({e.name} is missing): "
-                       "pip install 'neat-peft[train]'.") from None
-    _quiet_libraries()
-    if args.command == "train":
-        from .train import run_train
-
-        run_train(getattr(args, "config", None), getattr(args, "overrides", []) or [],
-                  getattr(args, "output_dir", None), getattr(args, "resume", False), getattr(args, "overwrite", False))
-    elif args.command == "eval":
-        import json
-
-        from .commands import run_eval
-
-        result = run_eval(args.run_dir, args.data)
-        if args.json:
-            print(json.dumps(result))
-    elif args.command == "predict":
-        from .commands import run_predict
-
-        run_predict(args.run_dir, args.inputs, args.max_new_tokens, args.json)
-    elif args.command == "merge":
-        from .commands import run_merge
-
-        run_merge(args.run_dir, args.out)
-    elif args.command == "analyze":
-        from .analyze import run_analyze
-
-        run_analyze(args.run_dir, args.compare, args.out)
-    elif args.command == "export-lora":
-        from .commands import run_export_lora
-
-        run_export_lora(args.run_dir, args.out, args.gguf)
+    if not getattr(args, "light", False):
+        try:
+            import transformers  # noqa: F401
+            import yaml  # noqa: F401
+        except ImportError as e:
+            raise CliError(f"The neat-peft command needs the training extras ({e.name} is missing): "
+                           "pip install 'neat-peft[train]'.") from None
+        _quiet_libraries()
+    args.func(args)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -130,12 +151,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     try:
         dispatch(args)
-    except CliError as e:
+    except (CliError, OSError) as e:
+        # OSError: a file operation the command did not expect to fail (full disk, read-only folder, a file
+        # removed under it); the commands turn the ones they expect into a CliError that says what was kept.
+        message = str(e) if isinstance(e, CliError) else describe_os_error(e)
         sys.stdout.flush()
-        width = 100
-        print("\n".join(textwrap.wrap(f"error: {e}", width=width, break_long_words=False,
+        print("\n".join(textwrap.wrap(f"error: {message}", width=100, break_long_words=False,
                                       break_on_hyphens=False)), file=sys.stderr)
-        return e.exit_code
+        return e.exit_code if isinstance(e, CliError) else CliError.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted: the last complete checkpoint is kept; continue with --resume.", file=sys.stderr)
         return 130

@@ -29,12 +29,11 @@ HEAD_NAMES = ("classifier", "score")
 
 
 def is_offline() -> bool:
-    try:
-        from huggingface_hub import constants
+    """The CLI's one offline check: HF_HUB_OFFLINE as huggingface_hub reads it, or HF_DATASETS_OFFLINE."""
+    from huggingface_hub import constants
 
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return os.environ.get("HF_HUB_OFFLINE") == "1"
+    datasets_offline = os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or datasets_offline
 
 
 def resolve_source(config: dict[str, Any]) -> tuple[str, Optional[str]]:
@@ -128,12 +127,54 @@ def load_base_model(config: dict[str, Any], labels: list[str], source_override: 
             tokenizer = load_tokenizer(config)
             model.config.pad_token_id = tokenizer.pad_token_id
         return model
+    if config["model.quantization"] != "none" and not gguf:
+        kwargs["quantization_config"] = quantization_config(config)
     model = _from_pretrained(AutoModelForCausalLM, source, config["model.name"], **kwargs)
-    if getattr(model.config, "quantization_config", None) is not None or getattr(model, "hf_quantizer", None):
+    if gguf:  # transformers marks a GGUF model quantized although it holds fp32 weights
         model = _plain_copy_of_gguf_model(model)
+        if config["model.quantization"] != "none":
+            model = _quantized_copy(model, config)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def quantization_config(config: dict[str, Any]):
+    """transformers' quantization config for model.quantization (the frozen base's storage; QLoRA-style)."""
+    kind, compute = config["model.quantization"], getattr(torch, config["model.compute_dtype"])
+    try:
+        if kind in ("nf4", "fp4", "int8"):
+            import bitsandbytes  # noqa: F401  (transformers' own message for a missing backend names no extra)
+            from transformers import BitsAndBytesConfig
+
+            if kind == "int8":
+                return BitsAndBytesConfig(load_in_8bit=True)
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=compute)
+        if kind == "torchao-int8":
+            from torchao.quantization import Int8WeightOnlyConfig
+            from transformers import TorchAoConfig
+
+            return TorchAoConfig(Int8WeightOnlyConfig())
+        import optimum.quanto  # noqa: F401
+        from transformers import QuantoConfig
+
+        return QuantoConfig(weights="int8")
+    except ImportError as e:
+        raise CliError(f"model.quantization={kind} needs its backend ({e.name or e}): pip install 'neat-peft[quant]'.") \
+            from None
+
+
+def _quantized_copy(model, config: dict[str, Any]):
+    """`model` (full precision, in memory) loaded again through transformers with model.quantization: transformers'
+    quantizers work at load time, so the weights take one trip through a temporary folder."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="neat-peft-quantize-") as folder:
+        model.save_pretrained(folder)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                    quantization_config=quantization_config(config))
 
 
 class ImageClassifier(nn.Module):
@@ -323,8 +364,14 @@ def load_trained(run_dir: Path, config: dict[str, Any], labels: list[str]) -> nn
 
 
 def merged_model(model: nn.Module, method: str) -> nn.Module:
-    """The plain model with the adapter folded into its weights."""
-    if method in ("neat", "lora"):  # NeatModel and peft's PeftModel share this API
+    """The plain model with the adapter folded into its weights (full precision on a quantized base: W0 + dW,
+    never requantized)."""
+    if method == "neat":
+        from neat_peft.quantized import quantized_kind
+
+        quantized = any(quantized_kind(m) is not None for m in model.modules())
+        return model.merge_and_unload(safe_merge=True, dequantize=quantized)
+    if method == "lora":  # peft's PeftModel
         return model.merge_and_unload(safe_merge=True)
     return model
 

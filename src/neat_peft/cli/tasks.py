@@ -513,18 +513,11 @@ def load_processor(config: dict[str, Any]):
 
 def qa_dataset(rows, tokenizer, config: dict[str, Any]):
     """input_ids = template(prompt) + response + eos; labels IGNORE_INDEX on the prompt (loss on the response)."""
-    from .features import IGNORE_INDEX, ListDataset
+    from .features import causal_lm_dataset
 
-    items, limit = [], config["data.max_length"]
-    for r in rows:
-        prompt_ids = encode_prompt(tokenizer, r["prompt"], config["data.prompt_template"])
-        response_ids = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        response_ids = response_ids[:limit]
-        prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - limit):]
-        ids = prompt_ids + response_ids
-        items.append({"input_ids": ids, "attention_mask": [1] * len(ids),
-                      "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids})
-    return ListDataset(items)
+    template = config["data.prompt_template"]
+    return causal_lm_dataset(rows, tokenizer, config["data.max_length"],
+                             lambda prompt: encode_prompt(tokenizer, prompt, template))
 
 
 def encode_prompt(tokenizer, prompt: str, template: str) -> list[int]:

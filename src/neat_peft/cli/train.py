@@ -9,7 +9,10 @@ bar (loss and throughput).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -20,19 +23,15 @@ import torch
 
 from . import data as data_mod
 from . import features, launch, models, recipe, report, rundir, tasks
-from .errors import CliError
+from .errors import CliError, describe_os_error
 
-TRAINABLE_FILE = "trainable.safetensors"
+TRAINABLE_FILE = rundir.TRAINABLE_FILE
 # Testing hook: SIGKILL this process right after the checkpoint of this step is complete (resume tests).
 KILL_ENV = "NEAT_PEFT_SIGKILL_AFTER_CHECKPOINT"
 
 
 class NonFiniteLoss(CliError):
     pass
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def make_trainer_class():
@@ -183,8 +182,8 @@ def label_ids(dataset) -> list[int]:
 def training_arguments(config: dict[str, Any], run_dir: Path, for_training: bool = True):
     from transformers import TrainingArguments
 
-    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    return TrainingArguments(
+    cpu_processes = launch.world_size() > 1 and not torch.cuda.is_available()
+    settings = dict(
         output_dir=str(rundir.checkpoints_dir(run_dir)),
         per_device_train_batch_size=config["train.batch_size"],
         per_device_eval_batch_size=config["train.eval_batch_size"],
@@ -212,11 +211,10 @@ def training_arguments(config: dict[str, Any], run_dir: Path, for_training: bool
         # without use_cpu every process silently trained its own copy. gloo: NCCL is for GPUs only.
         use_cpu=cpu_processes, ddp_backend="gloo" if cpu_processes else None,
     )
-
-
-def _announce(text: str) -> None:
-    if is_main_process():
-        print(text, flush=True)
+    try:
+        return TrainingArguments(**settings)
+    except ValueError as e:  # recipe.validate checks every key first; this names what transformers still refuses
+        raise CliError(f"transformers refuses the training settings of this recipe (train.*): {e}") from None
 
 
 def describe_data(config: dict[str, Any], splits: data_mod.Splits) -> str:
@@ -243,25 +241,59 @@ def check_resume_config(saved: dict[str, Any], new: dict[str, Any], given: bool,
                        "to start a new run with the new recipe.")
 
 
+def choose_checkpoint(run_dir: Path, announce) -> Optional[Path]:
+    """The newest checkpoint of `run_dir` that loads; each newer one skipped is announced with its reason."""
+    checkpoint, skipped = rundir.resume_checkpoint(run_dir)
+    for folder, why in skipped:
+        announce(f"--resume: skipping {folder.name}: {why}.")
+    return checkpoint
+
+
+def remove_newer_checkpoints(run_dir: Path, checkpoint: Optional[Path]) -> None:
+    """Delete the (skipped) checkpoints after the one resumed from: Trainer saves those steps again, and new
+    files must not land beside a damaged checkpoint's old ones."""
+    start = rundir.checkpoint_step(checkpoint) if checkpoint else -1
+    folder = rundir.checkpoints_dir(run_dir)
+    for path in (folder.iterdir() if folder.is_dir() else []):
+        step = rundir.checkpoint_step(path)
+        if step is not None and step > start:
+            shutil.rmtree(path)
+
+
+def _stopped(run_dir: Path, why: str) -> CliError:
+    last = rundir.last_complete_checkpoint(run_dir)
+    kept = f"The last complete checkpoint, {last.name}, is kept" if last else "No checkpoint had been written yet"
+    return CliError(f"Training stopped: {why} {kept}; continue with `neat-peft train -o {run_dir} --resume` "
+                    "once that is fixed.")
+
+
 def run_train(config_path: Optional[str], overrides: list[str], output_dir: Optional[str], resume: bool,
               overwrite: bool) -> dict[str, Any]:
     """The whole `train` command. Everything that can fail on bad input fails before the run directory changes."""
     import transformers
 
-    config = recipe.resolve(config_path, overrides)
-    if output_dir:
-        config["output.dir"] = output_dir
+    config = recipe.resolve(config_path, overrides, output_dir)
     run_dir = Path(config["output.dir"])
-    if is_main_process():
+    args = training_arguments(config, run_dir)
+    main = args.process_index == 0
+
+    def announce(text: str) -> None:
+        if main:
+            print(text, flush=True)
+
+    if main:
         mode = rundir.prepare(run_dir, resume, overwrite, dry_run=True)
     else:  # other ranks of a torchrun launch: rank 0 checks (and may already be writing) the directory
         mode = "resume" if resume else "fresh"
+    checkpoint = None
     if mode == "resume":
         saved = recipe.load_resolved(run_dir / "config.yaml")
         check_resume_config(saved, config, bool(config_path or overrides), run_dir)
         config = saved
         config["output.dir"] = str(run_dir)
-        launch.check_resume(rundir.last_complete_checkpoint(run_dir), run_dir, config)
+        args = training_arguments(config, run_dir)
+        checkpoint = choose_checkpoint(run_dir, announce)
+        launch.check_resume(checkpoint, run_dir, config, args.world_size)
         splits = data_mod.read_splits(run_dir)
     elif tasks.handles(config):
         splits = tasks.build_splits(config)
@@ -269,7 +301,7 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
         splits = data_mod.build_image_splits(config)
     else:
         splits = data_mod.build_text_splits(config)
-    if config["train.threads"]:
+    if config["train.threads"] is not None:
         torch.set_num_threads(config["train.threads"])
     transformers.set_seed(config["train.seed"])
     tokenizer = None if config["task"] == "image-classification" else models.load_tokenizer(config)
@@ -278,25 +310,35 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
     datasets, collator = build_datasets(config, splits, tokenizer)
 
     # Inputs are good: only now touch the run directory.
-    if is_main_process():
-        rundir.prepare(run_dir, resume, overwrite)
-        if mode == "fresh":
-            run_dir.mkdir(parents=True, exist_ok=True)
-            data_mod.write_splits(run_dir, splits)
-            rundir.atomic_write_text(run_dir / "config.yaml", recipe.dump(config))
-    checkpoint = rundir.last_complete_checkpoint(run_dir) if mode == "resume" else None
+    if main:
+        try:
+            rundir.prepare(run_dir, resume, overwrite)
+            if mode == "fresh":
+                with rundir.writing(run_dir, "split"):
+                    data_mod.write_splits(run_dir, splits)
+                with rundir.writing(run_dir, "config.yaml"):  # written last: it marks the start complete
+                    rundir.atomic_write_text(run_dir / "config.yaml", recipe.dump(config))
+                rundir.claim(run_dir, "checkpoints")  # Trainer creates the folder when it is built
+            else:
+                remove_newer_checkpoints(run_dir, checkpoint)
+        except OSError as e:
+            if mode == "fresh" and rundir.read_marker(run_dir) is not None:
+                with contextlib.suppress(OSError):
+                    rundir.discard(run_dir)  # the next run would remove it anyway; a clean folder is clearer
+            raise CliError(f"Could not set up the run in '{run_dir}'. {describe_os_error(e)} Nothing of yours "
+                           "was changed; run the command again once that is fixed.") from None
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    _announce(f"run directory: {run_dir}" + (f" (resuming from {checkpoint.name})" if checkpoint else
-                                             " (resuming: no complete checkpoint, starting again)" if mode == "resume"
-                                             else ""))
-    _announce(f"task: {config['task']}; model: {config['model.name']}; method: {config['method.name']}"
-              + (f" (r={method_info['r']}, {method_info['targets']} adapted modules"
-                 + (f"; {method_info['matched']}" if "matched" in method_info else "") + ")"
-                 if "targets" in method_info else "")
-              + f"; trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    _announce(describe_data(config, splits))
+    announce(f"run directory: {run_dir}" + (f" (resuming from {checkpoint.name})" if checkpoint else
+                                            " (resuming: no complete checkpoint, starting again)" if mode == "resume"
+                                            else ""))
+    announce(f"task: {config['task']}; model: {config['model.name']}; method: {config['method.name']}"
+             + (f" (r={method_info['r']}, {method_info['targets']} adapted modules"
+                + (f"; {method_info['matched']}" if "matched" in method_info else "") + ")"
+                if "targets" in method_info else "")
+             + f"; trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    announce(describe_data(config, splits))
 
     classification = config["task"] not in ("causal-lm", tasks.QA)
     n_classes = len(splits.labels)
@@ -309,8 +351,7 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
     if custom:
         compute_metrics = tasks.metrics_fn(config, splits)
 
-    args = training_arguments(config, run_dir)
-    examples_per_step = config["train.batch_size"] * config["train.grad_accum_steps"] * max(args.world_size, 1)
+    examples_per_step = config["train.batch_size"] * config["train.grad_accum_steps"] * args.world_size
     trainer = make_trainer_class()(
         model=model, args=args, train_dataset=datasets["train"],
         eval_dataset=tasks.eval_dataset(datasets, splits) if custom else datasets["validation"],
@@ -323,29 +364,27 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
 
     trainer.remove_callback(PrinterCallback)  # our Progress callback shows loss and validation results
     trainer.remove_callback(ProgressCallback)
-    base_eval = None
-    if not classification and not custom and mode == "fresh":
-        # Adapters start at zero, so before training every method computes the base model: its test loss.
-        base_eval = trainer.evaluate(datasets["test"], metric_key_prefix="test")
-        if is_main_process():
-            models.write_json(run_dir / "base_model_eval.json", base_eval)
-    elif not classification and (run_dir / "base_model_eval.json").is_file():
-        import json
-
-        base_eval = json.loads((run_dir / "base_model_eval.json").read_text())
-    start = time.perf_counter()
     try:
+        base_eval = _read_base_eval(run_dir) if mode == "resume" else None
+        if not classification and not custom and base_eval is None:
+            # Adapters start at zero, so before training every method computes the base model: its test loss.
+            base_eval = trainer.evaluate(datasets["test"], metric_key_prefix="test")
+            if main:
+                with rundir.writing(run_dir, "base_model_eval.json"):
+                    models.write_json(run_dir / "base_model_eval.json", base_eval)
+        start = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_seconds = time.perf_counter() - start
     except NonFiniteLoss as e:
-        for callback in trainer.callback_handler.callbacks:
-            if hasattr(callback, "bar"):
-                callback.bar.close()
+        _close_bars(trainer)
         last = rundir.last_complete_checkpoint(run_dir)
         kept = f"The last good checkpoint, {last}, is kept" if last else "No checkpoint had been written yet"
         raise CliError(f"Training stopped: the loss became NaN or infinite at step {e}. {kept}; nothing was "
                        "saved after it. Lower train.lr / train.head_lr (or method.scaling) and start again with "
                        "--overwrite.") from None
-    train_seconds = time.perf_counter() - start
+    except OSError as e:
+        _close_bars(trainer)
+        raise _stopped(run_dir, describe_os_error(e)) from None
 
     # Test evaluation and what the run keeps.
     metrics: dict[str, Any] = {"method": config["method.name"], "task": config["task"], "model": config["model.name"],
@@ -376,14 +415,34 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
     metrics["validation_curve"] = [{"step": h["step"], primary: h[f"eval_{primary}"]} for h in validation]
     if custom:
         metrics["validation_curve"] = tasks.validation_curve(trainer.state.log_history, config, splits)
-    if is_main_process():
-        models.save_trained(trainer.model, config, run_dir, tokenizer)
-        models.write_json(run_dir / "log_history.json", {"log_history": trainer.state.log_history})
-        report.plot_curves(trainer.state.log_history, primary, run_dir / "training_curves.png",
-                           f"{config['model.name']} · {config['method.name']} · {config['data.source']}")
-        models.write_json(run_dir / "metrics.json", metrics)  # written last: it marks the run finished
+    if main:
+        try:
+            with rundir.writing(run_dir, "adapter", "model", "head.safetensors"):
+                models.save_trained(trainer.model, config, run_dir, tokenizer)
+            with rundir.writing(run_dir, "log_history.json", "training_curves.png", "metrics.json"):
+                models.write_json(run_dir / "log_history.json", {"log_history": trainer.state.log_history})
+                report.plot_curves(trainer.state.log_history, primary, run_dir / "training_curves.png",
+                                   f"{config['model.name']} · {config['method.name']} · {config['data.source']}")
+                models.write_json(run_dir / "metrics.json", metrics)  # written last: it marks the run finished
+        except OSError as e:
+            raise _stopped(run_dir, f"saving the trained run failed. {describe_os_error(e)}") from None
         print()
         print(tasks.final_table(metrics) if custom else report.final_table(metrics))
         print(f"\nsaved: {run_dir}/ (adapter or weights, config.yaml, metrics.json, training_curves.png, split/)")
     launch.finish()
     return metrics
+
+
+def _close_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        if hasattr(callback, "bar"):
+            callback.bar.close()
+
+
+def _read_base_eval(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The base model's test loss recorded by the run's start (None if absent or damaged: evaluated again)."""
+    try:
+        value = json.loads((run_dir / "base_model_eval.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) and isinstance(value.get("test_loss"), float) else None
