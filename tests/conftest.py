@@ -18,3 +18,14 @@ def _seed():
 def fresh_copy():
     """fresh_copy(model) -> an independent deep copy (so two wrappers never share weights)."""
     return copy.deepcopy
+
+
+@pytest.fixture(scope="module")
+def isolated_datasets_cache(tmp_path_factory):
+    """`datasets` caches what it reads from local folders; keep the tests' copies out of the user's cache."""
+    import datasets
+
+    saved = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("datasets_cache")
+    yield
+    datasets.config.HF_DATASETS_CACHE = saved

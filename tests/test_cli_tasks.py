@@ -15,22 +15,12 @@ import torch
 
 from cli_helpers import cli, have, make_tiny_bert, make_tiny_llama, needs_minilm
 
-pytestmark = [needs_minilm, pytest.mark.skipif(not (have("sklearn") and have("scipy")),
-                                               reason="scikit-learn and scipy compute the reference metrics")]
+pytestmark = [needs_minilm, pytest.mark.usefixtures("isolated_datasets_cache"),
+              pytest.mark.skipif(not (have("sklearn") and have("scipy")),
+                                 reason="scikit-learn and scipy compute the reference metrics")]
 
 WORDS = "cat dog bird fish tree car road house blue red green small big fast slow".split()
 COLOURS = ("red", "green", "blue")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _datasets_cache(tmp_path_factory):
-    """`datasets` caches what it reads from local folders; keep the tests' copies out of the user's cache."""
-    import datasets
-
-    saved = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("datasets_cache")
-    yield
-    datasets.config.HF_DATASETS_CACHE = saved
 
 
 def _sentence(rng: random.Random) -> str:

@@ -15,17 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "recipes" / "paper"
 RECIPES = sorted(p.relative_to(PAPER).as_posix() for p in PAPER.rglob("*.yaml"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _datasets_cache(tmp_path_factory):
-    """`datasets` caches what it reads from local folders; keep the tests' copies out of the user's cache."""
-    import datasets
-
-    saved = datasets.config.HF_DATASETS_CACHE
-    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("datasets_cache")
-    yield
-    datasets.config.HF_DATASETS_CACHE = saved
+pytestmark = pytest.mark.usefixtures("isolated_datasets_cache")
 
 
 def _resolve(rel: str, *overrides: str) -> dict:
