@@ -3,7 +3,7 @@
 Every run is one `neat-peft train` (the CLI's own entry point) with the built-in recipe of the task plus the
 overrides below; only `method.*`, the learning rate, NEAT's scale s and the seed differ between runs of a task.
 
-The plan, per task (`jobs`, in the order they are run):
+The plan (`jobs`, in the order they are run; each stage on every task before the next stage):
 
 1. the pairs, one after the other (NEAT r=8 and LoRA r=8, then NEAT r=1 and LoRA r=1): tuning at seed 0 over
    each method's grid (learning rate; NEAT also s), chosen on validation accuracy at the end of training,
@@ -197,39 +197,42 @@ class Protocol:
     def jobs(self, records: dict[str, dict], full: bool = False) -> list[Job]:
         """Every run the study needs that can be defined now, in run order (seed and sweep runs need their
         method's tuning done). full=True: every run of the whole study, a cell not yet chosen standing in by the
-        first of its grid (for the compute estimate)."""
+        first of its grid (for the compute estimate).
+
+        The order is stage by stage across tasks (the first pair on every task, then the second pair on every
+        task, then the references, then the r sweeps), so a study cut short has compared NEAT with LoRA on as
+        many tasks as its compute allowed."""
+        def cell_of(task, name):
+            cell = self.choose(records, task, name)
+            return self.methods[name].grid[0] if cell is None and full else cell
+
+        def tune(task, selected):
+            # By learning rate, then method: NEAT's and LoRA's cells of one rate finish side by side.
+            cells = [(lrs.index(lr), i, j, Job(task, name, lr, s, 0, "tune"))
+                     for i, name in enumerate(selected) for j, (lr, s) in enumerate(self.methods[name].grid)
+                     for lrs in [sorted({c[0] for c in self.methods[name].grid})]]
+            return [job for *_, job in sorted(cells, key=lambda c: c[:3])]
+
+        def seeds(task, selected):
+            out = []
+            for seed in range(1, max((self.seeds_of(task, n) for n in selected), default=0)):
+                for name in selected:
+                    cell = cell_of(task, name)
+                    if cell is not None and seed < self.seeds_of(task, name):
+                        out.append(Job(task, name, *cell, seed, "seed"))
+            return out
+
+        paired = {n for pair in self.pairs for n in pair}
+        stages = [lambda methods, pair=pair: [n for n in pair if n in methods] for pair in self.pairs]
+        stages.append(lambda methods: [n for n, m in methods.items() if n not in paired and not m.tuned_as])
         out: list[Job] = []
+        for stage in stages:
+            for task in self.tasks:
+                selected = stage(self.methods_of(task))
+                out += tune(task, selected) + seeds(task, selected)
         for task in self.tasks:
-            def cell_of(name):
-                cell = self.choose(records, task, name)
-                return self.methods[name].grid[0] if cell is None and full else cell
-
-            def tune(selected):
-                # By learning rate, then method: NEAT's and LoRA's cells of one rate finish side by side.
-                cells = [(lrs.index(lr), i, j, Job(task, name, lr, s, 0, "tune"))
-                         for i, name in enumerate(selected) for j, (lr, s) in enumerate(self.methods[name].grid)
-                         for lrs in [sorted({c[0] for c in self.methods[name].grid})]]
-                out.extend(job for *_, job in sorted(cells, key=lambda c: c[:3]))
-
-            def seeds(selected):
-                for seed in range(1, max((self.seeds_of(task, n) for n in selected), default=0)):
-                    for name in selected:
-                        cell = cell_of(name)
-                        if cell is not None and seed < self.seeds_of(task, name):
-                            out.append(Job(task, name, *cell, seed, "seed"))
-
-            methods = self.methods_of(task)
-            # Each NEAT-vs-LoRA pair tuned and seeded before the next, so the first comparison comes soonest.
-            for pair in self.pairs:
-                present = [n for n in pair if n in methods]
-                tune(present)
-                seeds(present)
-            paired = {n for pair in self.pairs for n in pair}
-            refs = [n for n, m in methods.items() if n not in paired and not m.tuned_as]
-            tune(refs)
-            seeds(refs)
-            for name in (n for n, m in methods.items() if m.tuned_as):
-                cell = cell_of(name)
+            for name in (n for n, m in self.methods_of(task).items() if m.tuned_as):
+                cell = cell_of(task, name)
                 if cell is not None:
                     out.append(Job(task, name, *cell, 0, "sweep"))
         return out
