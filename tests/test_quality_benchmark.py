@@ -236,13 +236,14 @@ def test_estimate_from_a_hand_made_pilot():
         "parallel": {"workers": 2, "throughput_gain": 1.6}}
     neat = 20 * 2.0 + 10 * 8.0 + 30.0 + (100 / 80 - 1) * 8.0  # steps, validations, start-up, the longer test
     lora = 20 * 2.0 * 0.5 + 10 * 8.0 + 30.0 + (100 / 80 - 1) * 8.0
-    done = {"t/neat-r8_lr0.001_s0.1_seed0": {"status": "ok", "validation": {"accuracy": 0.5}, "wall_seconds": 3600.0}}
+    done = {"t/neat-r8_lr0.001_s0.1_seed0": {"status": "ok", "validation": {"accuracy": 0.5}, "wall_seconds": 7200.0,
+                                             "cpu_seconds": 3600.0}}
     est = study.estimate(proto, done, pilot)["summary"]
     n_neat, n_lora = 2 + 4 + 1 - 1, 2 + 4  # NEAT: 2 cells, 4 seeds, the r=2 sweep, less the one done
-    assert est["done_hours"] == 1.0 and est["runs"] == 13 and est["done_runs"] == 1
-    assert est["remaining_run_hours"] == pytest.approx((n_neat * neat + n_lora * lora) / 3600)
-    assert est["remaining_wall_hours"] == pytest.approx(est["remaining_run_hours"] / 1.6)
-    assert est["remaining_cpu_hours"] == pytest.approx(est["remaining_run_hours"] * 0.5)  # t's probe: share 0.5
+    assert est["done_cpu_hours"] == 1.0 and est["runs"] == 13 and est["done_runs"] == 1
+    # CPU seconds = the probe's wall prediction x t's probe share 0.5; wall = CPU / the two workers' gain.
+    assert est["remaining_cpu_hours"] == pytest.approx((n_neat * neat + n_lora * lora) * 0.5 / 3600)
+    assert est["remaining_wall_hours"] == pytest.approx(est["remaining_cpu_hours"] / 1.6)
 
 
 def test_plateau_rule():

@@ -422,31 +422,29 @@ def job_seconds(proto: Protocol, job: Job, pilot: dict[str, Any]) -> float:
 
 
 def estimate(proto: Protocol, records: dict[str, dict[str, Any]], pilot: dict[str, Any]) -> dict[str, Any]:
-    """Total and remaining compute (run wall seconds on this machine, as loaded as during the pilot). Finished
-    runs count at their measured wall time; the rest at the pilot's prediction."""
+    """Total and remaining compute in CPU-core-hours, which do not depend on how busy the machine was (a probe's
+    wall seconds x its CPU share). Finished runs count at their measured CPU time; the rest at the pilot's
+    prediction. Wall hours = CPU hours / the measured gain of the chosen workers, on an otherwise idle machine."""
     per_task: dict[str, dict[str, Any]] = {}
     probed = {p["task"] for p in pilot["single"] if p["method"] == "neat-r8"}
     for job in proto.jobs(records, full=True):
-        entry = per_task.setdefault(job.task, {"runs": 0, "done_runs": 0, "done_hours": 0.0, "remaining_hours": 0.0,
+        entry = per_task.setdefault(job.task, {"runs": 0, "done_runs": 0, "done_cpu_hours": 0.0,
                                                "remaining_cpu_hours": 0.0, "estimated": job.task in probed})
         entry["runs"] += 1
         rec = records.get(job.key)
         if rec is not None:
             entry["done_runs"] += 1
-            entry["done_hours"] += rec.get("wall_seconds", 0) / 3600
+            entry["done_cpu_hours"] += rec.get("cpu_seconds", 0) / 3600
         elif entry["estimated"]:
-            wall = job_seconds(proto, job, pilot) / 3600
             share = next(p["cpu_share"] for p in pilot["single"] if p["task"] == job.task and p["method"] == "neat-r8")
-            entry["remaining_hours"] += wall
-            entry["remaining_cpu_hours"] += wall * share  # what an idle core would need
+            entry["remaining_cpu_hours"] += job_seconds(proto, job, pilot) * share / 3600
     workers = pilot.get("parallel", {}).get("workers", 1)
     gain = pilot.get("parallel", {}).get("throughput_gain", 1.0) if workers == 2 else 1.0
-    total = sum(e["remaining_hours"] for e in per_task.values())
+    remaining = sum(e["remaining_cpu_hours"] for e in per_task.values())
     return {"per_task": per_task, "summary": {
         "runs": sum(e["runs"] for e in per_task.values()), "done_runs": sum(e["done_runs"] for e in per_task.values()),
-        "done_hours": sum(e["done_hours"] for e in per_task.values()), "remaining_run_hours": total,
-        "workers": workers, "remaining_wall_hours": total / gain,
-        "remaining_cpu_hours": sum(e["remaining_cpu_hours"] for e in per_task.values()),
+        "done_cpu_hours": sum(e["done_cpu_hours"] for e in per_task.values()), "remaining_cpu_hours": remaining,
+        "workers": workers, "gain": gain, "remaining_wall_hours": remaining / gain,
         "not_estimated": [t for t, e in per_task.items() if not e["estimated"]]}}
 
 

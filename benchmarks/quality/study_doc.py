@@ -286,11 +286,9 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
     state = "complete" if done_total == all_total else "in progress"
     out.append(f"**Status: study {state}: {done_total} of {all_total} planned runs finished** (JSON updated "
                f"{data.get('updated', '?')})."
-               + (f" Estimated remaining compute: {est['summary']['remaining_run_hours']:.0f} run-hours, about "
-                  f"{est['summary']['remaining_wall_hours']:.0f} hours of wall time with "
-                  f"{est['summary']['workers']} run(s) at once on this machine as loaded as during the pilot "
-                  f"(about {est['summary']['remaining_cpu_hours']:.0f} CPU-core-hours: what idle cores would need, "
-                  "one run per core)"
+               + (f" Estimated remaining compute: about {est['summary']['remaining_cpu_hours']:.0f} CPU-core-hours, "
+                  f"about {est['summary']['remaining_wall_hours']:.0f} hours of wall time on this machine with "
+                  f"{est['summary']['workers']} run(s) at once and nothing else running"
                   + (f", not counting {', '.join(est['summary']['not_estimated'])} (no pilot probe yet)"
                      if est["summary"].get("not_estimated") else "") + "." if est else "") + "\n")
     out.append("## Summary\n")
@@ -373,18 +371,21 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
                        f"{par['single_wall_seconds']:.0f} s for one, a throughput gain of "
                        f"{par['throughput_gain']:.2f}x; rule: {par['rule']} -> **{par['workers']} worker(s)**.\n")
         if est:
-            out.append("| task | runs finished / planned | run-hours done | run-hours remaining (estimate) |\n"
+            out.append("| task | runs finished / planned | CPU-core-hours done | CPU-core-hours remaining (estimate) |\n"
                        "|---|---:|---:|---:|")
             for task, e in est["per_task"].items():
-                left = f"{e['remaining_hours']:.1f}" if e.get("estimated", True) else "not estimated (no pilot probe)"
-                out.append(f"| {task} | {e['done_runs']} / {e['runs']} | {e['done_hours']:.1f} | {left} |")
+                left = (f"{e['remaining_cpu_hours']:.1f}" if e.get("estimated", True)
+                        else "not estimated (no pilot probe)")
+                out.append(f"| {task} | {e['done_runs']} / {e['runs']} | {e['done_cpu_hours']:.1f} | {left} |")
             s = est["summary"]
-            out.append(f"| all | {s['done_runs']} / {s['runs']} | {s['done_hours']:.1f} | "
-                       f"{s['remaining_run_hours']:.1f}"
+            out.append(f"| all | {s['done_runs']} / {s['runs']} | {s['done_cpu_hours']:.1f} | "
+                       f"{s['remaining_cpu_hours']:.1f}"
                        + (f" + {', '.join(s['not_estimated'])}" if s.get("not_estimated") else "") + " |\n")
-            out.append("Finished runs count at their measured wall time, the others at the pilot's prediction "
-                       "(steps x s/step scaled by the family's cost on sentiment, validations, test, start-up). "
-                       "The machine's load varies a lot; read these as the order of magnitude.\n")
+            out.append("Finished runs count at their measured CPU time, the others at the pilot's prediction "
+                       "(steps x s/step scaled by the family's cost on sentiment, validations, test, start-up; each "
+                       "probe's wall seconds x its CPU share, so a busy machine during a probe does not inflate "
+                       f"it). Wall time = CPU-core-hours / {s['gain']:.2f} (the measured gain of "
+                       f"{s['workers']} worker(s)) when nothing else runs; read it as the order of magnitude.\n")
     out.append("Resume (skips every finished run; the JSON is rewritten after each run):\n")
     out.append("```bash\n" + RESUME
                + "\npython benchmarks/quality/study_doc.py        # this file\n```\n")
