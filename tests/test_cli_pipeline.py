@@ -109,6 +109,8 @@ def test_predict_matches_the_model(neat_run, tiny_bert, capsys):
     from neat_peft import NeatModel
 
     texts = ["I love my new phone, best purchase ever", "this traffic is terrible and I hate it"]
+    code, _, err = cli("predict", neat_run, texts[0], "--max-new-tokens", "3", capsys=capsys)
+    assert code != 0 and "--max-new-tokens applies to causal-lm and generative-qa runs" in err  # not ignored
     code, out, _ = cli("predict", neat_run, *texts, "--json", capsys=capsys)
     assert code == 0
     results = [json.loads(line) for line in out.strip().splitlines()]

@@ -389,8 +389,17 @@ def test_generative_qa_end_to_end(qa_data, work):
     # eval --data: another file in the test sets' schema, scored with the first test set's extractor
     again = run_eval(str(run), str(qa_data / "boolq_test.json"))["test"]["test"]
     assert again["extractor"] == "boolq" and again["accuracy"] == metrics["test"]["boolq"]["accuracy"]
-    [pred] = run_predict(str(run), [json.loads((qa_data / "boolq_test.json").read_text())[0]["instruction"]], 6, False)
+    first = json.loads((qa_data / "boolq_test.json").read_text())[0]["instruction"]
+    [pred] = run_predict(str(run), [first], None, False)  # default: the run's eval.max_new_tokens
     assert pred["output"] == metrics["test"]["boolq"]["predictions"][0]["output"]
+    # --max-new-tokens reaches generation: 2 tokens, as generate() gives them one prompt at a time.
+    ids = torch.tensor([([tok.bos_token_id] if tok.bos_token_id is not None else [])
+                        + tok(ALPACA.format(prompt=first), add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    [short] = run_predict(str(run), [first], 2, False)
+    assert short["output"] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 # --- bad input -----------------------------------------------------------------------------------------

@@ -104,14 +104,22 @@ def _read_image(file: str, size: int) -> torch.Tensor:
     return features.image_tensor(grey, size)
 
 
-def run_predict(run_dir: str, inputs: list[str], max_new_tokens: int, as_json: bool) -> list[dict[str, Any]]:
+def run_predict(run_dir: str, inputs: list[str], max_new_tokens: Optional[int], as_json: bool) -> list[dict[str, Any]]:
     path, config, splits = open_run(run_dir)
     if not inputs:
         raise CliError("Give at least one input to predict, e.g. neat-peft predict RUN_DIR \"some text\".")
+    if max_new_tokens is not None:
+        if config["task"] not in ("causal-lm", tasks.QA):
+            raise CliError(f"--max-new-tokens applies to causal-lm and generative-qa runs; '{path}' is a "
+                           f"{config['task']} run. Leave the option out.")
+        if max_new_tokens < 1:
+            raise CliError(f"--max-new-tokens must be at least 1 (got {max_new_tokens}).")
     if tasks.handles(config):
+        if max_new_tokens is not None:
+            config = {**config, "eval.max_new_tokens": max_new_tokens}
         results = tasks.run_predict(path, config, splits, inputs)
     else:
-        results = _predict(path, config, splits, inputs, max_new_tokens)
+        results = _predict(path, config, splits, inputs, 16 if max_new_tokens is None else max_new_tokens)
     for r in results:
         if as_json:
             print(json.dumps(r, ensure_ascii=False))

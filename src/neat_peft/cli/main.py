@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="run a finished run's model on texts, prompts or image files")
     pr.add_argument("run_dir")
     pr.add_argument("inputs", nargs="+", metavar="INPUT")
-    pr.add_argument("--max-new-tokens", type=int, default=16, help="causal-lm: tokens to generate")
+    pr.add_argument("--max-new-tokens", type=int, help="causal-lm and generative-qa: tokens to generate (default: "
+                    "16 for causal-lm, the run's eval.max_new_tokens for generative-qa)")
     pr.add_argument("--json", action="store_true", help="one JSON object per input")
     pr.set_defaults(func=_predict)
 
