@@ -139,7 +139,7 @@ def test_pair_eval_and_predict(pair_run, tiny_bert, pair_data, capsys):
     result = run_eval(str(run), None)
     assert result["test"]["validation_matched"]["accuracy"] == metrics["test"]["validation_matched"]["accuracy"]
     row = _read_jsonl(pair_data / "validation_mismatched.jsonl")[0]
-    [out] = run_predict(str(run), [f"{row['premise']} ||| {row['hypothesis']}"], 16, True)
+    [out] = run_predict(str(run), [f"{row['premise']} ||| {row['hypothesis']}"], None, True)
     probs = torch.softmax(torch.from_numpy(_pair_logits(run, tiny_bert, [row])[0]), -1)
     assert [out["scores"]["0"], out["scores"]["1"]] == pytest.approx(probs.tolist(), abs=1e-5)
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["label"] == out["label"]
@@ -184,7 +184,7 @@ def test_regression_mse_loss_and_pearson_spearman_match_scipy(tiny_bert, sts_dat
     assert got["spearman"] == pytest.approx(spearmanr(pred.numpy(), gold.numpy())[0], abs=1e-5)
     assert got["mse"] == pytest.approx(float(((pred - gold) ** 2).mean()), rel=1e-5)
     assert metrics["best_validation"]["metric"] == "pearson"
-    [score] = run_predict(str(run), [f"{rows[0]['sentence1']} ||| {rows[0]['sentence2']}"], 16, False)
+    [score] = run_predict(str(run), [f"{rows[0]['sentence1']} ||| {rows[0]['sentence2']}"], None, False)
     assert score["score"] == pytest.approx(float(pred[0]), abs=1e-5)
 
 
@@ -275,7 +275,7 @@ def test_image_classification_end_to_end_matches_sklearn(image_run, tiny_vit, im
     assert got["accuracy"] == pytest.approx(accuracy_score(gold, pred), abs=1e-12)
     assert got["macro_f1"] == pytest.approx(f1_score(gold, pred, average="macro", zero_division=0), abs=1e-12)
     assert run_eval(str(run), None)["test"]["validation"]["accuracy"] == got["accuracy"]
-    out = run_predict(str(run), [str(f) for f, _ in files[:3]], 16, False)
+    out = run_predict(str(run), [str(f) for f, _ in files[:3]], None, False)
     assert [o["label"] for o in out] == [labels[int(p)] for p in pred[:3]]
 
 
