@@ -76,10 +76,17 @@ def check_resume(checkpoint: Optional[Path], run_dir: Path, config: dict[str, An
 def finish() -> None:
     """End a multi-process run together: wait until rank 0 has written the run, then close the process group.
 
-    Left to interpreter exit, a rank that is done early tears its gloo connections down while rank 0 still
-    writes; once here that aborted that rank (SIGABRT) and torchrun then killed rank 0 mid-write."""
+    Called after run_train has returned, once its trainer and DDP-wrapped model are unreachable: collected here,
+    while every rank still has the process group. Closed before them (as it once was), the group was torn down
+    later by the model's DDP reducer as the trainer was freed, and that teardown hung a rank now and then (about
+    1 launch in 12 on 2 busy cores). Left to interpreter exit, a rank that is done early tears its gloo
+    connections down while rank 0 still writes; that aborted the rank (SIGABRT) and torchrun then killed rank 0
+    mid-write."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()

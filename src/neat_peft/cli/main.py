@@ -17,9 +17,11 @@ offline, in about 5 minutes on 2 CPU cores."""
 
 
 def _train(args: argparse.Namespace) -> None:
+    from .launch import finish
     from .train import run_train
 
     run_train(args.config, args.overrides, args.output_dir, args.resume, args.overwrite)
+    finish()  # only once run_train's trainer and its DDP model are gone: see finish()
 
 
 def _eval(args: argparse.Namespace) -> None:

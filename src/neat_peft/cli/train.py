@@ -429,7 +429,6 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
         print()
         print(tasks.final_table(metrics) if custom else report.final_table(metrics))
         print(f"\nsaved: {run_dir}/ (adapter or weights, config.yaml, metrics.json, training_curves.png, split/)")
-    launch.finish()
     return metrics
 
 
