@@ -223,6 +223,8 @@ def test_report_states_a_verdict_only_where_the_interval_excludes_zero(tmp_path,
     assert "NEAT r=1" not in text  # not in this protocol
     assert "Pairing checked: at each of seeds [0, 1, 2, 3, 4] every finished run used the same split" in text
     assert "lr 0.001, s 1: **80.0**" in text and "lr 0.01: 69.0" in text
+    # NEAT's mean, 81.4%, is the best: 18.6 points of error left (LoRA's means are lower: 78.0 and 79.6).
+    assert "- Headroom: the best mean test accuracy so far, NEAT r=8's 81.4%, leaves 18.6 points of error" in text
     # LoRA's best rate is its grid's smallest: flagged; NEAT's grid has one rate only: nothing to flag.
     assert "| lr 0.001 (at the grid's edge) |" in text and "| lr 0.001, s 1 (at the grid's edge)" not in text
 

@@ -128,6 +128,19 @@ def main_table(v: View, task: str) -> str:
     return "\n".join(lines)
 
 
+def headroom_line(v: View, task: str) -> Optional[str]:
+    """How much error the task leaves to tell methods apart: near the ceiling, no method can be far ahead."""
+    means = {m.label: stats.mean_std(list(v.test_acc(task, m.name).values()))[0]
+             for m in v.proto.methods_of(task).values() if not m.tuned_as and v.test_acc(task, m.name)}
+    if not means:
+        return None
+    best = max(means, key=means.get)
+    base = list(v.majority(task).values())
+    return (f"- Headroom: the best mean test accuracy so far, {best}'s {pct(means[best])}%, leaves "
+            f"{100 * (1 - means[best]):.1f} points of error in which methods can differ"
+            + (f" (majority class: {fmt_ms(base).split(' ')[0]}%)." if base else "."))
+
+
 def pair_lines(v: View, task: str) -> list[str]:
     out = []
     for a, b in v.proto.pairs:
@@ -302,6 +315,9 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
         done, total = task_status(v, task)
         out.append(f"**{task}** ({done} of {total} runs):\n")
         out += pair_lines(v, task)
+        headroom = headroom_line(v, task)
+        if headroom:
+            out.append(headroom)
         pending = [mm.label for mm in v.proto.methods_of(task).values()
                    if not mm.tuned_as and v.chosen(task, mm.name) is None]
         if pending:
