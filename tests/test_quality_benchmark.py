@@ -324,3 +324,28 @@ def test_report_shows_tasks_the_protocol_added_since_as_pending(tmp_path):
     assert "**u** (0 of 13 runs):" in text and "12 of 26 planned runs finished" in text
     changed = json.loads(json.dumps(replace(more, tasks={"t": replace(proto.tasks["t"], epochs=9)}).snapshot()))
     assert "**u**" not in study_doc.build(tmp_path, tmp_path / "RESULTS.md", changed)  # not compatible: ignored
+
+
+def test_retiring_a_task_sets_its_runs_aside_and_lets_its_new_definition_run(tmp_path):
+    data = _hand_made(LORA)
+    data["runs"][0]["cpu_seconds"] = 7200.0
+    data["errors"] = [{"key": "t/lora-r8_lr0.01_seed0", "status": "error"}, {"key": "u/x_lr1_seed0", "status": "error"}]
+    (tmp_path / "study.json").write_text(json.dumps(data))
+    old = _small_protocol()
+    longer = Protocol({"t": replace(old.tasks["t"], epochs=3)}, old.methods, old.pairs)
+    with pytest.raises(SystemExit, match=r"changed: tasks\.t"):
+        study.Study(tmp_path, longer, False)
+    with pytest.raises(SystemExit, match="has no task 'nope'"):
+        study.retire(tmp_path, "nope", "x")
+    assert study.retire(tmp_path, "t", "did not plateau") == len(data["runs"])
+    s = study.Study(tmp_path, longer, False)  # accepted now: t runs afresh under its new definition
+    assert s.records == {} and [e["key"] for e in s.data["errors"]] == ["u/x_lr1_seed0"]
+    assert [j.key for j in s.pending()] == [j.key for j in longer.jobs({})]
+    (retired,) = s.data["retired"]
+    assert retired["protocol"]["epochs"] == 2 and len(retired["runs"]) == len(data["runs"])
+    assert [e["key"] for e in retired["errors"]] == ["t/lora-r8_lr0.01_seed0"]
+    text = study_doc.build(tmp_path, tmp_path / "RESULTS.md")
+    steps = 2 * -(-old.tasks["t"].train_examples // old.tasks["t"].batch_size)
+    assert (f"- t: {len(data['runs'])} run(s), 2.0 CPU-core-hours, retired {retired['retired']}; they ran "
+            f"{old.tasks['t'].train_examples} training examples for 2 epoch(s) ({steps} steps") in text
+    assert "Why: did not plateau" in text

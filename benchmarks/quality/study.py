@@ -3,6 +3,7 @@
     python benchmarks/quality/study.py run [--workers 2] [--stop-at HH:MM]    # start or continue the study
     python benchmarks/quality/study.py pilot                                  # timed short runs -> estimate
     python benchmarks/quality/study.py status                                 # done / pending / estimate
+    python benchmarks/quality/study.py retire --task T --why "..."            # T's definition changed: redo it
     python benchmarks/quality/study.py run --quick --out /tmp/q               # the few-minute version (tests)
     python benchmarks/quality/study_doc.py                                    # docs/RESULTS.md from the JSON
 
@@ -460,6 +461,38 @@ def status_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def retire(out: Path, task: str, why: str) -> int:
+    """Move `task`'s runs and errors out of the study into study.json's "retired" list, with the task's protocol
+    they ran under and why, and drop the task from the recorded protocol: protocol.py's changed definition of
+    it then runs afresh. Nothing is deleted; the report lists what was retired. Returns the runs moved."""
+    path = out / "study.json"
+    data = json.loads(path.read_text())
+    if task not in data["protocol"]["tasks"]:
+        raise SystemExit(f"{path} has no task {task!r} (its tasks: {', '.join(data['protocol']['tasks'])}).")
+    if not why.strip():
+        raise SystemExit("--why must say why the runs are retired (the report shows it).")
+    def mine(record: dict[str, Any]) -> bool:
+        return record["key"].split("/", 1)[0] == task
+
+    runs, errors = [r for r in data["runs"] if mine(r)], [r for r in data["errors"] if mine(r)]
+    data.setdefault("retired", []).append({"task": task, "why": why.strip(), "retired": now(),
+                                           "protocol": data["protocol"]["tasks"].pop(task),
+                                           "runs": runs, "errors": errors})
+    data["runs"] = [r for r in data["runs"] if not mine(r)]
+    data["errors"] = [r for r in data["errors"] if not mine(r)]
+    data["updated"] = now()
+    atomic_write_json(path, data)
+    return len(runs)
+
+
+def retire_main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    with exclusive(out):
+        moved = retire(out, args.task, args.why)
+    print(f"retired {moved} run(s) of {args.task}; `study.py run` now runs it under protocol.py's definition")
+    return 0
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -474,13 +507,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     pilot.set_defaults(func=pilot_main)
     status = sub.add_parser("status", help="print what is done and the estimated remaining compute")
     status.set_defaults(func=status_main)
+    retire_p = sub.add_parser("retire", help="move a task's runs aside (kept in study.json, listed in the report) "
+                              "so that its changed definition in protocol.py runs afresh")
+    retire_p.add_argument("--task", required=True)
+    retire_p.add_argument("--why", required=True, help="the reason, shown in the report")
+    retire_p.set_defaults(func=retire_main)
     one = sub.add_parser("_one", help=argparse.SUPPRESS)
     one.add_argument("--job", required=True)
     one.add_argument("--record", required=True)
     one.add_argument("--extra", default="[]")
     one.add_argument("--quick", action="store_true")
     one.set_defaults(func=worker_main)
-    for s in (run, pilot, status, one):
+    for s in (run, pilot, status, retire_p, one):
         s.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
     return p.parse_args(argv)
 

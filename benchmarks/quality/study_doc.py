@@ -277,6 +277,23 @@ def small_norm_section(small: dict[str, Any]) -> str:
         + "\n"])
 
 
+def retired_section(retired: list[dict[str, Any]]) -> list[str]:
+    """Runs moved aside by `study.py retire`: not in any table, but their compute and the reason are shown."""
+    if not retired:
+        return []
+    out = ["## Retired runs\n",
+           "Runs made under an earlier definition of a task and set aside (`study.py retire`; kept in study.json "
+           "under \"retired\"). They are in no table above; the task was run again under the protocol below.\n"]
+    for r in retired:
+        t = r["protocol"]
+        cpu = sum(x.get("cpu_seconds", 0) for x in r["runs"]) / 3600
+        steps = t["epochs"] * math.ceil(t["train_examples"] / t["batch_size"])
+        out.append(f"- {r['task']}: {len(r['runs'])} run(s), {cpu:.1f} CPU-core-hours, retired {r['retired']}; "
+                   f"they ran {t['train_examples']} training examples for {t['epochs']} epoch(s) ({steps} steps of "
+                   f"batch {t['batch_size']}). Why: {r['why']}")
+    return out + [""]
+
+
 def task_status(v: View, task: str) -> tuple[int, int]:
     jobs = v.proto.jobs(v.records, full=True)
     mine = [j for j in jobs if j.task == task]
@@ -328,6 +345,7 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
                "difference the study, at that many seeds, could have shown. 'pending' means the cell has no "
                "result yet.\n")
 
+    out += retired_section(data.get("retired", []))
     out.append("## Protocol\n")
     out += [
         "- Every run is one `neat-peft train` (the CLI's own entry point, `benchmarks/quality/study.py` calls it in "
