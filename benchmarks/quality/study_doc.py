@@ -137,7 +137,7 @@ def headroom_line(v: View, task: str) -> Optional[str]:
     best = max(means, key=means.get)
     base = list(v.majority(task).values())
     return (f"- Headroom: the best mean test accuracy so far, {best}'s {pct(means[best])}%, leaves "
-            f"{100 * (1 - means[best]):.1f} points of error in which methods can differ"
+            f"{100 - float(pct(means[best])):.1f} points of error in which methods can differ"
             + (f" (majority class: {fmt_ms(base).split(' ')[0]}%)." if base else "."))
 
 
