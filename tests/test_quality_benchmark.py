@@ -333,10 +333,14 @@ def test_retiring_a_task_sets_its_runs_aside_and_lets_its_new_definition_run(tmp
     (tmp_path / "study.json").write_text(json.dumps(data))
     old = _small_protocol()
     longer = Protocol({"t": replace(old.tasks["t"], epochs=3)}, old.methods, old.pairs)
-    with pytest.raises(SystemExit, match=r"changed: tasks\.t"):
+    with pytest.raises(SystemExit, match=r"changed: tasks\.t.*study\.py retire --task NAME"):
         study.Study(tmp_path, longer, False)
+    before = (tmp_path / "study.json").read_bytes()
     with pytest.raises(SystemExit, match="has no task 'nope'"):
         study.retire(tmp_path, "nope", "x")
+    with pytest.raises(SystemExit, match="--why must say why"):
+        study.retire(tmp_path, "t", "  ")
+    assert (tmp_path / "study.json").read_bytes() == before  # refused: nothing changed
     assert study.retire(tmp_path, "t", "did not plateau") == len(data["runs"])
     s = study.Study(tmp_path, longer, False)  # accepted now: t runs afresh under its new definition
     assert s.records == {} and [e["key"] for e in s.data["errors"]] == ["u/x_lr1_seed0"]

@@ -201,8 +201,9 @@ class Study:
             if changed:
                 raise SystemExit(f"{self.path} was run under another protocol than protocol.py now defines "
                                  f"(changed: {', '.join(changed)}); its runs would not be comparable with new ones. "
-                                 "Use another --out, or restore protocol.py as it was (git log "
-                                 "benchmarks/quality/protocol.py).")
+                                 "Use another --out, restore protocol.py as it was (git log "
+                                 "benchmarks/quality/protocol.py), or, for a changed task, set its runs aside "
+                                 "and redo it: study.py retire --task NAME --why '...'.")
             self.data["protocol"] = new  # the same, or extended by new tasks or methods
         else:
             self.data = {"schema": SCHEMA, "study": "neat-vs-lora", "quick": quick, "created": now(),
@@ -471,6 +472,7 @@ def retire(out: Path, task: str, why: str) -> int:
         raise SystemExit(f"{path} has no task {task!r} (its tasks: {', '.join(data['protocol']['tasks'])}).")
     if not why.strip():
         raise SystemExit("--why must say why the runs are retired (the report shows it).")
+
     def mine(record: dict[str, Any]) -> bool:
         return record["key"].split("/", 1)[0] == task
 

@@ -135,10 +135,11 @@ def headroom_line(v: View, task: str) -> Optional[str]:
     if not means:
         return None
     best = max(means, key=means.get)
+    shown = pct(means[best])  # the error left is computed from the rounded figure, so the two add up to 100
     base = list(v.majority(task).values())
-    return (f"- Headroom: the best mean test accuracy so far, {best}'s {pct(means[best])}%, leaves "
-            f"{100 - float(pct(means[best])):.1f} points of error in which methods can differ"
-            + (f" (majority class: {fmt_ms(base).split(' ')[0]}%)." if base else "."))
+    return (f"- Headroom: the best mean test accuracy so far, {best}'s {shown}%, leaves "
+            f"{100 - float(shown):.1f} points of error in which methods can differ"
+            + (f" (majority class: {pct(stats.mean_std(base)[0])}%)." if base else "."))
 
 
 def pair_lines(v: View, task: str) -> list[str]:
@@ -287,9 +288,8 @@ def retired_section(retired: list[dict[str, Any]]) -> list[str]:
     for r in retired:
         t = r["protocol"]
         cpu = sum(x.get("cpu_seconds", 0) for x in r["runs"]) / 3600
-        steps = t["epochs"] * math.ceil(t["train_examples"] / t["batch_size"])
         out.append(f"- {r['task']}: {len(r['runs'])} run(s), {cpu:.1f} CPU-core-hours, retired {r['retired']}; "
-                   f"they ran {t['train_examples']} training examples for {t['epochs']} epoch(s) ({steps} steps of "
+                   f"they ran {t['train_examples']} training examples for {t['epochs']} epoch(s) ({t['steps']} steps of "
                    f"batch {t['batch_size']}). Why: {r['why']}")
     return out + [""]
 
