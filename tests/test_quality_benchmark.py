@@ -94,6 +94,34 @@ def test_report_from_the_quick_run(quick_run, tmp_path):
     assert (tmp_path / "docs" / "results" / "bbc-news_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@needs_data
+def test_budget_check_trains_the_chosen_cell_twice_as_long(quick_run, tmp_path):
+    out, data = quick_run
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(BENCH / "study.py"), "check", "--quick", "--task", "bbc-news", "--methods",
+               "lora-r8", "--out", str(out)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    after = json.loads((out / "study.json").read_text())
+    (check,) = after["checks"]
+    task = protocol.QUICK.tasks["bbc-news"]
+    assert check["status"] == "ok" and check["key"] == "bbc-news@x2/lora-r8_lr0.003_seed0"
+    assert check["steps"] == 2 * task.steps and len(check["validation_curve"]) == len(
+        next(r for r in after["runs"] if r["method"] == "lora-r8")["validation_curve"])
+    assert check["data_used"]["train"] == 2 * task.train_examples
+    assert after["runs"] == data["runs"]  # the study's own runs are untouched
+    doc = tmp_path / "docs" / "RESULTS.md"
+    doc.parent.mkdir()
+    text = study_doc.build(out, doc)
+    base = next(r for r in after["runs"] if r["method"] == "lora-r8")
+    assert (f"| LoRA r=8 | lr 0.003 | {task.steps} → {2 * task.steps} | "
+            f"{100 * base['validation']['accuracy']:.1f} → {100 * check['validation']['accuracy']:.1f} |") in text
+    assert (tmp_path / "docs" / "results" / "bbc-news_budget_check.png").read_bytes()[:4] == b"\x89PNG"
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)  # done: nothing runs
+    assert again.returncode == 0 and "start " not in again.stdout
+
+
 def test_first_word_scoring_of_generated_answers():
     assert [study.first_word(t) for t in (" Positive.", "neutral\nBecause", "**negative**", "", "The tweet")] == [
         "positive", "neutral", "negative", "", "the"]
@@ -353,3 +381,65 @@ def test_retiring_a_task_sets_its_runs_aside_and_lets_its_new_definition_run(tmp
     assert (f"- t: {len(data['runs'])} run(s), 2.0 CPU-core-hours, retired {retired['retired']}; they ran "
             f"{old.tasks['t'].train_examples} training examples for 2 epoch(s) ({steps} steps") in text
     assert "Why: did not plateau" in text
+
+
+def test_budget_check_plan_doubles_examples_and_steps_at_the_chosen_cells():
+    proto = _small_protocol()
+    records = {r["key"]: r for r in _hand_made(LORA)["runs"]}
+    jobs = proto.budget_checks(records, "t", 2, ("neat-r8", "lora-r8"))
+    assert [j.key for j in jobs] == ["t@x2/neat-r8_lr0.001_s1_seed0", "t@x2/lora-r8_lr0.001_seed0"]
+    base, longer = proto.task("t"), proto.task("t@x2")
+    assert (longer.train_examples, longer.steps) == (2 * base.train_examples, 2 * base.steps)
+    assert longer.epochs == base.epochs and longer.validation_examples == base.validation_examples
+    assert f"data.max_train_examples={2 * base.train_examples}" in longer.overrides()
+    assert f"train.max_steps={2 * base.steps}" in longer.overrides()
+    with pytest.raises(ValueError, match="tuning of neat-r8 is not finished"):
+        proto.budget_checks({}, "t", 2, ("neat-r8",))
+    with pytest.raises(ValueError, match="got factor 1"):
+        proto.budget_checks(records, "t", 1, ("neat-r8",))
+    with pytest.raises(ValueError, match="and neat-r2"):  # the sweep is not tuned: no cell of its own
+        proto.budget_checks(records, "t", 2, ("neat-r2",))
+
+
+def _with_checks(data: dict) -> dict:
+    """`data` plus a factor-2 budget check of both methods (steps 3 -> 6): NEAT val/test 0.84/0.86 with a flat
+    last third, LoRA 0.83/0.81 still climbing."""
+    proto = _small_protocol()
+    records = {r["key"]: r for r in data["runs"]}
+    for r in data["runs"]:
+        r["steps"] = 3
+    checks = []
+    curves = ((.5, .7, .8, .84, .84, .84), (.5, .6, .7, .75, .8, .83))
+    for job, (val, test), curve in zip(proto.budget_checks(records, "t", 2, ("neat-r8", "lora-r8")),
+                                       ((0.84, 0.86), (0.83, 0.81)), curves):
+        rec = {**_rec(job, val, test), "steps": 6, "cpu_seconds": 1800.0}
+        rec["validation_curve"] = [{"step": s, "accuracy": a} for s, a in zip(range(1, 7), curve)]
+        checks.append(rec)
+    return {**data, "checks": checks}
+
+
+def test_report_sets_the_budget_check_beside_the_seed_0_runs(tmp_path):
+    data = _with_checks(_hand_made(LORA))
+    records = {r["key"]: r for r in data["runs"]}
+    (tmp_path / "study.json").write_text(json.dumps(data))
+    text = study_doc.build(tmp_path, tmp_path / "RESULTS.md")
+    neat0 = records["t/neat-r8_lr0.001_s1_seed0"]
+    lora0 = records["t/lora-r8_lr0.001_seed0"]
+    assert (f"| NEAT r=8 | lr 0.001, s 1 | 3 → 6 | {100 * neat0['validation']['accuracy']:.1f} → 84.0 | "
+            f"{100 * NEAT[0]:.1f} → 86.0 | yes → yes | 0.50 |") in text
+    assert (f"| LoRA r=8 | lr 0.001 | 3 → 6 | {100 * lora0['validation']['accuracy']:.1f} → 83.0 | "
+            f"{100 * LORA[0]:.1f} → 81.0 | yes → no | 0.50 |") in text
+    line = (f"- Budget check, NEAT r=8 − LoRA r=8 at seed 0 (test accuracy): {100 * (NEAT[0] - LORA[0]):+.1f} points "
+            "at 3 steps, +5.0 at 6 steps")
+    assert text.count(line) == 2  # the summary and the task's section
+    assert "`python benchmarks/quality/study.py check --task t --factor 2`" in text
+    assert (tmp_path / "results" / "t_budget_check.png").is_file()
+
+
+def test_retire_moves_the_tasks_budget_checks_too(tmp_path):
+    data = _with_checks(_hand_made(LORA))
+    (tmp_path / "study.json").write_text(json.dumps(data))
+    study.retire(tmp_path, "t", "redefined")
+    after = json.loads((tmp_path / "study.json").read_text())
+    assert after["checks"] == [] and after["runs"] == []
+    assert [r["key"] for r in after["retired"][0]["checks"]] == [r["key"] for r in data["checks"]]

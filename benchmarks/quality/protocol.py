@@ -34,6 +34,7 @@ HEAD_LR = 2e-3           # the classifier head's rate for every method but head-
 SWEEP_R = (1, 2, 4, 8, 16)
 EVALS_PER_RUN = 10       # validation points on each run's curve
 PLATEAU_POINTS = 0.01    # "plateaued": the last third of the curve gains less than this over the best before it
+LONGER = "@x"            # "fashion-mnist@x2": the task trained on twice its examples (the budget check)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,12 @@ class StudyTask:
                 f"train.eval_every={self.eval_every}", f"train.log_every={self.eval_every}",
                 f"train.save_every={self.steps + 1}",  # no checkpoints: a run is redone whole if interrupted
                 "train.threads=1"]
+
+
+def longer(task: StudyTask, factor: int) -> StudyTask:
+    """`task` on `factor` times its training examples for the same epochs, so `factor` times the steps (and as many
+    validation points): the budget check of whether a result still moves with more training."""
+    return replace(task, name=f"{task.name}{LONGER}{factor}", train_examples=task.train_examples * factor)
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,7 @@ class Job:
     lr: float
     scale: Optional[float]
     seed: int
-    phase: str  # tune, seed, sweep
+    phase: str  # tune, seed, sweep, check
 
     @property
     def key(self) -> str:
@@ -172,12 +179,17 @@ class Protocol:
     methods: dict[str, StudyMethod]
     pairs: tuple[tuple[str, str], ...] = PAIRS
 
+    def task(self, name: str) -> StudyTask:
+        """A task by name; "T@xN" is task T trained N times longer (`longer`)."""
+        base, sep, factor = name.partition(LONGER)
+        return longer(self.tasks[base], int(factor)) if sep else self.tasks[base]
+
     def methods_of(self, task: str) -> dict[str, StudyMethod]:
-        wanted = self.tasks[task].methods
+        wanted = self.task(task).methods
         return {n: m for n, m in self.methods.items() if wanted is None or n in wanted}
 
     def seeds_of(self, task: str, method: str) -> int:
-        cap = self.tasks[task].seeds
+        cap = self.task(task).seeds
         return self.methods[method].seeds if cap is None else min(cap, self.methods[method].seeds)
 
     def choose(self, records: dict[str, dict], task: str, method: str) -> Optional[tuple[float, Optional[float]]]:
@@ -238,6 +250,21 @@ class Protocol:
                 if cell is not None:
                     out.append(Job(task, name, *cell, 0, "sweep"))
         return out
+
+    def budget_checks(self, records: dict[str, dict], task: str, factor: int, names: tuple[str, ...]) -> list[Job]:
+        """The budget check of `task`: methods `names` at seed 0 at their chosen cells, trained `factor` times
+        longer (task "T@xN"). Raises ValueError naming the methods whose tuning is not finished."""
+        unknown = [n for n in names if n not in self.methods_of(task) or self.methods[n].tuned_as]
+        if unknown or factor < 2:
+            raise ValueError(f"{task}: a budget check needs a factor of 2 or more and tuned methods of the task "
+                             f"({', '.join(n for n, m in self.methods_of(task).items() if not m.tuned_as)}); "
+                             f"got factor {factor}" + (f" and {', '.join(unknown)}" if unknown else ""))
+        cells = {n: self.choose(records, task, n) for n in names}
+        missing = [n for n, c in cells.items() if c is None]
+        if missing:
+            raise ValueError(f"{task}: tuning of {', '.join(missing)} is not finished, so there is no chosen cell "
+                             "to train longer yet")
+        return [Job(longer(self.tasks[task], factor).name, n, *cells[n], 0, "check") for n in names]
 
     def snapshot(self) -> dict:
         """The protocol as data, stored in the results JSON: what the report reads."""

@@ -4,6 +4,7 @@
     python benchmarks/quality/study.py pilot                                  # timed short runs -> estimate
     python benchmarks/quality/study.py status                                 # done / pending / estimate
     python benchmarks/quality/study.py retire --task T --why "..."            # T's definition changed: redo it
+    python benchmarks/quality/study.py check --task T [--factor 2]            # the r=8 pair trained longer
     python benchmarks/quality/study.py run --quick --out /tmp/q               # the few-minute version (tests)
     python benchmarks/quality/study_doc.py                                    # docs/RESULTS.md from the JSON
 
@@ -29,14 +30,14 @@ import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from machine import load_average, machine_info, versions  # noqa: E402
-from protocol import QUICK, STUDY, Job, Protocol  # noqa: E402
+from protocol import LONGER, QUICK, STUDY, Job, Protocol  # noqa: E402
 
 SCHEMA = 1
 DEFAULT_OUT = HERE / "results"
@@ -71,7 +72,7 @@ def run_one(proto: Protocol, job: Job, out: Path, extra: list[str]) -> dict[str,
     """Train `job` with the CLI in this process and return its record."""
     from neat_peft.cli.main import main as cli_main
 
-    task, method = proto.tasks[job.task], proto.methods[job.method]
+    task, method = proto.task(job.task), proto.methods[job.method]
     data = task.prepare(out / "data") if task.prepare is not None else None
     run_dir = out / "runs" / slug(job.key)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -215,9 +216,11 @@ class Study:
         """Finished runs by key: ok or diverged (a diverged tuning cell is a result; an error is retried)."""
         return {r["key"]: r for r in self.data["runs"]}
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: dict[str, Any], part: str = "runs") -> None:
+        """A finished run into `part` ("runs", or "checks" for the budget checks); an error into "errors"."""
         if record["status"] in ("ok", "diverged"):
-            self.data["runs"] = [r for r in self.data["runs"] if r["key"] != record["key"]] + [record]
+            kept = [r for r in self.data.get(part, []) if r["key"] != record["key"]]
+            self.data[part] = kept + [record]
         else:
             self.data["errors"].append(record)
         self.save()
@@ -282,52 +285,88 @@ def workers(option: str, out: Path) -> int:
         return 1
 
 
+def drive(study: Study, pending: Callable[[], list[Job]], add: Callable[[dict[str, Any]], None],
+          n_workers: Callable[[], int], quick: bool, stop: Optional[float] = None,
+          max_runs: Optional[int] = None) -> None:
+    """Run `pending()` jobs, `n_workers()` at a time, each in its own process; `add` each record as it finishes.
+    No job starts after `stop` (epoch seconds) or beyond `max_runs`; each is attempted once per invocation."""
+    running: dict[str, tuple[subprocess.Popen, Path, Job]] = {}
+    attempted: set[str] = set()
+    started = 0
+    while True:
+        can_start = (stop is None or time.time() < stop) and (max_runs is None or started < max_runs)
+        queue = [j for j in pending() if j.key not in running and j.key not in attempted] if can_start else []
+        while queue and len(running) < n_workers():
+            job = queue.pop(0)
+            proc, record = start_worker(job, study.out, quick, [])
+            running[job.key] = (proc, record, job)
+            attempted.add(job.key)
+            started += 1
+            print(f"[{now()}] start {job.key} ({job.phase})", flush=True)
+        if not running:
+            return
+        time.sleep(2)
+        for key, (proc, record, job) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[key]
+            if record.is_file():
+                rec = json.loads(record.read_text())
+                record.unlink()
+            else:  # the worker itself died (killed, out of memory): retried by the next invocation
+                rec = {**asdict(job), "key": job.key, "status": "error", "exit_code": proc.returncode,
+                       "error": "the worker process ended without writing its record", "finished": now()}
+            add(rec)
+            shown = (f"val {rec['validation']['accuracy']:.4f} test {rec['test']['accuracy']:.4f}"
+                     if rec["status"] == "ok" else rec["status"].upper())
+            print(f"[{now()}] done  {key}: {shown} ({rec.get('wall_seconds', 0):.0f} s; "
+                  f"{len(pending())} runnable now)", flush=True)
+
+
+def invoked(study: Study, args: argparse.Namespace) -> dict[str, Any]:
+    invocation = {"argv": sys.argv[1:], "started": now(), "workers": args.workers, "pid": os.getpid(),
+                  "versions": versions(), "load_average": load_average()}
+    study.data["invocations"].append(invocation)
+    study.save()
+    return invocation
+
+
 def run_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     proto = QUICK if args.quick else STUDY
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out):
         study = Study(out, proto, args.quick)
-        invocation = {"argv": sys.argv[1:], "started": now(), "workers": args.workers, "pid": os.getpid(),
-                      "versions": versions(), "load_average": load_average()}
-        study.data["invocations"].append(invocation)
-        study.save()
-        stop = stop_time(args.stop_at)
-        running: dict[str, tuple[subprocess.Popen, Path, Job]] = {}
-        attempted: set[str] = set()
-        started = 0
-        while True:
-            can_start = (stop is None or time.time() < stop) and (args.max_runs is None or started < args.max_runs)
-            queue = [j for j in study.pending() if j.key not in running and j.key not in attempted] if can_start else []
-            while queue and len(running) < workers(args.workers, out):
-                job = queue.pop(0)
-                proc, record = start_worker(job, out, args.quick, [])
-                running[job.key] = (proc, record, job)
-                attempted.add(job.key)
-                started += 1
-                print(f"[{now()}] start {job.key} ({job.phase})", flush=True)
-            if not running:
-                break
-            time.sleep(2)
-            for key, (proc, record, job) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[key]
-                if record.is_file():
-                    rec = json.loads(record.read_text())
-                    record.unlink()
-                else:  # the worker itself died (killed, out of memory): retried by the next invocation
-                    rec = {**asdict(job), "key": job.key, "status": "error", "exit_code": proc.returncode,
-                           "error": "the worker process ended without writing its record", "finished": now()}
-                study.add(rec)
-                shown = (f"val {rec['validation']['accuracy']:.4f} test {rec['test']['accuracy']:.4f}"
-                         if rec["status"] == "ok" else rec["status"].upper())
-                print(f"[{now()}] done  {key}: {shown} ({rec.get('wall_seconds', 0):.0f} s; "
-                      f"{len(study.records)} runs in {study.path.name}, {len(study.pending())} runnable now)",
-                      flush=True)
+        invocation = invoked(study, args)
+        drive(study, study.pending, study.add, lambda: workers(args.workers, out), args.quick,
+              stop_time(args.stop_at), args.max_runs)
         invocation["finished"] = now()
         study.save()
-    print(f"wrote {study.path}")
+    print(f"wrote {study.path} ({len(study.records)} runs)")
+    return 0
+
+
+def check_main(args: argparse.Namespace) -> int:
+    """The budget check: `task`'s pair methods at seed 0, chosen cells, trained `factor` times longer, into
+    study.json's "checks" (not part of any table's statistics; the report compares them with the seed-0 runs)."""
+    out = Path(args.out)
+    proto = QUICK if args.quick else STUDY
+    with exclusive(out):
+        study = Study(out, proto, args.quick)
+        try:
+            jobs = proto.budget_checks(study.records, args.task, args.factor, tuple(args.methods))
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"study.py check: {e}") from None
+        invocation = invoked(study, args)
+
+        def pending() -> list[Job]:
+            done = {r["key"] for r in study.data.get("checks", [])}
+            return [j for j in jobs if j.key not in done]
+
+        drive(study, pending, lambda rec: study.add(rec, "checks"), lambda: workers(args.workers, out), args.quick)
+        invocation["finished"] = now()
+        study.save()
+    print(f"wrote {study.path} ({len(study.data.get('checks', []))} budget checks)")
     return 0
 
 
@@ -473,18 +512,19 @@ def retire(out: Path, task: str, why: str) -> int:
     if not why.strip():
         raise SystemExit("--why must say why the runs are retired (the report shows it).")
 
-    def mine(record: dict[str, Any]) -> bool:
-        return record["key"].split("/", 1)[0] == task
+    def mine(record: dict[str, Any]) -> bool:  # the task's runs and its budget checks ("T@xN/...")
+        return record["key"].split("/", 1)[0].partition(LONGER)[0] == task
 
-    runs, errors = [r for r in data["runs"] if mine(r)], [r for r in data["errors"] if mine(r)]
+    parts = ("runs", "errors", "checks")
+    moved = {part: [r for r in data.get(part, []) if mine(r)] for part in parts}
     data.setdefault("retired", []).append({"task": task, "why": why.strip(), "retired": now(),
-                                           "protocol": data["protocol"]["tasks"].pop(task),
-                                           "runs": runs, "errors": errors})
-    data["runs"] = [r for r in data["runs"] if not mine(r)]
-    data["errors"] = [r for r in data["errors"] if not mine(r)]
+                                           "protocol": data["protocol"]["tasks"].pop(task), **moved})
+    for part in parts:
+        if part in data:
+            data[part] = [r for r in data[part] if not mine(r)]
     data["updated"] = now()
     atomic_write_json(path, data)
-    return len(runs)
+    return len(moved["runs"])
 
 
 def retire_main(args: argparse.Namespace) -> int:
@@ -514,13 +554,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     retire_p.add_argument("--task", required=True)
     retire_p.add_argument("--why", required=True, help="the reason, shown in the report")
     retire_p.set_defaults(func=retire_main)
+    check = sub.add_parser("check", help="train a task's chosen cells at seed 0 FACTOR times longer (more examples, "
+                           "same epochs): does the result still move with more training?")
+    check.add_argument("--task", required=True)
+    check.add_argument("--factor", type=int, default=2, help="times the task's training examples and steps (2)")
+    check.add_argument("--methods", nargs="+", default=["neat-r8", "lora-r8"], help="tuned methods to check "
+                       "(default: the r=8 pair)")
+    check.add_argument("--workers", default="auto", help="as for run")
+    check.add_argument("--quick", action="store_true", help="on the quick study's results (the tests)")
+    check.set_defaults(func=check_main)
     one = sub.add_parser("_one", help=argparse.SUPPRESS)
     one.add_argument("--job", required=True)
     one.add_argument("--record", required=True)
     one.add_argument("--extra", default="[]")
     one.add_argument("--quick", action="store_true")
     one.set_defaults(func=worker_main)
-    for s in (run, pilot, status, retire_p, one):
+    for s in (run, pilot, status, retire_p, check, one):
         s.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default {DEFAULT_OUT})")
     return p.parse_args(argv)
 

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import stats  # noqa: E402
-from protocol import STUDY, Job, Protocol  # noqa: E402
+from protocol import LONGER, STUDY, Job, Protocol  # noqa: E402
 from study import estimate  # noqa: E402
 
 RESUME = "nice -n 19 python benchmarks/quality/study.py run   # --workers auto: the pilot's decision"
@@ -237,6 +237,88 @@ def plot_curves(v: View, task: str, path: Path) -> bool:
     return True
 
 
+def checks_of(v: View, task: str) -> list[dict[str, Any]]:
+    """The task's finished budget checks (`study.py check`), each with the seed-0 run it lengthens as "base"."""
+    out = []
+    for r in v.data.get("checks", []):
+        if r["task"].partition(LONGER)[0] == task and r["status"] == "ok":
+            base = v.records.get(Job(task, r["method"], r["lr"], r["scale"], 0, "").key)
+            if base is not None and base["status"] == "ok":
+                out.append({**r, "base": base})
+    return out
+
+
+def check_pair_lines(v: View, task: str) -> list[str]:
+    """NEAT − LoRA at seed 0 at the study's budget and in the longer check, per pair and factor."""
+    checks = checks_of(v, task)
+    by = {(r["task"], r["method"]): r for r in checks}
+    out = []
+    for a, b in v.proto.pairs:
+        for name in sorted({r["task"] for r in checks}):
+            ra, rb = by.get((name, a)), by.get((name, b))
+            if ra and rb:
+                diff = [100 * (x["test"]["accuracy"] - y["test"]["accuracy"])
+                        for x, y in ((ra["base"], rb["base"]), (ra, rb))]
+                out.append(f"- Budget check, {v.proto.methods[a].label} − {v.proto.methods[b].label} at seed 0 (test "
+                           f"accuracy): {diff[0]:+.1f} points at {ra['base']['steps']} steps, {diff[1]:+.1f} at "
+                           f"{ra['steps']} steps (one seed each; the main table's spread over seeds is the yardstick).")
+    return out
+
+
+def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[str]:
+    """Longer training of the chosen cells next to the study's own seed-0 runs, with both curves: whether the
+    fixed budget decided the comparison."""
+    checks = checks_of(v, task)
+    if not checks:
+        path.unlink(missing_ok=True)
+        return []
+    points = v.data["protocol"]["plateau_points"]
+
+    def flat(r):
+        return {True: "yes", False: "no", None: "–"}[stats.plateaued(r["validation_curve"], points)]
+
+    factors = sorted({int(r["task"].partition(LONGER)[2]) for r in checks})
+    out = ["### Budget check: the chosen cells trained longer (seed 0)\n",
+           "; ".join(f"`python benchmarks/quality/study.py check --task {task} --factor {f}`" for f in factors)
+           + ": the same cells at seed 0 on that many times the training examples for the same epochs (so that many "
+           "times the steps). Not part of the statistics above; it shows whether the fixed budget decided the "
+           "comparison. The longer run draws its larger training subset with the same seed, so the two methods "
+           "again share it.\n",
+           "| method | cell | steps | val acc % | test acc % | plateaued | CPU-core-hours of the check |",
+           "|---|---|---|---|---|---|---:|"]
+    for r in checks:
+        b = r["base"]
+        out.append(f"| {v.proto.methods[r['method']].label} | {cell_text(r['lr'], r['scale'])} | "
+                   f"{b['steps']} → {r['steps']} | {pct(b['validation']['accuracy'])} → "
+                   f"{pct(r['validation']['accuracy'])} | {pct(b['test']['accuracy'])} → "
+                   f"{pct(r['test']['accuracy'])} | {flat(b)} → {flat(r)} | {r['cpu_seconds'] / 3600:.2f} |")
+    out.append("")
+    out += check_pair_lines(v, task)
+    out.append("")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, r in enumerate(checks):
+        label = f"{v.proto.methods[r['method']].label}, {cell_text(r['lr'], r['scale'])}"
+        for run, style, steps in ((r["base"], ":", r["base"]["steps"]), (r, "-", r["steps"])):
+            curve = run["validation_curve"]
+            ax.plot([c["step"] for c in curve], [100 * c["accuracy"] for c in curve], style, marker=".",
+                    color=f"C{i}", label=f"{label}, {steps} steps")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation accuracy %, seed 0")
+    ax.set_title(f"{task}: the study's budget (dotted) and the longer check (solid)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    out.append(f"![{task}: budget check curves]({os.path.relpath(path, doc_dir)})\n")
+    return out
+
+
 def pairing_line(v: View, task: str) -> str:
     """Whether every run of a seed trained and was scored on the same examples (the split files' digest)."""
     digests: dict[int, set[str]] = {}
@@ -335,6 +417,7 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
         headroom = headroom_line(v, task)
         if headroom:
             out.append(headroom)
+        out += check_pair_lines(v, task)
         pending = [mm.label for mm in v.proto.methods_of(task).values()
                    if not mm.tuned_as and v.chosen(task, mm.name) is None]
         if pending:
@@ -452,6 +535,7 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
         else:
             curve_png.unlink(missing_ok=True)
             out.append("Validation curves: pending.\n")
+        out += budget_check_section(v, task, assets / f"{task}_budget_check.png", doc.parent)
 
     small_path = results / "small_norm.json"
     if small_path.is_file():
