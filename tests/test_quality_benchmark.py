@@ -443,3 +443,24 @@ def test_retire_moves_the_tasks_budget_checks_too(tmp_path):
     after = json.loads((tmp_path / "study.json").read_text())
     assert after["checks"] == [] and after["runs"] == []
     assert [r["key"] for r in after["retired"][0]["checks"]] == [r["key"] for r in data["checks"]]
+
+
+def test_a_restarted_coordinator_adopts_what_orphaned_workers_finished_and_waits_for_the_running(tmp_path):
+    import fcntl
+
+    data = _with_checks(_hand_made(LORA))
+    run, check = data["runs"].pop(), data["checks"].pop()
+    (tmp_path / "study.json").write_text(json.dumps(data))
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for rec in (run, check):
+        (spool / f"{study.slug(rec['key'])}.json").write_text(json.dumps(rec))
+    with open(spool / "still-running.lock", "a+") as held:  # a worker of the dead coordinator, still training
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        s = study.Study(tmp_path, _small_protocol(), False)
+        with pytest.raises(SystemExit, match="still-running.lock"):
+            study.adopt(s)
+        assert len(list(spool.glob("*.json"))) == 2  # nothing taken while it runs
+    assert study.adopt(s) == 2 and not list(spool.iterdir())
+    after = json.loads((tmp_path / "study.json").read_text())
+    assert after["runs"][-1] == run and after["checks"][-1] == check

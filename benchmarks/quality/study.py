@@ -11,7 +11,9 @@
 Each run is one `neat-peft train` in its own process (1 torch thread), so its peak memory (ru_maxrss) and CPU
 time are its own. The coordinator writes OUT/study.json atomically after every finished run; `run` again skips
 every run already there (finished or diverged), so the study can be stopped at any moment (a run cut short
-is redone whole) and continued with the same command. A lock file keeps two coordinators off one folder.
+is redone whole) and continued with the same command. A lock file keeps two coordinators off one folder; a
+coordinator started after one was killed adds what that one's still-running workers finished (OUT/spool), and
+waits for them rather than running their jobs twice.
 """
 
 from __future__ import annotations
@@ -182,8 +184,11 @@ def worker_main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     proto = QUICK if args.quick else STUDY
     job = Job(**json.loads(args.job))
-    record = run_one(proto, job, Path(args.out), json.loads(args.extra))
-    atomic_write_json(Path(args.record), record)
+    record_path = Path(args.record)
+    # Held while the run lives: a coordinator started after this one's died waits for it (`adopt`).
+    with exclusive(Path(args.out), record_path.with_suffix(".lock")):
+        record = run_one(proto, job, Path(args.out), json.loads(args.extra))
+        atomic_write_json(record_path, record)
     return 0
 
 
@@ -235,12 +240,14 @@ class Study:
 
 
 @contextlib.contextmanager
-def exclusive(out: Path):
-    lock = open(out / "study.lock", "a+")
+def exclusive(out: Path, path: Optional[Path] = None):
+    """Hold OUT/study.lock (or `path`) for the block; refuse at once if another process holds it."""
+    path = path or out / "study.lock"
+    lock = open(path, "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise SystemExit(f"Another study process holds {out / 'study.lock'}; wait for it or stop it "
+        raise SystemExit(f"Another study process holds {path}; wait for it or stop it "
                          "(its pid is in that file).") from None
     lock.seek(0)
     lock.truncate()
@@ -310,6 +317,7 @@ def drive(study: Study, pending: Callable[[], list[Job]], add: Callable[[dict[st
             if proc.poll() is None:
                 continue
             del running[key]
+            record.with_suffix(".lock").unlink(missing_ok=True)
             if record.is_file():
                 rec = json.loads(record.read_text())
                 record.unlink()
@@ -331,12 +339,33 @@ def invoked(study: Study, args: argparse.Namespace) -> dict[str, Any]:
     return invocation
 
 
+def adopt(study: Study) -> int:
+    """Add the records that workers of a stopped coordinator wrote after it ended (OUT/spool/*.json), so no
+    finished run is lost or run twice; refuse while one of those workers still runs (it holds its .lock).
+    Returns the records adopted."""
+    spool = study.out / "spool"
+    for lock in sorted(spool.glob("*.lock")):
+        with exclusive(study.out, lock):  # raises SystemExit naming the lock while its worker runs
+            pass
+    adopted = 0
+    for path in sorted(spool.glob("*.json")):
+        record = json.loads(path.read_text())
+        study.add(record, "checks" if LONGER in record["key"].split("/", 1)[0] else "runs")
+        path.unlink()
+        print(f"[{now()}] adopted {record['key']} ({record['status']}), finished after its coordinator stopped")
+        adopted += 1
+    for lock in spool.glob("*.lock"):
+        lock.unlink()
+    return adopted
+
+
 def run_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     proto = QUICK if args.quick else STUDY
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out):
         study = Study(out, proto, args.quick)
+        adopt(study)
         invocation = invoked(study, args)
         drive(study, study.pending, study.add, lambda: workers(args.workers, out), args.quick,
               stop_time(args.stop_at), args.max_runs)
@@ -353,6 +382,7 @@ def check_main(args: argparse.Namespace) -> int:
     proto = QUICK if args.quick else STUDY
     with exclusive(out):
         study = Study(out, proto, args.quick)
+        adopt(study)
         try:
             jobs = proto.budget_checks(study.records, args.task, args.factor, tuple(args.methods))
         except (KeyError, ValueError) as e:
