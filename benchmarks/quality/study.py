@@ -13,7 +13,7 @@ time are its own. The coordinator writes OUT/study.json atomically after every f
 every run already there (finished or diverged), so the study can be stopped at any moment (a run cut short
 is redone whole) and continued with the same command. A lock file keeps two coordinators off one folder; a
 coordinator started after one was killed adds what that one's still-running workers finished (OUT/spool), and
-waits for them rather than running their jobs twice.
+refuses to start while they still run (rather than run their jobs twice).
 """
 
 from __future__ import annotations
