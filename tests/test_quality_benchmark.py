@@ -433,6 +433,7 @@ def test_report_sets_the_budget_check_beside_the_seed_0_runs(tmp_path):
             "at 3 steps, +5.0 at 6 steps")
     assert text.count(line) == 2  # the summary and the task's section
     assert "`python benchmarks/quality/study.py check --task t --factor 2`" in text
+    assert "Budget checks (`study.py check`, in no table above): 2 run(s), 1.0 CPU-core-hours." in text
     assert (tmp_path / "results" / "t_budget_check.png").is_file()
 
 
@@ -464,3 +465,14 @@ def test_a_restarted_coordinator_adopts_what_orphaned_workers_finished_and_waits
     assert study.adopt(s) == 2 and not list(spool.iterdir())
     after = json.loads((tmp_path / "study.json").read_text())
     assert after["runs"][-1] == run and after["checks"][-1] == check
+
+
+def test_budget_check_of_a_generation_task_plots_its_validation_loss(tmp_path):
+    data = _with_checks(_hand_made(LORA))
+    data["protocol"]["tasks"]["t"]["generation"] = True  # the LLM row: loss curves, scored once at the end
+    for r in data["runs"] + data["checks"]:
+        r["validation_curve"] = [{"step": c["step"], "loss": 2 - c["accuracy"]} for c in r["validation_curve"]]
+    (tmp_path / "study.json").write_text(json.dumps(data))
+    text = study_doc.build(tmp_path, tmp_path / "RESULTS.md")
+    assert "| NEAT r=8 | lr 0.001, s 1 | 3 → 6 |" in text and "| – → – |" in text  # no accuracy curve: no plateau
+    assert (tmp_path / "results" / "t_budget_check.png").is_file()

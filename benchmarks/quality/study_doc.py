@@ -300,15 +300,16 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = "loss" if v.proto.tasks[task].generation else "accuracy"  # as in plot_curves
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for i, r in enumerate(checks):
         label = f"{v.proto.methods[r['method']].label}, {cell_text(r['lr'], r['scale'])}"
         for run, style, steps in ((r["base"], ":", r["base"]["steps"]), (r, "-", r["steps"])):
             curve = run["validation_curve"]
-            ax.plot([c["step"] for c in curve], [100 * c["accuracy"] for c in curve], style, marker=".",
-                    color=f"C{i}", label=f"{label}, {steps} steps")
+            ax.plot([c["step"] for c in curve], [(100 if key == "accuracy" else 1) * c[key] for c in curve],
+                    style, marker=".", color=f"C{i}", label=f"{label}, {steps} steps")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation accuracy %, seed 0")
+    ax.set_ylabel(("validation accuracy %" if key == "accuracy" else "validation loss") + ", seed 0")
     ax.set_title(f"{task}: the study's budget (dotted) and the longer check (solid)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -509,6 +510,10 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
                        "probe's wall seconds x its CPU share, so a busy machine during a probe does not inflate "
                        f"it). Wall time = CPU-core-hours / {s['gain']:.2f} (the measured gain of "
                        f"{s['workers']} worker(s)) when nothing else runs; read it as the order of magnitude.\n")
+    checks = [r for r in data.get("checks", []) if r["status"] == "ok"]
+    if checks:
+        out.append(f"Budget checks (`study.py check`, in no table above): {len(checks)} run(s), "
+                   f"{sum(r['cpu_seconds'] for r in checks) / 3600:.1f} CPU-core-hours.\n")
     out.append("Resume (skips every finished run; the JSON is rewritten after each run):\n")
     out.append("```bash\n" + RESUME
                + "\npython benchmarks/quality/study_doc.py        # this file\n```\n")
