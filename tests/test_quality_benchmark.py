@@ -398,6 +398,8 @@ def test_budget_check_plan_doubles_examples_and_steps_at_the_chosen_cells():
     assert longer.epochs == base.epochs and longer.validation_examples == base.validation_examples
     assert f"data.max_train_examples={2 * base.train_examples}" in longer.overrides()
     assert f"train.max_steps={2 * base.steps}" in longer.overrides()
+    with pytest.raises(ValueError, match="no task 'nope' \\(the study's tasks: t\\)"):
+        proto.budget_checks(records, "nope", 2, ("neat-r8",))
     with pytest.raises(ValueError, match="tuning of neat-r8 is not finished"):
         proto.budget_checks({}, "t", 2, ("neat-r8",))
     with pytest.raises(ValueError, match="got factor 1"):

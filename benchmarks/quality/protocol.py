@@ -253,7 +253,9 @@ class Protocol:
 
     def budget_checks(self, records: dict[str, dict], task: str, factor: int, names: tuple[str, ...]) -> list[Job]:
         """The budget check of `task`: methods `names` at seed 0 at their chosen cells, trained `factor` times
-        longer (task "T@xN"). Raises ValueError naming the methods whose tuning is not finished."""
+        longer (task "T@xN"). Raises ValueError naming an unknown task, or the methods whose tuning is not finished."""
+        if task not in self.tasks:
+            raise ValueError(f"no task {task!r} (the study's tasks: {', '.join(self.tasks)})")
         unknown = [n for n in names if n not in self.methods_of(task) or self.methods[n].tuned_as]
         if unknown or factor < 2:
             raise ValueError(f"{task}: a budget check needs a factor of 2 or more and tuned methods of the task "

@@ -185,8 +185,8 @@ def worker_main(args: argparse.Namespace) -> int:
     proto = QUICK if args.quick else STUDY
     job = Job(**json.loads(args.job))
     record_path = Path(args.record)
-    # Held while the run lives: a coordinator started after this one's died waits for it (`adopt`).
-    with exclusive(Path(args.out), record_path.with_suffix(".lock")):
+    # Held while the run lives: a coordinator started after this one's died refuses to start until it ends (`adopt`).
+    with exclusive(record_path.with_suffix(".lock")):
         record = run_one(proto, job, Path(args.out), json.loads(args.extra))
         atomic_write_json(record_path, record)
     return 0
@@ -240,9 +240,9 @@ class Study:
 
 
 @contextlib.contextmanager
-def exclusive(out: Path, path: Optional[Path] = None):
-    """Hold OUT/study.lock (or `path`) for the block; refuse at once if another process holds it."""
-    path = path or out / "study.lock"
+def exclusive(path: Path):
+    """Hold the lock file `path` (OUT/study.lock, or a worker's) for the block; refuse at once if another
+    process holds it."""
     lock = open(path, "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -345,7 +345,7 @@ def adopt(study: Study) -> int:
     Returns the records adopted."""
     spool = study.out / "spool"
     for lock in sorted(spool.glob("*.lock")):
-        with exclusive(study.out, lock):  # raises SystemExit naming the lock while its worker runs
+        with exclusive(lock):  # raises SystemExit naming the lock while its worker runs
             pass
     adopted = 0
     for path in sorted(spool.glob("*.json")):
@@ -363,7 +363,7 @@ def run_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     proto = QUICK if args.quick else STUDY
     out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out):
+    with exclusive(out / "study.lock"):
         study = Study(out, proto, args.quick)
         adopt(study)
         invocation = invoked(study, args)
@@ -380,12 +380,12 @@ def check_main(args: argparse.Namespace) -> int:
     study.json's "checks" (not part of any table's statistics; the report compares them with the seed-0 runs)."""
     out = Path(args.out)
     proto = QUICK if args.quick else STUDY
-    with exclusive(out):
+    with exclusive(out / "study.lock"):
         study = Study(out, proto, args.quick)
         adopt(study)
         try:
             jobs = proto.budget_checks(study.records, args.task, args.factor, tuple(args.methods))
-        except (KeyError, ValueError) as e:
+        except ValueError as e:
             raise SystemExit(f"study.py check: {e}") from None
         invocation = invoked(study, args)
 
@@ -559,7 +559,7 @@ def retire(out: Path, task: str, why: str) -> int:
 
 def retire_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    with exclusive(out):
+    with exclusive(out / "study.lock"):
         moved = retire(out, args.task, args.why)
     print(f"retired {moved} run(s) of {args.task}; `study.py run` now runs it under protocol.py's definition")
     return 0
