@@ -189,6 +189,70 @@ def test_plan_tunes_first_then_seeds_the_chosen_cell_and_sweeps_at_r8s_cell():
     assert len(proto.jobs({}, full=True)) == 2 + 4 + 2 + 4 + 1
 
 
+def _tuned(method: str, cells: dict, status: str = "ok") -> dict:
+    """Seed-0 tuning records of `method` on task "t": {(lr, s): validation accuracy}."""
+    jobs = [(Job("t", method, lr, s, 0, "tune"), val) for (lr, s), val in cells.items()]
+    return {job.key: _rec(job, val, 0.5, status) for job, val in jobs}
+
+
+def test_a_best_rate_at_the_grids_edge_extends_the_grid_before_anything_is_chosen():
+    assert [protocol.next_rate(x, True) for x in (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)] == [1e-3, 3e-3, 1e-2, 3e-2, 0.1]
+    assert [protocol.next_rate(x, False) for x in (3e-5, 1e-4, 1e-3)] == [1e-5, 3e-5, 3e-4]
+    assert protocol.STUDY.edge_steps == protocol.EDGE_STEPS == 2 and protocol.QUICK.edge_steps == 0
+    neat_grid = ((1e-3, 0.1), (1e-3, 1.0), (1e-2, 0.1), (1e-2, 1.0))
+    base = _small_protocol()
+    proto = replace(base, methods={**base.methods, "neat-r8": replace(base.methods["neat-r8"], cells=neat_grid)},
+                    edge_steps=2)
+    lora = _tuned("lora-r8", {(1e-3, None): 0.6, (1e-2, None): 0.7})
+    # LoRA's best rate is its largest: 3e-2 is tried before a cell is chosen or a seed is run.
+    assert proto.grid(lora, "t", "lora-r8") == [(1e-3, None), (1e-2, None), (3e-2, None)]
+    assert proto.choose(lora, "t", "lora-r8") is None
+    plan = [j.key for j in proto.jobs(lora) if j.method == "lora-r8" and j.key not in lora]
+    assert plan == ["t/lora-r8_lr0.03_seed0"]
+    # The estimate's stand-in for the pending choice is the best cell so far.
+    assert {(j.lr, j.seed) for j in proto.jobs(lora, full=True) if j.method == "lora-r8" and j.phase == "seed"} == {
+        (1e-2, seed) for seed in range(1, 5)}
+    # Better again: one more rate, then the cap of 2 per side; the choice stays at the edge.
+    lora.update(_tuned("lora-r8", {(3e-2, None): 0.8}))
+    assert proto.grid(lora, "t", "lora-r8")[-1] == (0.1, None) and proto.choose(lora, "t", "lora-r8") is None
+    lora.update(_tuned("lora-r8", {(0.1, None): 0.9}))
+    assert len(proto.grid(lora, "t", "lora-r8")) == 4 and proto.choose(lora, "t", "lora-r8") == (0.1, None)
+    # A worse or diverged added rate ends the extension; the old edge is chosen.
+    for extra in (_tuned("lora-r8", {(3e-2, None): 0.65}), _tuned("lora-r8", {(3e-2, None): 0}, "diverged")):
+        records = {**_tuned("lora-r8", {(1e-3, None): 0.6, (1e-2, None): 0.7}), **extra}
+        assert len(proto.grid(records, "t", "lora-r8")) == 3 and proto.choose(records, "t", "lora-r8") == (1e-2, None)
+    # The bottom edge extends downwards; NEAT's grid at the best cell's s only.
+    low = _tuned("lora-r8", {(1e-3, None): 0.8, (1e-2, None): 0.7})
+    assert proto.grid(low, "t", "lora-r8")[-1] == (3e-4, None)
+    neat = _tuned("neat-r8", dict(zip(neat_grid, (0.5, 0.6, 0.8, 0.4))))
+    assert proto.grid(neat, "t", "neat-r8") == [*neat_grid, (3e-2, 0.1)]
+    # A one-rate grid (NEAT's in _small_protocol) has no edge to extend; edge_steps=0 is the fixed grid.
+    one_rate = replace(base, edge_steps=2)
+    assert one_rate.grid(_tuned("neat-r8", {c: 0.7 for c in base.methods["neat-r8"].grid}), "t", "neat-r8") == list(
+        base.methods["neat-r8"].grid)
+    assert base.choose(_tuned("lora-r8", {(1e-3, None): 0.6, (1e-2, None): 0.7}), "t", "lora-r8") == (1e-2, None)
+    # Another edge_steps changes which cells are tried, not what a run is: a study.json stays usable.
+    snaps = [json.loads(json.dumps(p.snapshot())) for p in (base, one_rate)]
+    assert Protocol.incompatible(*snaps) == []
+
+
+def test_report_shows_added_cells_and_counts_the_runs_a_grid_extension_displaced(tmp_path):
+    data = _hand_made(LORA)  # LoRA's best rate, 1e-3, is its grid's smallest
+    for r in data["runs"]:
+        r["cpu_seconds"] = 1800.0
+    data["protocol"]["edge_steps"] = 2
+    data["runs"] += list(_tuned("lora-r8", {(3e-4, None): 0.9, (1e-4, None): 0.5}).values())
+    (tmp_path / "study.json").write_text(json.dumps(data))
+    text = study_doc.build(tmp_path, tmp_path / "RESULTS.md")
+    assert "lr 0.0003: **90.0** (added); lr 0.0001: 50.0 (added) | lr 0.0003 |" in text
+    assert "'(added)': a cell past the protocol's grid" in text and "(at the grid's edge)" not in text
+    # LoRA's seeds 1-4 ran at 1e-3 before the extension moved the choice to 3e-4.
+    assert "Runs at a cell no longer chosen (a grid extension moved the choice after they ran; kept in study.json, " \
+           "in no table above): 4 run(s), 2.0 CPU-core-hours." in text
+    assert "| LoRA r=8 | 1,000 | lr 0.0003 | 1 / 5 |" in text
+    assert "up to 2 rates each way" in text
+
+
 def test_study_refuses_a_json_of_another_protocol_and_accepts_an_extended_one(tmp_path):
     s = study.Study(tmp_path, protocol.QUICK, True)
     s.save()

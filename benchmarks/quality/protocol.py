@@ -7,7 +7,8 @@ The plan (`jobs`, in the order they are run; each stage on every task before the
 
 1. the pairs, one after the other (NEAT r=8 and LoRA r=8, then NEAT r=1 and LoRA r=1): tuning at seed 0 over
    each method's grid (learning rate; NEAT also s), chosen on validation accuracy at the end of training,
-   then seeds 1..n-1 at the chosen cell (seed 0 of the chosen cell is its tuning run);
+   then seeds 1..n-1 at the chosen cell (seed 0 of the chosen cell is its tuning run). A best rate at the
+   grid's edge extends the grid past it (`Protocol.grid`) before anything is chosen;
 2. the references (NEAT r=8 depth 1, full fine-tuning, head-only): tuning, then their seeds;
 3. accuracy vs parameters: LoRA and NEAT at r in {2, 4, 16}, seed 0, at the cell chosen for r=8 (r=1 and 8
    come from steps 1-2).
@@ -33,6 +34,7 @@ GRID_SCALE = (0.1, 1.0)  # NEAT's s (the paper tunes {0.01, 0.1, 1}; the issue a
 HEAD_LR = 2e-3           # the classifier head's rate for every method but head-only (whose head rate is tuned)
 SWEEP_R = (1, 2, 4, 8, 16)
 EVALS_PER_RUN = 10       # validation points on each run's curve
+EDGE_STEPS = 2           # a best rate at the grid's edge adds the next rate beyond it, at most this many times
 PLATEAU_POINTS = 0.01    # "plateaued": the last third of the curve gains less than this over the best before it
 LONGER = "@x"            # "fashion-mnist@x2": the task trained on twice its examples (the budget check)
 
@@ -71,6 +73,12 @@ class StudyTask:
                 f"train.eval_every={self.eval_every}", f"train.log_every={self.eval_every}",
                 f"train.save_every={self.steps + 1}",  # no checkpoints: a run is redone whole if interrupted
                 "train.threads=1"]
+
+
+def next_rate(lr: float, up: bool) -> float:
+    """The neighbour of `lr` on the grids' half-decade ladder (..., 3e-3, 1e-2, 3e-2, 1e-1, ...)."""
+    k = round(2 * math.log10(lr)) + (1 if up else -1)
+    return float(f"{(1 if k % 2 == 0 else 3) * 10.0 ** (k // 2):.0e}")
 
 
 def longer(task: StudyTask, factor: int) -> StudyTask:
@@ -178,6 +186,7 @@ class Protocol:
     tasks: dict[str, StudyTask]
     methods: dict[str, StudyMethod]
     pairs: tuple[tuple[str, str], ...] = PAIRS
+    edge_steps: int = 0  # how far `grid` may extend a method's grid past each edge (0: the fixed grid)
 
     def task(self, name: str) -> StudyTask:
         """A task by name; "T@xN" is task T trained N times longer (`longer`)."""
@@ -192,39 +201,70 @@ class Protocol:
         cap = self.task(task).seeds
         return self.methods[method].seeds if cap is None else min(cap, self.methods[method].seeds)
 
+    def grid(self, records: dict[str, dict], task: str, method: str) -> list[tuple[float, Optional[float]]]:
+        """The cells `method` is tuned over on `task`: its grid, extended while the best finished cell's rate is the
+        largest (smallest) tried, by the next rate on the half-decade ladder at the best cell's s, at most
+        `edge_steps` rates each way. The fixed grid cannot tell a best rate at its edge from one beyond it."""
+        cells = list(self.methods[method].grid)
+        added = {True: 0, False: 0}  # rates added above, below
+        while True:
+            best = self._best(records, task, method, cells)
+            rates = sorted({lr for lr, _ in cells})
+            if best is None or len(rates) < 2 or best[0] not in (rates[0], rates[-1]):
+                return cells
+            up = best[0] == rates[-1]
+            if added[up] == self.edge_steps:
+                return cells
+            added[up] += 1
+            cells.append((next_rate(best[0], up), best[1]))
+
+    @staticmethod
+    def _best(records: dict[str, dict], task: str, method: str, cells: list, partial: bool = False):
+        """The best of `cells` by final validation accuracy at seed 0 (the first on ties; a diverged run never
+        wins). None while a cell has no result, unless `partial` (then the best of those finished, if any)."""
+        best, best_acc = None, -math.inf
+        for lr, s in cells:
+            rec = records.get(Job(task, method, lr, s, 0, "tune").key)
+            if rec is None:
+                if partial:
+                    continue
+                return None
+            acc = rec["validation"]["accuracy"] if rec["status"] == "ok" else -math.inf
+            if best is None or acc > best_acc:
+                best, best_acc = (lr, s), acc
+        return best
+
     def choose(self, records: dict[str, dict], task: str, method: str) -> Optional[tuple[float, Optional[float]]]:
-        """The tuned cell of `method` on `task`: best final validation accuracy at seed 0 over its whole grid (the
-        first cell in grid order on ties; a diverged run never wins). None until every cell has a result."""
+        """The tuned cell of `method` on `task`: the best over its whole `grid` (extensions included). None until
+        every cell has a result."""
         m = self.methods[method]
         if m.tuned_as:
             return self.choose(records, task, m.tuned_as)
-        best, best_acc = m.grid[0], -math.inf
-        for lr, s in m.grid:
-            rec = records.get(Job(task, method, lr, s, 0, "tune").key)
-            if rec is None:
-                return None
-            acc = rec["validation"]["accuracy"] if rec["status"] == "ok" else -math.inf
-            if acc > best_acc:
-                best, best_acc = (lr, s), acc
-        return best
+        return self._best(records, task, method, self.grid(records, task, method))
 
     def jobs(self, records: dict[str, dict], full: bool = False) -> list[Job]:
         """Every run the study needs that can be defined now, in run order (seed and sweep runs need their
         method's tuning done). full=True: every run of the whole study, a cell not yet chosen standing in by the
-        first of its grid (for the compute estimate).
+        best finished so far, or the first of its grid (for the compute estimate; an extension of a grid not yet
+        needed is not counted).
 
         The order is stage by stage across tasks (the first pair on every task, then the second pair on every
         task, then the references, then the r sweeps), so a study cut short has compared NEAT with LoRA on as
         many tasks as its compute allowed."""
         def cell_of(task, name):
             cell = self.choose(records, task, name)
-            return self.methods[name].grid[0] if cell is None and full else cell
+            if cell is None and full:
+                tuned = self.methods[name].tuned_as or name
+                cell = self._best(records, task, tuned, self.grid(records, task, tuned), partial=True)
+                return cell or self.methods[tuned].grid[0]
+            return cell
 
         def tune(task, selected):
             # By learning rate, then method: NEAT's and LoRA's cells of one rate finish side by side.
+            grids = {name: self.grid(records, task, name) for name in selected}
             cells = [(lrs.index(lr), i, j, Job(task, name, lr, s, 0, "tune"))
-                     for i, name in enumerate(selected) for j, (lr, s) in enumerate(self.methods[name].grid)
-                     for lrs in [sorted({c[0] for c in self.methods[name].grid})]]
+                     for i, name in enumerate(selected) for j, (lr, s) in enumerate(grids[name])
+                     for lrs in [sorted({c[0] for c in grids[name]})]]
             return [job for *_, job in sorted(cells, key=lambda c: c[:3])]
 
         def seeds(task, selected):
@@ -273,7 +313,7 @@ class Protocol:
         return {
             "grid_lr": list(GRID_LR), "grid_full_lr": list(GRID_FULL_LR), "grid_scale": list(GRID_SCALE),
             "head_lr": HEAD_LR, "sweep_r": list(SWEEP_R), "evals_per_run": EVALS_PER_RUN,
-            "plateau_points": PLATEAU_POINTS,
+            "plateau_points": PLATEAU_POINTS, "edge_steps": self.edge_steps,
             "tasks": {t.name: {**{k: v for k, v in asdict(t).items() if k != "prepare"}, "steps": t.steps,
                                "eval_every": t.eval_every} for t in self.tasks.values()},
             "methods": {m.name: {**asdict(m), "cells": [list(c) for c in m.grid]} for m in self.methods.values()},
@@ -283,8 +323,9 @@ class Protocol:
     @staticmethod
     def incompatible(old: dict, new: dict) -> list[str]:
         """What of snapshot `old` (the runs on disk were made under it) snapshot `new` changes: tasks, methods and
-        settings both have must be equal; tasks and methods `new` adds are fine (their runs are new)."""
-        diffs = [k for k in old if k not in ("tasks", "methods", "pairs") and old[k] != new.get(k)]
+        settings both have must be equal; tasks and methods `new` adds are fine (their runs are new), and so is
+        another `edge_steps` (it changes which cells are tried, not what a run of a cell is)."""
+        diffs = [k for k in old if k not in ("tasks", "methods", "pairs", "edge_steps") and old[k] != new.get(k)]
         for part, kind in (("tasks", StudyTask), ("methods", StudyMethod)):
             default = {f.name: f.default for f in fields(kind)}  # a field added later reads as its default
             for name, was in old[part].items():
@@ -300,10 +341,10 @@ class Protocol:
                                  if k not in ("steps", "eval_every")}) for n, t in snap["tasks"].items()}
         methods = {n: StudyMethod(**{**m, "overrides": tuple(m["overrides"]),
                                      "cells": tuple(tuple(c) for c in m["cells"])}) for n, m in snap["methods"].items()}
-        return cls(tasks, methods, tuple(tuple(p) for p in snap["pairs"]))
+        return cls(tasks, methods, tuple(tuple(p) for p in snap["pairs"]), snap.get("edge_steps", 0))
 
 
-STUDY = Protocol(TASKS, METHODS)
+STUDY = Protocol(TASKS, METHODS, edge_steps=EDGE_STEPS)
 
 # The few-minute version the test suite runs: one easy task, the two r=8 methods, one cell, one seed.
 QUICK = Protocol(

@@ -79,22 +79,26 @@ def tuning_table(v: View, task: str) -> str:
     for m in methods:
         chosen = v.chosen(task, m.name)
         cells = []
-        for lr, s in m.grid:
+        grid = v.proto.grid(v.records, task, m.name)
+        for lr, s in grid:
             rec = v.records.get(Job(task, m.name, lr, s, 0, "tune").key)
             text = ("pending" if rec is None else "diverged" if rec["status"] != "ok"
                     else pct(rec["validation"]["accuracy"]))
             if chosen == (lr, s):
                 text = f"**{text}**"
-            cells.append(f"{cell_text(lr, s)}: {text}")
-        rates = [lr for lr, _ in m.grid]
+            cells.append(f"{cell_text(lr, s)}: {text}" + (" (added)" if (lr, s) not in m.grid else ""))
+        rates = [lr for lr, _ in grid]
         edge = chosen is not None and len(set(rates)) > 1 and chosen[0] in (min(rates), max(rates))
         lines.append(f"| {m.label} | " + "; ".join(cells) + f" | {'–' if chosen is None else cell_text(*chosen)}"
                      + (" (at the grid's edge)" if edge else "") + " |")
     return "\n".join(["| method | validation accuracy % at seed 0, per cell (chosen in bold) | chosen |",
                       "|---|---|---|", *lines]) + (
-        "\n\n'At the grid's edge': the best learning rate is the grid's smallest or largest, so a rate beyond it "
-        "might have done better still; the comparison is at the grid the protocol fixed for every method."
-        if "(at the grid's edge)" in "".join(lines) else "")
+        "\n\n'At the grid's edge': the best learning rate is the smallest or largest tried"
+        + (f", even after {v.proto.edge_steps} rates added past the edge" if v.proto.edge_steps else "")
+        + ", so a rate beyond it might have done better still."
+        if "(at the grid's edge)" in "".join(lines) else "") + (
+        "\n\n'(added)': a cell past the protocol's grid, tried because the best rate was at its edge."
+        if "(added)" in "".join(lines) else "")
 
 
 def main_table(v: View, task: str) -> str:
@@ -208,7 +212,8 @@ def plot_curves(v: View, task: str, path: Path) -> bool:
     methods = [m for m in v.proto.methods_of(task).values() if not m.tuned_as]
     panels = []
     for m in methods:
-        runs = [(cell, v.records.get(Job(task, m.name, *cell, 0, "").key)) for cell in m.grid]
+        runs = [(cell, v.records.get(Job(task, m.name, *cell, 0, "").key))
+                for cell in v.proto.grid(v.records, task, m.name)]
         runs = [(cell, r) for cell, r in runs if r is not None and r["status"] == "ok" and r["validation_curve"]]
         if runs:
             panels.append((m, runs))
@@ -445,10 +450,15 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
         f"{', '.join(f'{x:g}' for x in snap['grid_lr'])} for the adapters and head-only (whose rate is the "
         f"head's), {', '.join(f'{x:g}' for x in snap['grid_full_lr'])} for full fine-tuning (a stated deviation: "
         "the usual range for fine-tuning every weight of a BERT-size model, a decade and a half below the "
-        f"adapters'); NEAT also over s in {{{', '.join(f'{x:g}' for x in snap['grid_scale'])}}}. The cell with the "
-        "best validation accuracy at the end of training is chosen (first in grid order on ties; a diverged run "
-        f"never wins). The classifier head trains at {snap['head_lr']:g} for every method but head-only. LoRA: "
-        "peft, alpha = 2r fixed, dropout 0. NEAT: relu, axis out, depth 0 unless the row says depth 1.",
+        f"adapters'); NEAT also over s in {{{', '.join(f'{x:g}' for x in snap['grid_scale'])}}}."
+        + (" Where the best rate is the largest (smallest) tried, the next rate past it on the half-decade ladder "
+           f"(3e-2, 1e-1, ...; for NEAT at the best cell's s) is tried too, up to {snap['edge_steps']} rates each "
+           "way, before anything is chosen: an added rule, since at the fixed grid NEAT r=8's best rate was its "
+           "largest on all three classification tasks and the comparison would otherwise rest on a NEAT tuned at "
+           "its grid's edge." if snap.get("edge_steps") else "")
+        + " The cell with the best validation accuracy at the end of training is chosen (first in grid order on "
+        f"ties; a diverged run never wins). The classifier head trains at {snap['head_lr']:g} for every method "
+        "but head-only. LoRA: peft, alpha = 2r fixed, dropout 0. NEAT: relu, axis out, depth 0 unless the row says depth 1.",
         "- Seeds: " + "; ".join(f"{mm.label} {mm.seeds}" for mm in v.proto.methods.values() if not mm.tuned_as)
         + "".join(f" ({name}: {t.seeds} seed(s), methods {', '.join(t.methods or ())})"
                   for name, t in v.proto.tasks.items() if t.seeds)
@@ -516,6 +526,12 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
                        "probe's wall seconds x its CPU share, so a busy machine during a probe does not inflate "
                        f"it). Wall time = CPU-core-hours / {s['gain']:.2f} (the measured gain of "
                        f"{s['workers']} worker(s)) when nothing else runs; read it as the order of magnitude.\n")
+    planned = {j.key for j in v.proto.jobs(v.records, full=True)}
+    displaced = [r for r in data["runs"] if r["key"] not in planned]
+    if displaced:
+        out.append(f"Runs at a cell no longer chosen (a grid extension moved the choice after they ran; kept in "
+                   f"study.json, in no table above): {len(displaced)} run(s), "
+                   f"{sum(r.get('cpu_seconds', 0) for r in displaced) / 3600:.1f} CPU-core-hours.\n")
     checks = [r for r in data.get("checks", []) if r["status"] == "ok"]
     if checks:
         out.append(f"Budget checks (`study.py check`, in no table above): {len(checks)} run(s), "
