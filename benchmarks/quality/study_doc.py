@@ -458,7 +458,8 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
            "its grid's edge." if snap.get("edge_steps") else "")
         + " The cell with the best validation accuracy at the end of training is chosen (first in grid order on "
         f"ties; a diverged run never wins). The classifier head trains at {snap['head_lr']:g} for every method "
-        "but head-only. LoRA: peft, alpha = 2r fixed, dropout 0. NEAT: relu, axis out, depth 0 unless the row says depth 1.",
+        "but head-only. LoRA: peft, alpha = 2r fixed, dropout 0. NEAT: relu, axis out, depth 0 unless the row says "
+        "depth 1.",
         "- Seeds: " + "; ".join(f"{mm.label} {mm.seeds}" for mm in v.proto.methods.values() if not mm.tuned_as)
         + "".join(f" ({name}: {t.seeds} seed(s), methods {', '.join(t.methods or ())})"
                   for name, t in v.proto.tasks.items() if t.seeds)
