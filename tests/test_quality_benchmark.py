@@ -146,7 +146,7 @@ def test_protocol_grids_seeds_and_pairs_are_the_issues():
     assert protocol.TASKS["bbc-news"].input_size == "data.max_length=128"
     llm = protocol.STUDY.methods_of("smollm2")
     assert sorted(llm) == ["lora-r1", "lora-r8", "neat-r1", "neat-r8"] and protocol.TASKS["smollm2"].generation
-    assert {j.seed for j in protocol.STUDY.jobs({}, full=True) if j.task == "smollm2"} == {0}
+    assert {j.seed for j in protocol.STUDY.jobs({}, full=True) if j.task == "smollm2"} == {0, 1, 2}
 
 
 def _small_protocol() -> Protocol:
@@ -262,6 +262,9 @@ def test_study_refuses_a_json_of_another_protocol_and_accepts_an_extended_one(tm
     more = Protocol({**protocol.QUICK.tasks, "sentiment": protocol.TASKS["sentiment"]}, protocol.QUICK.methods)
     assert Protocol.incompatible(old, json.loads(json.dumps(more.snapshot()))) == []
     del old["tasks"]["bbc-news"]["generation"]  # written before the field existed: reads as its default
+    assert Protocol.incompatible(old, json.loads(json.dumps(protocol.QUICK.snapshot()))) == []
+    # More (or fewer) seeds change how many runs there are, not what one is.
+    old["tasks"]["bbc-news"]["seeds"], old["methods"]["neat-r8"]["seeds"] = 1, 3
     assert Protocol.incompatible(old, json.loads(json.dumps(protocol.QUICK.snapshot()))) == []
     old["methods"]["lora-r8"]["overrides"] = ["method.name=lora", "method.r=4"]
     assert Protocol.incompatible(old, json.loads(json.dumps(protocol.QUICK.snapshot()))) == ["methods.lora-r8"]
