@@ -329,6 +329,19 @@ def test_report_states_a_verdict_only_where_the_interval_excludes_zero(tmp_path,
     assert "| lr 0.001 (at the grid's edge) |" in text and "| lr 0.001, s 1 (at the grid's edge)" not in text
 
 
+def test_report_tables_the_sweep_at_seed_0_with_pending_cells(tmp_path):
+    data = _hand_made(LORA)
+    neat_r8 = next(r for r in data["runs"] if r["method"] == "neat-r8" and r["seed"] == 0 and r["lr"] == 1e-3
+                   and r["scale"] == 1.0)
+    sweep = _rec(Job("t", "neat-r2", neat_r8["lr"], neat_r8["scale"], 0, "sweep"), 0.6, 0.66)
+    data["runs"].append({**sweep, "trainable_params": 250})
+    (tmp_path / "study.json").write_text(json.dumps(data))
+    text = study_doc.build(tmp_path, tmp_path / "RESULTS.md")
+    # Seed 0 of the chosen r=8 cells is NEAT[0] / LORA[0]; LoRA has no r=2 in this protocol: pending.
+    assert "| 2 | – | pending | 250 | 66.0 |" in text
+    assert f"| 8 | 1,000 | {100 * LORA[0]:.1f} | 1,000 | {100 * NEAT[0]:.1f} |" in text
+
+
 def test_estimate_from_a_hand_made_pilot():
     proto = _small_protocol()  # task t: 20 steps, validation every 2 (10 points), 80 validation, 100 test
     pilot = {"single": [

@@ -175,6 +175,25 @@ def sweep_points(v: View, task: str) -> dict[str, list[tuple[int, int, float]]]:
     return {k: sorted(x) for k, x in out.items()}
 
 
+def sweep_table(v: View, task: str) -> Optional[str]:
+    """The plot's points as a table, one row per r (the figures the README may quote)."""
+    points = sweep_points(v, task)
+    if not points:
+        return None
+    by_r = {fam: {r: (n, acc) for r, n, acc in pts} for fam, pts in points.items()}
+    planned = {m.r for m in v.proto.methods_of(task).values()
+               if m.family in ("neat", "lora") and m.r is not None and "method.depth=1" not in m.overrides}
+    rows = ["| r | LoRA trainable params | LoRA test acc % | NEAT trainable params | NEAT test acc % |",
+            "|---:|---:|---:|---:|---:|"]
+    for r in sorted(planned):
+        cells = []
+        for fam in ("lora", "neat"):
+            got = by_r.get(fam, {}).get(r)
+            cells += [f"{got[0]:,}", pct(got[1])] if got else ["–", "pending"]
+        rows.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def plot_sweep(v: View, task: str, path: Path) -> bool:
     points = sweep_points(v, task)
     if not points:
@@ -554,6 +573,8 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
         out.append(tuning_table(v, task) + "\n")
         sweep_png, curve_png = assets / f"{task}_params.png", assets / f"{task}_curves.png"
         if plot_sweep(v, task, sweep_png):
+            out.append("### Accuracy vs parameters (seed 0; r=1 and 8 at their chosen cells, the other r at r=8's)\n")
+            out.append(sweep_table(v, task) + "\n")
             out.append(f"![{task}: accuracy vs parameters]({os.path.relpath(sweep_png, doc.parent)})\n")
         else:
             sweep_png.unlink(missing_ok=True)
