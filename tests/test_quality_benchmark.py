@@ -340,6 +340,9 @@ def test_report_tables_the_sweep_at_seed_0_with_pending_cells(tmp_path):
     # Seed 0 of the chosen r=8 cells is NEAT[0] / LORA[0]; LoRA has no r=2 in this protocol: pending.
     assert "| 2 | – | pending | 250 | 66.0 |" in text
     assert f"| 8 | 1,000 | {100 * LORA[0]:.1f} | 1,000 | {100 * NEAT[0]:.1f} |" in text
+    # The sweep point was the last planned run: the study reads as complete, with no estimate and no 'so far'.
+    assert "**Status: study complete: 13 of 13 planned runs finished** (JSON updated now).\n" in text
+    assert "Estimated remaining" not in text and "- Headroom: the best mean test accuracy, NEAT r=8's" in text
 
 
 def test_estimate_from_a_hand_made_pilot():

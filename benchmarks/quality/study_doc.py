@@ -142,7 +142,8 @@ def headroom_line(v: View, task: str) -> Optional[str]:
     best = max(means, key=means.get)
     shown = pct(means[best])  # the error left is computed from the rounded figure, so the two add up to 100
     base = list(v.majority(task).values())
-    return (f"- Headroom: the best mean test accuracy so far, {best}'s {shown}%, leaves "
+    so_far = "" if task_status(v, task)[0] == task_status(v, task)[1] else " so far"
+    return (f"- Headroom: the best mean test accuracy{so_far}, {best}'s {shown}%, leaves "
             f"{100 - float(shown):.1f} points of error in which methods can differ"
             + (f" (majority class: {pct(stats.mean_std(base)[0])}%)." if base else "."))
 
@@ -439,7 +440,8 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
                   f"about {est['summary']['remaining_wall_hours']:.0f} hours of wall time on this machine with "
                   f"{est['summary']['workers']} run(s) at once and nothing else running"
                   + (f", not counting {', '.join(est['summary']['not_estimated'])} (no pilot probe yet)"
-                     if est["summary"].get("not_estimated") else "") + "." if est else "") + "\n")
+                     if est["summary"].get("not_estimated") else "") + "." if est and state != "complete" else "")
+               + "\n")
     out.append("## Summary\n")
     for task in v.proto.tasks:
         done, total = task_status(v, task)
