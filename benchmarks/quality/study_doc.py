@@ -142,7 +142,8 @@ def headroom_line(v: View, task: str) -> Optional[str]:
     best = max(means, key=means.get)
     shown = pct(means[best])  # the error left is computed from the rounded figure, so the two add up to 100
     base = list(v.majority(task).values())
-    so_far = "" if task_status(v, task)[0] == task_status(v, task)[1] else " so far"
+    done, total = task_status(v, task)
+    so_far = "" if done == total else " so far"
     return (f"- Headroom: the best mean test accuracy{so_far}, {best}'s {shown}%, leaves "
             f"{100 - float(shown):.1f} points of error in which methods can differ"
             + (f" (majority class: {pct(stats.mean_std(base)[0])}%)." if base else "."))
@@ -164,12 +165,16 @@ def pair_lines(v: View, task: str) -> list[str]:
     return out
 
 
+def curve_methods(v: View, task: str) -> list:
+    """The LoRA and NEAT methods (depth 0) of `task` that have an r: the points of its accuracy-vs-parameters curve."""
+    return [m for m in v.proto.methods_of(task).values()
+            if m.family in ("neat", "lora") and m.r is not None and "method.depth=1" not in m.overrides]
+
+
 def sweep_points(v: View, task: str) -> dict[str, list[tuple[int, int, float]]]:
     """family -> [(r, trainable params, test accuracy)] at seed 0, chosen cells (r=1 and 8 from their tuning)."""
     out: dict[str, list] = {}
-    for m in v.proto.methods_of(task).values():
-        if m.family not in ("neat", "lora") or m.r is None or "method.depth=1" in m.overrides:
-            continue
+    for m in curve_methods(v, task):
         rec = v.seed_runs(task, m.name).get(0)
         if rec is not None and rec["status"] == "ok":
             out.setdefault(m.family, []).append((m.r, rec["trainable_params"], rec["test"]["accuracy"]))
@@ -182,8 +187,7 @@ def sweep_table(v: View, task: str) -> Optional[str]:
     if not points:
         return None
     by_r = {fam: {r: (n, acc) for r, n, acc in pts} for fam, pts in points.items()}
-    planned = {m.r for m in v.proto.methods_of(task).values()
-               if m.family in ("neat", "lora") and m.r is not None and "method.depth=1" not in m.overrides}
+    planned = {m.r for m in curve_methods(v, task)}
     rows = ["| r | LoRA trainable params | LoRA test acc % | NEAT trainable params | NEAT test acc % |",
             "|---:|---:|---:|---:|---:|"]
     for r in sorted(planned):
