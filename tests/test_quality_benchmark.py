@@ -329,11 +329,29 @@ def test_report_states_a_verdict_only_where_the_interval_excludes_zero(tmp_path,
     assert "| lr 0.001 (at the grid's edge) |" in text and "| lr 0.001, s 1 (at the grid's edge)" not in text
 
 
+HAND_PILOT = {"single": [
+    {"task": "t", "method": "neat-r8", "family": "neat", "seconds_per_step": 2.0, "seconds_per_validation": 8.0,
+     "other_seconds": 30.0, "cpu_share": 0.5},
+    {"task": "sentiment", "method": "neat-r8", "family": "neat", "seconds_per_step": 1.0, "cpu_share": 0.2},
+    # LoRA's probe ran on a quieter machine: 0.25 s of wall at share 0.4 = half NEAT's CPU seconds per step.
+    {"task": "sentiment", "method": "lora-r8", "family": "lora", "seconds_per_step": 0.25, "cpu_share": 0.4}],
+    "parallel": {"workers": 2, "throughput_gain": 1.6}}
+
+
 def test_report_tables_the_sweep_at_seed_0_with_pending_cells(tmp_path):
     data = _hand_made(LORA)
     neat_r8 = next(r for r in data["runs"] if r["method"] == "neat-r8" and r["seed"] == 0 and r["lr"] == 1e-3
                    and r["scale"] == 1.0)
     sweep = _rec(Job("t", "neat-r2", neat_r8["lr"], neat_r8["scale"], 0, "sweep"), 0.6, 0.66)
+    # pilot.json as `study.py pilot` writes it: the estimate's fields and what the compute section prints.
+    probes = [{"seconds_per_validation": 8.0, "other_seconds": 30.0, "load_average": [1.0, 1.0, 1.0], **p}
+              for p in HAND_PILOT["single"]]
+    parallel = {**HAND_PILOT["parallel"], "pair_wall_seconds": 60.0, "single_wall_seconds": 50.0, "rule": "r"}
+    (tmp_path / "pilot.json").write_text(json.dumps({"created": "then", "pilot_steps": 12, "single": probes,
+                                                     "parallel": parallel}))
+    (tmp_path / "study.json").write_text(json.dumps(data))
+    before = study_doc.build(tmp_path, tmp_path / "RESULTS.md")  # the sweep point still to run
+    assert "Estimated remaining compute" in before and "best mean test accuracy so far" in before
     data["runs"].append({**sweep, "trainable_params": 250})
     (tmp_path / "study.json").write_text(json.dumps(data))
     text = study_doc.build(tmp_path, tmp_path / "RESULTS.md")
@@ -347,13 +365,7 @@ def test_report_tables_the_sweep_at_seed_0_with_pending_cells(tmp_path):
 
 def test_estimate_from_a_hand_made_pilot():
     proto = _small_protocol()  # task t: 20 steps, validation every 2 (10 points), 80 validation, 100 test
-    pilot = {"single": [
-        {"task": "t", "method": "neat-r8", "family": "neat", "seconds_per_step": 2.0, "seconds_per_validation": 8.0,
-         "other_seconds": 30.0, "cpu_share": 0.5},
-        {"task": "sentiment", "method": "neat-r8", "family": "neat", "seconds_per_step": 1.0, "cpu_share": 0.2},
-        # LoRA's probe ran on a quieter machine: 0.25 s of wall at share 0.4 = half NEAT's CPU seconds per step.
-        {"task": "sentiment", "method": "lora-r8", "family": "lora", "seconds_per_step": 0.25, "cpu_share": 0.4}],
-        "parallel": {"workers": 2, "throughput_gain": 1.6}}
+    pilot = HAND_PILOT
     neat = 20 * 2.0 + 10 * 8.0 + 30.0 + (100 / 80 - 1) * 8.0  # steps, validations, start-up, the longer test
     lora = 20 * 2.0 * 0.5 + 10 * 8.0 + 30.0 + (100 / 80 - 1) * 8.0
     done = {"t/neat-r8_lr0.001_s0.1_seed0": {"status": "ok", "validation": {"accuracy": 0.5}, "wall_seconds": 7200.0,
