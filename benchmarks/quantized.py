@@ -43,7 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from speed import allocator_peak_bytes, machine_info, round_robin  # noqa: E402
+from machine import machine_info  # noqa: E402
+from speed_measure import allocator_peak_bytes, round_robin  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": ALL_LINEAR}
@@ -67,11 +68,13 @@ def save_llama(d: int, layers: int, directory: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(directory)
 
 
-def load(backend: str, directory: Path, device: str, compute_dtype: torch.dtype = torch.float32):
-    """The saved Llama, quantized with `backend` ('fp32': not quantized), on `device`, in train mode."""
+def load(backend: str, directory: Path, device: str, compute_dtype: torch.dtype = torch.float32,
+         dtype: torch.dtype = torch.float32):
+    """The saved Llama, quantized with `backend` ('fp32': not quantized), on `device`, in train mode; the layers
+    left unquantized (embeddings, norms, head) in `dtype`."""
     from transformers import LlamaForCausalLM
 
-    kwargs = {"dtype": torch.float32, "device_map": device}
+    kwargs = {"dtype": dtype, "device_map": device}
     if backend in ("nf4", "int8"):
         from transformers import BitsAndBytesConfig
 

@@ -280,8 +280,9 @@ def neat_layers(model: nn.Module):
 
 
 def reference_merged_weight(layer) -> torch.Tensor:
-    """W0 + dW written out in float64: dW^T = s * relu(W0^T A^T) B^T (axis 'out', depth 0, relu)."""
-    W0 = layer.base_layer.weight.detach().double()
+    """W0 + dW written out in float64: dW^T = s * relu(W0^T A^T) B^T (axis 'out', depth 0, relu); W0 as the base
+    layer computes with it (dequantized on a quantized base)."""
+    W0 = layer.base_weight().detach().double()
     A = layer.neat_A["default"].weight.detach().double()
     B = layer.neat_B["default"].weight.detach().double()
     s = layer.adapter_configs["default"].scaling

@@ -1,10 +1,11 @@
 """benchmarks/speed.py: its --quick run (structure, and values checked against what they are computed from, never
 timings), its memory method, and the factor layout that keeps NEAT's forward as cheap as LoRA's (found with
-that benchmark)."""
+that benchmark). benchmarks/llm.py (the GPU benchmark): its --device cpu --tiny run, the same code path."""
 
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 import re
@@ -21,9 +22,11 @@ from neat_peft.functional import get_activation, weight_network
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "speed.py"
+LLM_SCRIPT = ROOT / "benchmarks" / "llm.py"
 sys.path.insert(0, str(SCRIPT.parent))
 REPEATS = 2
 
+import llm  # noqa: E402
 import speed  # noqa: E402
 import speed_measure  # noqa: E402
 
@@ -224,3 +227,85 @@ def test_floor_backward_reaches_the_first_layer_and_leaves_the_shared_base_alone
     optimizer.step()
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
     assert not any(p.requires_grad for p in base.parameters())
+
+
+# --- benchmarks/llm.py: the GPU benchmark's CPU mode (the same code path, bf16 and nf4, tiny shapes) ----------
+
+@pytest.fixture(scope="module")
+def llm_tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llm") / "llm.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(LLM_SCRIPT), "--device", "cpu", "--tiny", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_llm_tiny_run_measures_every_group_with_finite_ratios(llm_tiny_run):
+    _, report = llm_tiny_run
+    (entry,) = report["shapes"]
+    assert entry["shape"] == "tiny" and entry["layers"] == 2 and report["device"] == "cpu"
+    assert report["settings"]["batch"] == 2 and report["settings"]["seq"] == 16
+    assert sorted(entry["groups"]) == ["bf16", "nf4"]
+    for precision, groups in entry["groups"].items():
+        assert [(g["targets"], g["r"]) for g in groups] == [("qv", 1), ("qv", 32), ("all", 1), ("all", 32)]
+        methods = ["lora", "peanut", "neat"] if precision == "bf16" else ["lora", "neat"]  # no PEANuT on nf4
+        for g in groups:
+            assert list(g["time"]) == methods and list(g["memory"]) == methods and g["tokens_per_step"] == 32
+            for t in g["time"].values():
+                assert len(t["all_ms"]) == 2 and t["median_ms"] == pytest.approx(statistics.median(t["all_ms"]))
+                assert t["min_ms"] == pytest.approx(min(t["all_ms"]))
+                assert t["tokens_per_s"] == pytest.approx(32 / (t["median_ms"] / 1000))
+            for m in g["memory"].values():
+                assert m["step_peak_mb"] > 0 and m["resident_mb"] > 0
+                assert m["total_peak_mb"] == pytest.approx(m["step_peak_mb"] + m["resident_mb"])
+            ratios = g["ratios"]
+            tok = ratios["lora/neat time (= NEAT/LoRA tokens/s)"]
+            assert tok["median"] == pytest.approx(g["time"]["neat"]["tokens_per_s"] / g["time"]["lora"]["tokens_per_s"])
+            assert ratios["neat/lora total peak memory"] == pytest.approx(
+                g["memory"]["neat"]["total_peak_mb"] / g["memory"]["lora"]["total_peak_mb"])
+            assert ("peanut/neat time" in ratios) == (precision == "bf16")
+            values = [tok["median"], tok["min"], *tok["per_round"], ratios["neat/lora total peak memory"],
+                      ratios["neat/lora step peak memory"]]
+            if "peanut/neat time" in ratios:
+                values += [ratios["peanut/neat time"]["median"], ratios["peanut/neat total peak memory"]]
+            assert all(math.isfinite(v) and v > 0 for v in values), values
+
+
+def test_llm_tiny_run_correctness_checks_passed(llm_tiny_run):
+    _, report = llm_tiny_run
+    checks = report["shapes"][0]["checks"]
+    linears = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for precision in ("bf16", "nf4"):
+        assert checks[precision]["passed"] is True
+        assert set(checks[precision]["layers"]) == linears
+        for c in checks[precision]["layers"].values():
+            assert 0 < c["output_rel_err"] < llm.LAYER_TOL and 0 < c["update_rel_err"] < llm.LAYER_TOL
+    bf16 = checks["bf16"]
+    assert bf16["unmerge_restores_exactly"] is True and bf16["merged_weight_rel_err"] < llm.LAYER_TOL
+    assert bf16["adapter_change_of_logits_rel"] > 0.01  # the update is far from zero, so the comparisons mean something
+    assert bf16["merged_vs_unmerged_logits"] < llm.LOGITS_TOL and bf16["exported_lora_vs_neat_logits"] < llm.LOGITS_TOL
+
+
+def test_llm_tiny_run_targets_follow_thresholds_and_are_printed(llm_tiny_run):
+    stdout, report = llm_tiny_run
+    ops = {"<=": operator.le, ">=": operator.ge}
+    rows = report["targets"]
+    assert len(rows) == 8 * 2 + 4  # tokens/s and memory per group, PEANuT/NEAT on the bf16 groups
+    for row in rows:
+        op, threshold = re.search(r" (<=|>=) ([0-9.]+)$", row["target"]).groups()
+        assert row["status"] == ("PASS" if ops[op](row["value"], float(threshold)) else "MISS"), row
+    printed = re.findall(r"^  \[(PASS|MISS)\] tiny (\w+) (\w+) r=(\d+): (.+): ", stdout, flags=re.M)
+    assert printed == [(r["status"], r["precision"], r["targets"], str(r["r"]), r["target"]) for r in rows]
+    assert "checks bf16: PASS" in stdout and "checks nf4: PASS" in stdout
+
+
+def test_llm_layer_check_catches_a_wrong_formula():
+    """The formula check can fail: an adapter whose activation is not the reference's relu is caught."""
+    base = llm.build_base("tiny", 1, "cpu", 16)
+    for act, caught in [("relu", False), ("gelu", True)]:
+        model = get_neat_model(speed_measure.shared_clone(base), NeatConfig(r=8, target_modules=["q_proj"],
+                                                                              act_fn=act))
+        llm.randomize_neat_b(model)
+        (check,) = llm.layer_checks(model, 64, "cpu").values()
+        assert (check["update_rel_err"] > 0.1) is caught, (act, check)
