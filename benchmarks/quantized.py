@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from machine import machine_info  # noqa: E402
+from machine import machine_info, versions  # noqa: E402
 from speed_measure import allocator_peak_bytes, round_robin  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -327,7 +327,7 @@ def main(argv=None) -> None:
 
         QuantizedLinearKind.recompute_weight = False
     command = "python benchmarks/quantized.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    info = {**machine_info(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    info = {**machine_info(), **versions(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "nf4_compute_dtype": args.compute_dtype, "recompute_weight": not args.no_recompute,
             "batch": args.batch, "seq": args.seq, "layers": args.layers}
     rows = []

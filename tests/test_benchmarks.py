@@ -309,3 +309,16 @@ def test_llm_layer_check_catches_a_wrong_formula():
         llm.randomize_neat_b(model)
         (check,) = llm.layer_checks(model, 64, "cpu").values()
         assert (check["update_rel_err"] > 0.1) is caught, (act, check)
+
+
+def test_quantized_benchmark_quick_run(tmp_path):
+    """benchmarks/quantized.py (issue 11's CPU and GPU benchmark; GPU_SCRIPT.sh quantized) still runs."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantized.py"), "--quick", "--backends", "nf4",
+                           "--targets", "qv", "--json", str(tmp_path / "q.json")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "q.json").read_text())["rows"]
+    assert (row["d"], row["targets"], row["backend"]) == (128, "qv", "nf4")
+    assert row["time_ratio"] == pytest.approx(row["neat_ms"] / row["lora_ms"])
+    assert f"| 128 | qv | nf4 | {row['neat_ms']:.0f} | {row['lora_ms']:.0f} |" in proc.stdout
