@@ -3,13 +3,14 @@ memory measured side by side in ONE process, bf16 and nf4 bases, and correctness
 
     bash GPU_SCRIPT.sh                                                      # the GPU plan below, one H100/H200
     python benchmarks/llm.py --device cpu --tiny --json /tmp/llm.json       # seconds; the test suite runs it
-    nice -n 0 python benchmarks/llm.py --device cpu --shapes llama-3.2-1b --layers 16 --precisions nf4 \\
-        --methods lora neat --targets all --ranks 8 --batch 1 --seq 256 --rss      # docs/quantized.md
+    nice -n 0 python benchmarks/llm.py --device cpu --shapes llama-3.2-1b --precisions nf4 --methods lora neat \\
+        --targets all --ranks 8 --batch 1 --seq 256 --warmup 1 --repeats 4 --rss --rss-repeats 1 --threads 2 \\
+        --no-checks                                                         # docs/quantized.md
 
 Models: transformers LlamaForCausalLM with the real hidden size, intermediate size, attention and key-value heads
 and vocabulary of Llama-3.2-1B, Llama-3.2-3B and Llama-3-8B (tied embeddings for the first two), random weights
 (nothing is downloaded), `--layers` blocks instead of all of them (per-shape defaults fit the GPU plan in about
-5 minutes). Built in bf16 on the device; the nf4 base is the same weights saved (safetensors) and loaded through
+4 minutes). Built in bf16 on the device; the nf4 base is the same weights saved (safetensors) and loaded through
 transformers' BitsAndBytesConfig (nf4, compute dtype bf16 on CUDA, fp32 on CPU), as a QLoRA user loads one.
 Adapters on q+v ("qv") or on the seven linears of each block ("all"), no dropout, rank `--ranks`:
   lora    peft LoraConfig(r, lora_alpha=r)     peanut  peft PeanutConfig(r)     neat  neat_peft NeatConfig(r)
