@@ -383,7 +383,8 @@ def render(report: dict) -> str:
                 pn = q.get("peanut/neat time")
                 lines.append(
                     f"  | {precision} | {g['targets']} | {g['r']} | "
-                    + " / ".join(f"{t[x]['tokens_per_s']:.0f}" if x in t else "-" for x in METHODS)
+                    + " / ".join(f"{t[x]['tokens_per_s']:.{0 if t[x]['tokens_per_s'] >= 100 else 2}f}" if x in t else "-"
+                               for x in METHODS)
                     + f" | {tok['median']:.3f} ({tok['min']:.3f}; {tok['per_round'][0]:.2f}-{tok['per_round'][1]:.2f}"
                     + (f"; cpu {tok['cpu']:.3f})" if report["device"] == "cpu" else ")")
                     + (f" | {pn['median']:.3f} ({pn['min']:.3f})" if pn else " | -")
