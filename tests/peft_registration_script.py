@@ -24,10 +24,10 @@ except ImportError as e:
     print("peft missing ->", e)
 else:
     raise AssertionError("register_with_peft() without peft did not raise")
-del sys.modules["peft"]
-sys.modules.pop("neat_peft.peft_plugin", None)
 
-# 2. A NEAT-typed file, written by the core, opened by a peft that has no plugin: peft's own unknown-type error.
+# 2. A NEAT-typed file, written by the core while peft is missing, opened by a peft that has no plugin: peft's own
+# unknown-type error. (neat_peft registers itself when peft is imported after it; that hook is removed here to see
+# peft alone, as in a process that never imported neat_peft.)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -39,6 +39,11 @@ def base():
 
 neat_dir = scratch / "neat_adapter"
 neat_peft.get_neat_model(base(), neat_peft.NeatConfig(r=2, axis="in", target_modules=["0"])).save_pretrained(neat_dir)
+del sys.modules["peft"]
+sys.modules.pop("neat_peft.peft_plugin", None)
+hooks = [f for f in sys.meta_path if isinstance(f, neat_peft._RegisterWhenPeftImports)]
+assert len(hooks) == 1, sys.meta_path
+sys.meta_path.remove(hooks[0])
 import peft  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from peft.utils import PeftType  # noqa: E402

@@ -27,6 +27,7 @@ How it fits peft (peft's extension points are internal, so this module is thin a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import threading
@@ -87,8 +88,10 @@ except ImportError as e:  # an internal that moved: refuse before defining anyth
 class NeatPeftConfig(PeftConfig, NeatConfig):
     """peft configuration of a NEAT adapter: every field of `neat_peft.NeatConfig` (r, depth, act_fn, scaling, axis,
     dropout, normalize_weight, target_modules, exclude_modules, layers_to_transform, layers_pattern,
-    modules_to_save, init_weights) plus peft's bookkeeping fields. Creating one registers NEAT with peft (see
-    `register_with_peft`), so a NEAT config never exists for a peft that does not know the type.
+    modules_to_save, init_weights) plus peft's bookkeeping fields. `neat_peft.NeatConfig(...)` builds one wherever
+    peft is importable (so `isinstance(config, peft.PeftConfig)` holds for TRL and transformers); this name is kept
+    for code that used it. Creating one registers NEAT with peft (see `register_with_peft`), so a NEAT config never
+    exists for a peft that does not know the type.
 
     `normalize_weight=True` divides W0 by its root-mean-square before NEAT's network: A's gradient is
     proportional to |W0|, so layers with small weights (e.g. GPT-2's std-0.02 init) train A slowly otherwise.
@@ -106,9 +109,18 @@ class NeatPeftConfig(PeftConfig, NeatConfig):
         self.peft_type = PeftType[PEFT_TYPE_NAME]
 
     def to_dict(self) -> dict[str, Any]:
+        # The core's save (NeatModel.save_pretrained) reads this dict too and adds its own marker only to NEAT-format
+        # files: a PEANUT file must not carry one (plain peft would warn about the unknown key).
         data = PeftConfig.to_dict(self)
-        data["neat_peft"] = {"version": __version__}
+        if data.get("neat_peft") is None:
+            del data["neat_peft"]
         return data
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """peft's save (PeftModel.save_pretrained): the file is peft_type "NEAT", marked as neat-peft's."""
+        marked = copy.copy(self)
+        marked.neat_peft = {**(self.neat_peft or {}), "version": __version__}
+        PeftConfig.save_pretrained(marked, save_directory, **kwargs)
 
 
 def as_peft_config(config: NeatConfig) -> "NeatPeftConfig":
