@@ -21,9 +21,9 @@ from neat_peft import NeatConfig, NeatLayer  # noqa: E402
 pytestmark = needs_tokenizer
 TARGETS = ["q_proj", "v_proj"]
 METHODS = ["neat", "lora"]
-TEXTS = ["the cat sat on the mat", "a dog ran in the park", "one two three four five six",
-         "red green blue yellow", "the sun is hot today", "we like to read books"] * 2
-CHATS = [("What is 2 + 2?", "4"), ("Name a colour.", "Blue."), ("Say hi.", "Hi!"), ("Capital of France?", "Paris.")] * 2
+# One batch of 4 rows (batch size 4): every step sees the same batch, so the logged losses are comparable.
+TEXTS = ["the cat sat on the mat", "a dog ran in the park", "one two three four five six", "red green blue yellow"]
+CHATS = [("What is 2 + 2?", "4"), ("Name a colour.", "Blue."), ("Say hi.", "Hi!"), ("Capital of France?", "Paris.")]
 
 
 def peft_config(method):
@@ -73,6 +73,9 @@ def check_reload(trainer, tmp_path, method, **base_kwargs):
     check_layers(reloaded, method)
     ids = tokenizer()(["the cat ran to the park"], return_tensors="pt")["input_ids"]
     model = trainer.model.eval()
+    for param in model.parameters():  # TRL trains a quantized base's adapter in bf16; peft reloads it in fp32
+        if param.requires_grad:
+            param.data = param.data.float()
     with torch.no_grad():
         expected, actual = model(input_ids=ids).logits, reloaded(input_ids=ids).logits
         with model.disable_adapter():
@@ -81,12 +84,9 @@ def check_reload(trainer, tmp_path, method, **base_kwargs):
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
 
 
-def mean_loss(model, batch):
-    model.eval()
-    with torch.no_grad():
-        loss = model(**batch).loss.item()
-    model.train()
-    return loss
+def losses(trainer):
+    """The logged training losses; the first is the untrained model's (logged before the first update)."""
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
 
 def sft(base, tmp_path, method, dataset, reload_kwargs=None, **kwargs):
@@ -97,10 +97,9 @@ def sft(base, tmp_path, method, dataset, reload_kwargs=None, **kwargs):
                              peft_config=peft_config(method))
     check_layers(trainer.model, method)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
-    before_loss, before = mean_loss(trainer.model, batch), adapter_state(trainer.model)
+    before = adapter_state(trainer.model)
     trainer.train()
-    after_loss = mean_loss(trainer.model, batch)
-    assert after_loss < before_loss - 0.1, (before_loss, after_loss)
+    assert losses(trainer)[-1] < losses(trainer)[0] - 0.1, losses(trainer)
     check_trained(before, trainer.model)
     check_reload(trainer, tmp_path, method, **(reload_kwargs or {}))
     return trainer, batch
@@ -121,7 +120,7 @@ def test_sft_chat_completion_only_loss(method, base, tmp_path):
             for q, a in CHATS]
     trainer, batch = sft(base, tmp_path, method, rows, completion_only_loss=True)
     tok = tokenizer()
-    for i, row in enumerate(rows[:4]):
+    for i, row in enumerate(rows):
         prompt = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
         full = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
         n_prompt, n_full = len(tok(prompt)["input_ids"]), len(tok(full)["input_ids"])
@@ -146,8 +145,8 @@ def test_dpo(method, base, tmp_path):
     check_layers(trainer.model, method)
     before = adapter_state(trainer.model)
     trainer.train()
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    assert abs(losses[0] - 0.6931) < 1e-3 and losses[-1] < losses[0] - 0.05, losses
+    logged = losses(trainer)
+    assert abs(logged[0] - 0.6931) < 1e-3 and logged[-1] < logged[0] - 0.05, logged
     check_trained(before, trainer.model)
     check_reload(trainer, tmp_path, method)
 
@@ -176,7 +175,9 @@ def test_grpo(method, base, tmp_path):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_sft_on_a_4bit_base_qlora_recipe(method, tmp_path):
-    """QLoRA's recipe with NEAT: bitsandbytes nf4 base, prepare_model_for_kbit_training, SFT, save, reload."""
+    """QLoRA's recipe with NEAT: bitsandbytes nf4 base, prepare_model_for_kbit_training, SFT, save, reload.
+    (No forward may run before training here: on bitsandbytes' CPU path an eval forward of the 4-bit base before
+    training leaves LoRA's gradients at zero; seen with peft's LoRA, not NEAT.)"""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
