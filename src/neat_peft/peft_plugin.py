@@ -1,10 +1,12 @@
-"""NEAT as a Hugging Face peft method: `get_peft_model(model, NeatPeftConfig(...))`.
+"""NEAT as a Hugging Face peft method: `get_peft_model(model, NeatConfig(...))`, TRL's `peft_config=NeatConfig(...)`.
 
-Optional and explicit: nothing here runs when `neat_peft` is imported. Activate it once per process with
+Imported lazily by neat_peft (never by `import neat_peft` itself): where peft is importable, the first
+`NeatConfig(...)` builds this module's `NeatPeftConfig` and registers NEAT, and a process that imported neat_peft
+registers it right after peft is imported (neat_peft/__init__.py). `register_with_peft()` does it explicitly:
 
     >>> import neat_peft
     >>> NeatPeftConfig = neat_peft.register_with_peft()   # imports peft, registers peft_type "NEAT"
-    >>> model = peft.get_peft_model(base, NeatPeftConfig(r=8, target_modules=["query", "value"]))
+    >>> model = peft.get_peft_model(base, neat_peft.NeatConfig(r=8, target_modules=["query", "value"]))
 
 after which every peft entry point knows NEAT: get_peft_model, PeftModel.from_pretrained / load_adapter /
 save_pretrained, merge_and_unload, add/set/delete/disable adapter, mixed-adapter batches (adapter_names=...),
