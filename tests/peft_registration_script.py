@@ -83,6 +83,17 @@ for fake in ("0.22.0", "0.22.0.dev0", "0.20.1", "not-a-version"):
     assert peft_state() == untouched, f"peft {fake}: peft was modified"
 print("untested version ->", message)
 
+# 3b. Meanwhile NeatConfig(...) warns and stays the core's plain dataclass (the core keeps working).
+plugin._PEFT_VERSION = "0.22.0"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    plain = neat_peft.NeatConfig(r=2, target_modules=["0"])
+assert type(plain) is neat_peft.NeatConfig and not isinstance(plain, peft.PeftConfig), type(plain)
+assert any("not a peft.PeftConfig" in str(w.message) and plugin.TESTED_PEFT in str(w.message) for w in caught), \
+    [str(w.message) for w in caught]
+assert peft_state() == untouched
+print("untested version, NeatConfig(...) -> plain dataclass with a warning")
+
 # 4. allow_untested_peft=True registers with a warning; undoing it restores peft exactly.
 plugin._PEFT_VERSION = "0.22.0"
 with warnings.catch_warnings(record=True) as caught:
@@ -154,5 +165,8 @@ with torch.no_grad():
     expected = neat_peft.NeatModel.from_pretrained(base(), neat_dir)(x)
     actual = PeftModel.from_pretrained(base(), neat_dir)(x)
 assert torch.equal(expected, actual)
+config = peft.PeftConfig.from_pretrained(str(neat_dir))  # peft's generic loader picks the NEAT class
+assert type(config) is config_cls and isinstance(config, neat_peft.NeatConfig) and config.axis == "in"
+assert type(neat_peft.NeatConfig(r=2)) is config_cls
 print("registered; second call is a no-op; the NEAT file loads through peft")
 print("ALL OK")

@@ -176,8 +176,10 @@ def test_grpo(method, base, tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_sft_on_a_4bit_base_qlora_recipe(method, tmp_path):
     """QLoRA's recipe with NEAT: bitsandbytes nf4 base, prepare_model_for_kbit_training, SFT, save, reload.
-    (No forward may run before training here: on bitsandbytes' CPU path an eval forward of the 4-bit base before
-    training leaves LoRA's gradients at zero; seen with peft's LoRA, not NEAT.)"""
+    No forward runs before training: bitsandbytes' CPU path repacks a 4-bit weight on its first eval forward, and
+    the repacked forward has no gradient to its input, so peft's LoRA stays at B = 0 after one (seen here: loss
+    unchanged, grad_norm 0). NEAT turns the repacking off (quantized.prepare_model), which is also why a NEAT-wrapped
+    nf4 model with B = 0 differs from the bare model's repacked eval kernel (up to 0.08 in these logits)."""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
