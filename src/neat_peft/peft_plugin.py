@@ -106,8 +106,8 @@ class NeatPeftConfig(PeftConfig, NeatConfig):
 
     def __post_init__(self):
         register_with_peft()
+        NeatConfig.__post_init__(self)  # first: its field checks name the field (peft's task_type check would not)
         PeftConfig.__post_init__(self)
-        NeatConfig.__post_init__(self)
         self.peft_type = PeftType[PEFT_TYPE_NAME]
 
     def to_dict(self) -> dict[str, Any]:
