@@ -24,10 +24,10 @@ except ImportError as e:
     print("peft missing ->", e)
 else:
     raise AssertionError("register_with_peft() without peft did not raise")
-del sys.modules["peft"]
-sys.modules.pop("neat_peft.peft_plugin", None)
 
-# 2. A NEAT-typed file, written by the core, opened by a peft that has no plugin: peft's own unknown-type error.
+# 2. A NEAT-typed file, written by the core while peft is missing, opened by a peft that has no plugin: peft's own
+# unknown-type error. (neat_peft registers itself when peft is imported after it; that hook is removed here to see
+# peft alone, as in a process that never imported neat_peft.)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -39,6 +39,11 @@ def base():
 
 neat_dir = scratch / "neat_adapter"
 neat_peft.get_neat_model(base(), neat_peft.NeatConfig(r=2, axis="in", target_modules=["0"])).save_pretrained(neat_dir)
+del sys.modules["peft"]
+sys.modules.pop("neat_peft.peft_plugin", None)
+hooks = [f for f in sys.meta_path if isinstance(f, neat_peft._RegisterWhenPeftImports)]
+assert len(hooks) == 1, sys.meta_path
+sys.meta_path.remove(hooks[0])
 import peft  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from peft.utils import PeftType  # noqa: E402
@@ -77,6 +82,17 @@ for fake in ("0.22.0", "0.22.0.dev0", "0.20.1", "not-a-version"):
             raise AssertionError(f"peft {fake} was not refused")
     assert peft_state() == untouched, f"peft {fake}: peft was modified"
 print("untested version ->", message)
+
+# 3b. Meanwhile NeatConfig(...) warns and stays the core's plain dataclass (the core keeps working).
+plugin._PEFT_VERSION = "0.22.0"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    plain = neat_peft.NeatConfig(r=2, target_modules=["0"])
+assert type(plain) is neat_peft.NeatConfig and not isinstance(plain, peft.PeftConfig), type(plain)
+assert any("not a peft.PeftConfig" in str(w.message) and plugin.TESTED_PEFT in str(w.message) for w in caught), \
+    [str(w.message) for w in caught]
+assert peft_state() == untouched
+print("untested version, NeatConfig(...) -> plain dataclass with a warning")
 
 # 4. allow_untested_peft=True registers with a warning; undoing it restores peft exactly.
 plugin._PEFT_VERSION = "0.22.0"
@@ -149,5 +165,8 @@ with torch.no_grad():
     expected = neat_peft.NeatModel.from_pretrained(base(), neat_dir)(x)
     actual = PeftModel.from_pretrained(base(), neat_dir)(x)
 assert torch.equal(expected, actual)
+config = peft.PeftConfig.from_pretrained(str(neat_dir))  # peft's generic loader picks the NEAT class
+assert type(config) is config_cls and isinstance(config, neat_peft.NeatConfig) and config.axis == "in"
+assert type(neat_peft.NeatConfig(r=2)) is config_cls
 print("registered; second call is a no-op; the NEAT file loads through peft")
 print("ALL OK")

@@ -146,17 +146,16 @@ def test_get_peft_model_takes_the_core_config_train_save_load_merge(tmp_path):
         torch.testing.assert_close(merged(x), trained, rtol=1e-5, atol=1e-5)
 
 
-def test_get_peft_model_before_registration_says_what_to_call():
+def test_get_peft_model_takes_a_neat_config_without_a_registration_call():
     import subprocess
     import sys
 
     code = ("import peft, torch, neat_peft\n"
-            "try:\n"
-            "    peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), neat_peft.NeatConfig(target_modules=['0']))\n"
-            "except AttributeError as e:\n"
-            "    print('ERROR', e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
-    assert "ERROR NeatConfig.peft_type: NEAT is not registered" in out and "neat_peft.register_with_peft()" in out
+            "model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), "
+            "neat_peft.NeatConfig(target_modules=['0']))\n"
+            "print('OK', type(model.base_model).__name__, isinstance(model.base_model.model[0], neat_peft.NeatLayer))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "OK NeatPeftModel True" in result.stdout, result.stdout + result.stderr
 
 
 def test_the_old_peft_config_name_keeps_working():

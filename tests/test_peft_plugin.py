@@ -517,3 +517,43 @@ def test_registration_guards_in_a_fresh_process(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ALL OK"), result.stdout + result.stderr
     assert "UNKNOWN TYPE ERROR: KeyError: 'NEAT'" in result.stdout
+
+
+def _fresh(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_core_works_where_peft_cannot_be_imported():
+    """neat_peft and its core need torch + safetensors only: with peft blocked, NeatConfig is the plain dataclass."""
+    out = _fresh("import sys; sys.modules['peft'] = None\n"
+                 "import torch, neat_peft\n"
+                 "config = neat_peft.NeatConfig(r=2, target_modules=['0'], init_weights=False)\n"
+                 "model = neat_peft.get_neat_model(torch.nn.Sequential(torch.nn.Linear(3, 3)), config)\n"
+                 "print(type(config).__name__, tuple(model(torch.randn(2, 3)).shape), sys.modules['peft'])\n")
+    assert out.strip() == "NeatConfig (2, 3) None"
+
+
+def test_a_fresh_process_loads_a_neat_dir_through_peft_without_a_registration_call(tmp_path):
+    """NEAT registers itself when peft is imported after neat_peft (AutoPeftModel*, PeftModel.from_pretrained)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    from safetensors.torch import save_file
+
+    model = get_peft_model(copy.deepcopy(base), NeatPeftConfig(r=2, axis="in", target_modules=["0"], init_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        save_file({**{f"base.{k}": v for k, v in base.state_dict().items()}, "x": x, "y": model(x)},
+                  tmp_path / "case.safetensors")
+    out = _fresh(f"import sys, torch, neat_peft\n"
+                 f"from safetensors.torch import load_file\n"
+                 f"assert 'peft' not in sys.modules\n"
+                 f"from peft import PeftModel\n"
+                 f"case = load_file({str(tmp_path / 'case.safetensors')!r})\n"
+                 f"base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))\n"
+                 f"base.load_state_dict({{k[5:]: v for k, v in case.items() if k.startswith('base.')}})\n"
+                 f"model = PeftModel.from_pretrained(base, {str(tmp_path / 'adapter')!r})\n"
+                 f"print(float((model(case['x']) - case['y']).abs().max()))\n")
+    assert float(out.strip().splitlines()[-1]) < 1e-6  # not a KeyError 'NEAT': the NEAT adapter's outputs

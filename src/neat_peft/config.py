@@ -17,11 +17,15 @@ MAX_DEPTH = 1024  # loads loop over the layers: a hostile depth=10**9 would hang
 MAX_REGEX_ENTRIES = 64  # modules_to_save / layers_pattern entries; real configs have a handful
 
 class PeftNotRegisteredError(AttributeError):
-    """peft asked a NeatConfig for its peft type before neat_peft.register_with_peft() was called."""
+    """peft asked a NeatConfig for its peft type, but NEAT is not registered with peft in this process."""
 
 
-# Filled in by neat_peft.peft_plugin.register_with_peft (the plugin depends on this module, never the other way).
-PEFT_REGISTRATION: dict[str, Optional[str]] = {"peft_type": None}
+# Filled in by the package (neat_peft/__init__.py, which imports the plugin lazily) and by
+# neat_peft.peft_plugin.register_with_peft; this module never imports the plugin (the plugin depends on it).
+#   peft_type:    peft's PeftType.NEAT once registered.
+#   config_class: () -> the peft view of NeatConfig (a subclass that is also a peft.PeftConfig), or None where peft
+#                 is not importable or refused the registration.
+PEFT_REGISTRATION: dict[str, Any] = {"peft_type": None, "config_class": lambda: None}
 
 # The fields peft's PeanutConfig lacks, with the value that means what PEANuT computes (a PEANUT file omits them).
 PEANUT_IMPLIED = {"axis": "out", "dropout": 0.0, "normalize_weight": False}
@@ -31,7 +35,19 @@ PEFT_META_FIELDS = ("auto_mapping", "peft_version", "peft_type", "revision", "ba
 
 @dataclass
 class NeatConfig:
-    """Configuration of one NEAT adapter. Every field has a `help` text in its metadata."""
+    """Configuration of one NEAT adapter. Every field has a `help` text in its metadata.
+
+    Where peft is importable, `NeatConfig(...)` returns an instance of `neat_peft.peft_plugin.NeatPeftConfig`, the
+    subclass that is also a `peft.PeftConfig` (same fields, same checks), so TRL, transformers and peft accept it;
+    building the first one imports peft and registers NEAT with it. Without peft it is this plain dataclass, and
+    the core (NeatModel, get_neat_model, files) works the same with either.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        # Only NeatConfig(...) itself is redirected: subclasses, copy, pickle and peft's own loads name their class.
+        if cls is NeatConfig:
+            cls = PEFT_REGISTRATION["config_class"]() or cls
+        return super().__new__(cls)
 
     r: int = field(default=8, metadata={"help": "Width of NEAT's network (the rank of the update dW)."})
     depth: int = field(
@@ -149,8 +165,9 @@ class NeatConfig:
         """peft's name of the method, once neat_peft.register_with_peft() has made it a peft method."""
         if PEFT_REGISTRATION["peft_type"] is None:
             raise PeftNotRegisteredError(
-                "NeatConfig.peft_type: NEAT is not registered with peft in this process. Call "
-                "neat_peft.register_with_peft() once (it imports peft) before peft.get_peft_model(model, NeatConfig(...))."
+                "NeatConfig.peft_type: NEAT is not registered with peft in this process (this config was built while "
+                "peft was not importable, or the registration was refused with a warning). Call "
+                "neat_peft.register_with_peft() to register or see why, then build the NeatConfig again."
             )
         return PEFT_REGISTRATION["peft_type"]
 

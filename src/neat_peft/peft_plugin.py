@@ -1,10 +1,12 @@
-"""NEAT as a Hugging Face peft method: `get_peft_model(model, NeatPeftConfig(...))`.
+"""NEAT as a Hugging Face peft method: `get_peft_model(model, NeatConfig(...))`, TRL's `peft_config=NeatConfig(...)`.
 
-Optional and explicit: nothing here runs when `neat_peft` is imported. Activate it once per process with
+Imported lazily by neat_peft (never by `import neat_peft` itself): where peft is importable, the first
+`NeatConfig(...)` builds this module's `NeatPeftConfig` and registers NEAT, and a process that imported neat_peft
+registers it right after peft is imported (neat_peft/__init__.py). `register_with_peft()` does it explicitly:
 
     >>> import neat_peft
     >>> NeatPeftConfig = neat_peft.register_with_peft()   # imports peft, registers peft_type "NEAT"
-    >>> model = peft.get_peft_model(base, NeatPeftConfig(r=8, target_modules=["query", "value"]))
+    >>> model = peft.get_peft_model(base, neat_peft.NeatConfig(r=8, target_modules=["query", "value"]))
 
 after which every peft entry point knows NEAT: get_peft_model, PeftModel.from_pretrained / load_adapter /
 save_pretrained, merge_and_unload, add/set/delete/disable adapter, mixed-adapter batches (adapter_names=...),
@@ -27,6 +29,7 @@ How it fits peft (peft's extension points are internal, so this module is thin a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import threading
@@ -87,8 +90,10 @@ except ImportError as e:  # an internal that moved: refuse before defining anyth
 class NeatPeftConfig(PeftConfig, NeatConfig):
     """peft configuration of a NEAT adapter: every field of `neat_peft.NeatConfig` (r, depth, act_fn, scaling, axis,
     dropout, normalize_weight, target_modules, exclude_modules, layers_to_transform, layers_pattern,
-    modules_to_save, init_weights) plus peft's bookkeeping fields. Creating one registers NEAT with peft (see
-    `register_with_peft`), so a NEAT config never exists for a peft that does not know the type.
+    modules_to_save, init_weights) plus peft's bookkeeping fields. `neat_peft.NeatConfig(...)` builds one wherever
+    peft is importable (so `isinstance(config, peft.PeftConfig)` holds for TRL and transformers); this name is kept
+    for code that used it. Creating one registers NEAT with peft (see `register_with_peft`), so a NEAT config never
+    exists for a peft that does not know the type.
 
     `normalize_weight=True` divides W0 by its root-mean-square before NEAT's network: A's gradient is
     proportional to |W0|, so layers with small weights (e.g. GPT-2's std-0.02 init) train A slowly otherwise.
@@ -101,14 +106,23 @@ class NeatPeftConfig(PeftConfig, NeatConfig):
 
     def __post_init__(self):
         register_with_peft()
+        NeatConfig.__post_init__(self)  # first: its field checks name the field (peft's task_type check would not)
         PeftConfig.__post_init__(self)
-        NeatConfig.__post_init__(self)
         self.peft_type = PeftType[PEFT_TYPE_NAME]
 
     def to_dict(self) -> dict[str, Any]:
+        # The core's save (NeatModel.save_pretrained) reads this dict too and adds its own marker only to NEAT-format
+        # files: a PEANUT file must not carry one (plain peft would warn about the unknown key).
         data = PeftConfig.to_dict(self)
-        data["neat_peft"] = {"version": __version__}
+        if data.get("neat_peft") is None:
+            del data["neat_peft"]
         return data
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """peft's save (PeftModel.save_pretrained): the file is peft_type "NEAT", marked as neat-peft's."""
+        marked = copy.copy(self)
+        marked.neat_peft = {**(self.neat_peft or {}), "version": __version__}
+        PeftConfig.save_pretrained(marked, save_directory, **kwargs)
 
 
 def as_peft_config(config: NeatConfig) -> "NeatPeftConfig":
