@@ -16,37 +16,52 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from neat_peft import NeatConfig
+
+from . import generation, tasks
 from .errors import CliError
+from .models import NEAT_FIELDS
 
 NONE = type(None)
 NUM = (int, float)
 
-TASKS = ("text-classification", "causal-lm", "image-classification", "text-pair-classification", "text-regression",
-         "generative-qa")
+TASKS = tuple(tasks.TASKS)
 METHODS = ("neat", "lora", "full", "head-only")
 # transformers' schedulers that need no settings beyond the learning rate and warm-up (cosine_with_min_lr,
 # warmup_stable_decay, ... need scheduler arguments a recipe does not carry).
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
-# method.* key -> the NeatConfig field it sets (its help text, and the core's own checks, come from there).
-NEAT_FIELDS = {"method.r": "r", "method.depth": "depth", "method.act_fn": "act_fn", "method.scaling": "scaling",
-               "method.axis": "axis", "method.dropout": "dropout", "method.normalize_weight": "normalize_weight",
-               "method.targets": "target_modules", "method.exclude": "exclude_modules",
-               "method.layers_to_transform": "layers_to_transform"}
+_NEAT_EXTRA_HELP = {"method.r": "Also LoRA's rank.", "method.dropout": "Also LoRA's dropout."}
+# What a NeatConfig field accepts in a recipe where its annotation says more or less (the core checks values).
+_NEAT_TYPES = {"method.scaling": NUM, "method.dropout": NUM, "method.layers_to_transform": (list, NONE)}
 
 
-def _neat_help(key: str, extra: str = "") -> str:
-    from neat_peft import NeatConfig
+def _neat_schema() -> dict[str, tuple[Any, tuple, str]]:
+    """The method.* keys of NeatConfig's fields (models.NEAT_FIELDS): NeatConfig's default, the types its
+    annotation names, and its help."""
+    import typing
 
-    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(NeatConfig)}
-    return " ".join(filter(None, [helps[NEAT_FIELDS[key]], extra]))
+    hints = typing.get_type_hints(NeatConfig)
+    fields = {f.name: f for f in dataclasses.fields(NeatConfig)}
+    out = {}
+    for key, name in NEAT_FIELDS.items():
+        hint = hints[name]
+        parts = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+        flat = {typing.get_origin(a) or a for part in parts for a in (typing.get_args(part)
+                                                                      if typing.get_origin(part) is typing.Union
+                                                                      else (part,))}
+        types = _NEAT_TYPES.get(key) or tuple(t for t in (list, int, float, str, bool, NONE) if t in flat)
+        help_text = " ".join(filter(None, [fields[name].metadata["help"], _NEAT_EXTRA_HELP.get(key)]))
+        out[key] = (fields[name].default, types, help_text)
+    return out
 
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8", "torchao-int8", "quanto-int8")
 
 # dotted key -> (default, accepted types, help)
 SCHEMA: dict[str, tuple[Any, tuple, str]] = {
-    "task": ("text-classification", (str,), "What the model learns from the data."),
+    "task": ("text-classification", (str,), "What the model learns from the data: "
+             + "; ".join(f"{name} ({cls.summary})" for name, cls in tasks.TASKS.items()) + "."),
     # --- model
     "model.name": ("minilm-l6", (str,),
                    "Built-in alias (minilm-l6, smollm2-135m-instruct, efficientnet-lite0), a local directory "
@@ -97,16 +112,9 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "data.image_size": (64, (int,), "Images are resized to image_size x image_size (image-classification)."),
     # --- method
     "method.name": ("neat", (str,), f"One of {', '.join(METHODS)} (same data, head and schedule for each)."),
-    "method.r": (8, (int,), _neat_help("method.r", "Also LoRA's rank.")),
-    "method.depth": (0, (int,), _neat_help("method.depth")),
-    "method.act_fn": ("relu", (str,), _neat_help("method.act_fn")),
-    "method.scaling": (1.0, NUM, _neat_help("method.scaling")),
-    "method.axis": ("out", (str,), _neat_help("method.axis")),
-    "method.dropout": (0.0, NUM, _neat_help("method.dropout", "Also LoRA's dropout.")),
-    "method.normalize_weight": (False, (bool,), _neat_help("method.normalize_weight")),
-    "method.targets": (None, (list, str, NONE), _neat_help("method.targets")),
-    "method.exclude": (None, (list, str, NONE), _neat_help("method.exclude")),
-    "method.layers_to_transform": (None, (list, NONE), _neat_help("method.layers_to_transform")),
+    **_neat_schema(),
+    "method.a_lr_ratio": (1.0, NUM, "NEAT: A's learning rate is train.lr * a_lr_ratio (LoRA+-style; "
+                          "neat_peft.optim.neat_param_groups); the head keeps train.head_lr."),
     "method.match_lora_r": (None, (int, NONE),
                             "NEAT: choose r so NEAT's parameter count matches (without exceeding) LoRA at this rank."),
     "method.lora_alpha": (None, (int, float, NONE), "LoRA alpha (null: 2 * r)."),
@@ -125,7 +133,8 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "train.precision": ("fp32", (str,), "fp32, or bf16 / fp16 mixed precision (autocast; weights stay fp32)."),
     "train.weight_decay": (0.0, NUM, "AdamW weight decay."),
     "train.warmup_ratio": (0.06, NUM, "Fraction of steps with a linear learning-rate warm-up, in [0, 1)."),
-    "train.scheduler": ("linear", (str,), "transformers learning-rate schedule after the warm-up."),
+    "train.scheduler": ("linear", (str,), f"transformers learning-rate schedule after the warm-up: "
+                                           f"{', '.join(SCHEDULERS)}."),
     "train.max_grad_norm": (1.0, NUM, "Gradient clipping norm (0: no clipping)."),
     "train.eval_every": (50, (int,), "Validate every this many steps (the curve in the plot)."),
     "train.save_every": (50, (int,), "Write a resumable checkpoint every this many steps."),
@@ -134,11 +143,12 @@ SCHEMA: dict[str, tuple[Any, tuple, str]] = {
     "train.seed": (0, (int,), "Seed of the split, the subset, the initialisation and the data order."),
     "train.threads": (None, (int, NONE), "torch CPU threads (null: torch's default)."),
     # --- eval
-    "eval.metric": (None, (str, NONE), "Validation metric that picks the best evaluation (null: the task's own: "
-                    "accuracy; pearson for text-regression; accuracy of extracted answers for generative-qa)."),
+    "eval.metric": (None, (str, NONE), "Validation metric that picks the best evaluation, for the tasks "
+                    + "; ".join(f"{t}: {', '.join(m)}" for t, m in tasks.METRICS.items())
+                    + " (null: the first; generative-qa validates on the loss, its answers are scored by generation "
+                      "on the test sets)."),
     "eval.extractor": (None, (str, NONE), "generative-qa: how the answer is read from the generated text "
-                       "(see neat_peft.cli.tasks.EXTRACTORS: boolq, piqa, siqa, arc, obqa, hellaswag, winogrande, "
-                       "letter, yes-no, true-false, number)."),
+                       f"({', '.join(generation.EXTRACTORS)})."),
     "eval.num_beams": (1, (int,), "generative-qa: beams (1: greedy)."),
     "eval.max_new_tokens": (32, (int,), "generative-qa: tokens generated per answer."),
     # --- output
@@ -184,7 +194,8 @@ RULES: dict[str, Rule] = {
     "method.act_fn": NOT_EMPTY, "method.scaling": None, "method.axis": _one_of(("out", "in")),
     "method.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "method.normalize_weight": None,
     "method.targets": NAMES, "method.exclude": NAMES, "method.match_lora_r": _at_least(1),
-    "method.lora_alpha": POSITIVE, "method.train_head": None,
+    "method.lora_alpha": POSITIVE, "method.train_head": None, "method.a_lr_ratio": POSITIVE,
+    "method.layers_pattern": NAMES,
     "train.epochs": POSITIVE, "train.max_steps": (lambda v: v == -1 or v >= 1, "-1 (use epochs) or at least 1"),
     "train.batch_size": _at_least(1), "train.eval_batch_size": _at_least(1), "train.grad_accum_steps": _at_least(1),
     "train.lr": POSITIVE, "train.head_lr": POSITIVE, "train.weight_decay": _at_least(0),
@@ -333,9 +344,7 @@ def validate(config: dict[str, Any], where: str = "") -> dict[str, Any]:
                                    f"Did you mean '{near[0]}'?")
             raise _bad(key, rule[1], value, where)
     _check_together(config, where)
-    from .tasks import validate_task_keys
-
-    validate_task_keys(config)
+    tasks.check_keys(config)
     return config
 
 
@@ -359,14 +368,13 @@ def _check_together(config: dict[str, Any], where: str) -> None:
                        f"neat-peft's CLI does for causal-lm and generative-qa with method neat or lora; this recipe "
                        f"has task {task} and method {method}. Use model.quantization=none, or the library "
                        "(docs/quantized.md).")
-    from .tasks import METRICS
-
-    if config["eval.metric"] is not None and task not in METRICS:
+    if config["eval.metric"] is not None and task not in tasks.METRICS:
         raise CliError(f"Recipe key 'eval.metric'{where} picks the validation metric of the tasks "
-                       f"{', '.join(METRICS)}; task {task} reports its own metrics. Drop eval.metric.")
+                       f"{', '.join(tasks.METRICS)}; task {task} reports its own metrics. Drop eval.metric.")
+    if config["method.a_lr_ratio"] != 1 and method != "neat":
+        raise CliError(f"Recipe key 'method.a_lr_ratio'{where} sets the learning rate of NEAT's A, but method.name "
+                       f"is {method}: drop method.a_lr_ratio (or set it to 1), or use method.name=neat.")
     if method in ("neat", "lora"):
-        from neat_peft import NeatConfig
-
         fields = {field: config[key] for key, field in NEAT_FIELDS.items()}
         try:
             NeatConfig(**fields)
