@@ -310,7 +310,7 @@ def test_torchrun_two_processes(tiny_bert, tmp_path):
 
 def test_adapter_and_head_get_their_own_learning_rates(tiny_bert, tmp_path):
     from neat_peft.cli import models, recipe
-    from neat_peft.cli.train import make_trainer_class, training_arguments
+    from neat_peft.cli.trainer import make_trainer_class, training_arguments
 
     config = recipe.resolve(None, [f"model.name={tiny_bert}", "train.lr=0.003", "train.head_lr=0.02"])
     model, info = models.apply_method(models.load_base_model(config, ["a", "b", "c"]), config)

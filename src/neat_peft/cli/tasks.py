@@ -63,8 +63,20 @@ class Task:
         return cls(config)
 
     @classmethod
-    def check_keys(cls, config: dict[str, Any]) -> None:
-        """Rules of the recipe that only this task has (called by recipe.validate)."""
+    def check_keys(cls, config: dict[str, Any], where: str = "") -> None:
+        """The recipe's rules that depend on the task (called by recipe.validate once every key has its type and
+        rule checked; where: ' (in <file>)' for a run's own recipe)."""
+        metric = config["eval.metric"]
+        if metric is not None and not cls.chooses_metric:
+            raise CliError(f"Recipe key 'eval.metric'{where} picks the validation metric of the tasks "
+                           f"{', '.join(n for n, t in TASKS.items() if t.chooses_metric)}; task {cls.name} reports "
+                           "its own metrics. Drop eval.metric.")
+        if metric is not None and metric not in cls.metrics:
+            raise CliError(f"eval.metric={metric!r} is not a metric of task {cls.name}; use one of "
+                           f"{', '.join(cls.metrics)}.")
+        if config["data.eval_sets"] is not None:
+            raise CliError(f"data.eval_sets is for task generative-qa (test sets scored by generation); task "
+                           f"{cls.name} evaluates on data.eval_splits or held-out fractions.")
 
     @property
     def primary_metric(self) -> str:
@@ -496,8 +508,26 @@ class GenerativeQA(_EvalSetsTask):
     loss_only, sums_loss, auto_class = True, True, "AutoModelForCausalLM"
 
     @classmethod
-    def check_keys(cls, config):
-        if config["data.eval_sets"] is None and config["eval.extractor"] is None:
+    def check_keys(cls, config, where=""):
+        sets = config["data.eval_sets"]
+        for i, entry in enumerate(sets or []):
+            if not isinstance(entry, dict) or not {"name", "source", "extractor"} <= set(entry) or \
+                    set(entry) - {"name", "source", "extractor", "split", "hub_config"}:
+                raise CliError(f"data.eval_sets[{i}] must be a mapping with name, source and extractor (and "
+                               f"optionally split, hub_config), got {entry!r}.")
+            if entry["extractor"] not in generation.EXTRACTORS:
+                raise CliError(f"data.eval_sets[{i}].extractor must be one of {', '.join(generation.EXTRACTORS)}, "
+                               f"got {entry['extractor']!r}.")
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(entry["name"])):
+                raise CliError(f"data.eval_sets[{i}].name must be letters, digits, '_', '.' or '-' (it names a file "
+                               f"in the run's split/ folder), got {entry['name']!r}.")
+        names = [str(entry["name"]) for entry in sets or []]
+        if len(set(names)) != len(names):
+            raise CliError(f"data.eval_sets names must differ, got {names}.")
+        if config["eval.metric"] not in (None, *cls.metrics):
+            raise CliError(f"eval.metric={config['eval.metric']!r} is not a metric of task {cls.name}; use one of "
+                           f"{', '.join(cls.metrics)}.")
+        if sets is None and config["eval.extractor"] is None:
             raise CliError("generative-qa scores generated answers: set eval.extractor (one of "
                            f"{', '.join(generation.EXTRACTORS)}) or list test sets with their extractors in "
                            "data.eval_sets.")
@@ -555,53 +585,3 @@ def for_config(config: dict[str, Any]) -> Task:
     return TASKS[config["task"]].for_config(config)
 # Validation metrics that eval.metric may pick, per task (the first: the default).
 METRICS = {name: cls.metrics for name, cls in TASKS.items() if cls.chooses_metric}
-
-
-def check_keys(config: dict[str, Any]) -> None:
-    """The task keys' enumerations and shapes, then the running task's own rules (called by recipe.validate)."""
-    enums = {"train.eval_strategy": ("steps", "epoch"), "train.precision": ("fp32", "bf16", "fp16")}
-    templates = generation.TEMPLATES
-    if config["data.prompt_template"] not in templates and "{prompt}" not in config["data.prompt_template"]:
-        raise CliError(f"data.prompt_template must be one of {', '.join(templates)} or a format string holding "
-                       f"{{prompt}} (e.g. 'Question: {{prompt}} Think step by step.\\nAnswer:'), got "
-                       f"{config['data.prompt_template']!r}.")
-    for key, allowed in enums.items():
-        if config[key] not in allowed:
-            raise CliError(f"{key} must be one of {', '.join(allowed)}, got {config[key]!r}.")
-    task = config["task"]
-    if config["eval.metric"] is not None and task in METRICS and config["eval.metric"] not in METRICS[task]:
-        raise CliError(f"eval.metric={config['eval.metric']!r} is not a metric of task {task}; use one of "
-                       f"{', '.join(METRICS[task])}.")
-    for key in ("eval.num_beams", "eval.max_new_tokens"):
-        if config[key] < 1:
-            raise CliError(f"{key} must be at least 1, got {config[key]}.")
-    if config["train.warmup_steps"] is not None and config["train.warmup_steps"] < 0:
-        raise CliError(f"train.warmup_steps must be 0 or more (or null), got {config['train.warmup_steps']}.")
-    if config["data.eval_splits"] is not None:
-        if not config["data.eval_splits"] or not all(isinstance(s, str) for s in config["data.eval_splits"]):
-            raise CliError(f"data.eval_splits must be a non-empty list of split names, got "
-                           f"{config['data.eval_splits']!r}.")
-    extractors = generation.EXTRACTORS
-    if config["eval.extractor"] is not None and config["eval.extractor"] not in extractors:
-        raise CliError(f"eval.extractor must be one of {', '.join(extractors)}, got {config['eval.extractor']!r}.")
-    sets = config["data.eval_sets"]
-    if sets is not None:
-        if task != QA:
-            raise CliError(f"data.eval_sets is for task generative-qa (test sets scored by generation); task {task} "
-                           "evaluates on data.eval_splits or held-out fractions.")
-        for i, entry in enumerate(sets):
-            if not isinstance(entry, dict) or not {"name", "source", "extractor"} <= set(entry) or \
-                    set(entry) - {"name", "source", "extractor", "split", "hub_config"}:
-                raise CliError(f"data.eval_sets[{i}] must be a mapping with name, source and extractor (and "
-                               f"optionally split, hub_config), got {entry!r}.")
-            if entry["extractor"] not in extractors:
-                raise CliError(f"data.eval_sets[{i}].extractor must be one of {', '.join(extractors)}, got "
-                               f"{entry['extractor']!r}.")
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(entry["name"])):
-                raise CliError(f"data.eval_sets[{i}].name must be letters, digits, '_', '.' or '-' (it names a file "
-                               f"in the run's split/ folder), got {entry['name']!r}.")
-        names = [str(entry["name"]) for entry in sets]
-        if len(set(names)) != len(names):
-            raise CliError(f"data.eval_sets names must differ, got {names}.")
-    if task in TASKS:
-        TASKS[task].check_keys(config)
