@@ -48,13 +48,13 @@ def run_predict(run_dir: str, inputs: list[str], max_new_tokens: Optional[int], 
     path, config, splits = open_run(run_dir)
     if not inputs:
         raise CliError("Give at least one input to predict, e.g. neat-peft predict RUN_DIR \"some text\".")
+    task = tasks.for_config(config)
     if max_new_tokens is not None:
-        if config["task"] not in tasks.GENERATES:
+        if not task.generates:
             raise CliError(f"--max-new-tokens applies to causal-lm and generative-qa runs; '{path}' is a "
                            f"{config['task']} run. Leave the option out.")
         if max_new_tokens < 1:
             raise CliError(f"--max-new-tokens must be at least 1 (got {max_new_tokens}).")
-    task = tasks.for_config(config)
     tokenizer = task.tokenizer()
     results = task.predict(load_run_model(path, config, splits), tokenizer, splits, inputs, max_new_tokens)
     for r in results:

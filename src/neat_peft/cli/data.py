@@ -20,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import CliError
+from .rundir import atomic_write_text
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 SPLIT_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")  # split files `datasets` reads from a folder
@@ -287,8 +288,6 @@ def read_eval_rows(path: str, config: dict[str, Any], labels: list[str]) -> list
 
 
 def write_splits(run_dir: Path, splits: Splits) -> None:
-    from .rundir import atomic_write_text
-
     folder = run_dir / "split"
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.rows.items():

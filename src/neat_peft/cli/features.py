@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import _from_pretrained, resolve_source
+from .models import from_pretrained, resolve_source
 
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips
 
@@ -194,5 +194,5 @@ def load_processor(config: dict[str, Any]):
     from transformers import AutoImageProcessor
 
     source, _ = resolve_source(config)
-    return _from_pretrained(AutoImageProcessor, source, config["model.name"])
+    return from_pretrained(AutoImageProcessor, source, config["model.name"])
 

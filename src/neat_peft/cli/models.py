@@ -20,6 +20,7 @@ from torch import nn
 from neat_peft import NeatConfig
 
 from .data import is_offline, package_dir
+from .rundir import atomic_write_text
 from .errors import CliError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,7 +61,7 @@ def resolve_source(config: dict[str, Any]) -> tuple[str, Optional[str]]:
     return name, gguf
 
 
-def _from_pretrained(loader, source: str, name: str, **kwargs):
+def from_pretrained(loader, source: str, name: str, **kwargs):
     """loader.from_pretrained with a clear message when a hub id is neither cached nor downloadable."""
     try:
         return loader.from_pretrained(source, **kwargs)
@@ -81,7 +82,7 @@ def load_tokenizer(config: dict[str, Any]):
     kwargs = {"gguf_file": gguf} if gguf else {}
     if config["model.revision"]:
         kwargs["revision"] = config["model.revision"]
-    tokenizer = _from_pretrained(AutoTokenizer, source, config["model.name"], **kwargs)
+    tokenizer = from_pretrained(AutoTokenizer, source, config["model.name"], **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only models ship without a pad token
     return tokenizer
@@ -121,16 +122,16 @@ def load_base_model(config: dict[str, Any], labels: list[str], source_override: 
                       label2id={name: i for i, name in enumerate(labels)},
                       ignore_mismatched_sizes=True)  # a classifier with another label count is replaced
     if task == "image-classification":  # a transformers vision model (ViT, ...) with a fresh classifier
-        return _from_pretrained(AutoModelForImageClassification, source, config["model.name"], **kwargs)
+        return from_pretrained(AutoModelForImageClassification, source, config["model.name"], **kwargs)
     if task in ("text-classification", "text-pair-classification", "text-regression"):
-        model = _from_pretrained(AutoModelForSequenceClassification, source, config["model.name"], **kwargs)
+        model = from_pretrained(AutoModelForSequenceClassification, source, config["model.name"], **kwargs)
         if model.config.pad_token_id is None:
             tokenizer = load_tokenizer(config)
             model.config.pad_token_id = tokenizer.pad_token_id
         return model
     if config["model.quantization"] != "none" and not gguf:
         kwargs["quantization_config"] = quantization_config(config)
-    model = _from_pretrained(AutoModelForCausalLM, source, config["model.name"], **kwargs)
+    model = from_pretrained(AutoModelForCausalLM, source, config["model.name"], **kwargs)
     if gguf:  # transformers marks a GGUF model quantized although it holds fp32 weights
         model = _plain_copy_of_gguf_model(model)
         if config["model.quantization"] != "none":
@@ -390,6 +391,4 @@ def merged_model(model: nn.Module, method: str) -> nn.Module:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from .rundir import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")

@@ -9,10 +9,9 @@ named `test-<name>`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-import math
 
 import numpy as np
 
@@ -55,7 +54,7 @@ def schema_hint(config: dict[str, Any]) -> str:
             f"validation.jsonl, ...), whose rows have the columns {', '.join(repr(c) for c in cols)}{number}.")
 
 
-def _require(columns: list[str], needed: dict[str, str], task: str, source: str, extra: str = "") -> None:
+def require_columns(columns: list[str], needed: dict[str, str], task: str, source: str, extra: str = "") -> None:
     missing = [f"'{col}' ({key})" for key, col in needed.items() if col not in columns]
     if missing:
         raise CliError(f"Task {task} needs the column{'s' if len(missing) > 1 else ''} {', '.join(missing)}, "
@@ -90,10 +89,10 @@ def _float_labels(values, column: str, source: str) -> list[float]:
     return out
 
 
-def _text_rows(frame, config: dict[str, Any], source: str) -> list[dict[str, Any]]:
+def text_rows(frame, config: dict[str, Any], source: str) -> list[dict[str, Any]]:
     task, columns = config["task"], [str(c) for c in frame.columns]
     needed = {**_text_columns(config), "data.label_column": config["data.label_column"]}
-    _require(columns, needed, task, source, "" if config["data.text_pair_column"] is None else
+    require_columns(columns, needed, task, source, "" if config["data.text_pair_column"] is None else
              " A single-sentence task (CoLA, SST-2) sets data.text_pair_column: null.")
     texts = _clean_text(frame[needed["data.text_column"]].tolist())
     pairs = _clean_text(frame[needed["data.text_pair_column"]].tolist()) if "data.text_pair_column" in needed \
@@ -111,14 +110,14 @@ def _text_rows(frame, config: dict[str, Any], source: str) -> list[dict[str, Any
     return rows
 
 
-def _qa_rows(frame, config: dict[str, Any], source: str, need_response: bool, need_answer: bool):
+def qa_rows(frame, config: dict[str, Any], source: str, need_response: bool, need_answer: bool):
     columns = [str(c) for c in frame.columns]
     needed = {"data.prompt_column": config["data.prompt_column"]}
     if need_response:
         needed["data.response_column"] = config["data.response_column"]
     if need_answer:
         needed["data.answer_column"] = config["data.answer_column"]
-    _require(columns, needed, QA, source)
+    require_columns(columns, needed, QA, source)
     rows = []
     values = {k: _clean_text(frame[c].tolist()) for k, c in needed.items()}
     for i, prompt in enumerate(values["data.prompt_column"]):
@@ -213,7 +212,7 @@ def _text_splits(config: dict[str, Any]) -> data_mod.Splits:
         where = other or source
         frame = data_mod.read_table(where, config["data.hub_config"] if other is None else None, split, hint)
         read[split] = len(frame)
-        return _text_rows(frame, config, f"{where}" + (f" [{split}]" if not Path(where).is_file() else ""))
+        return text_rows(frame, config, f"{where}" + (f" [{split}]" if not Path(where).is_file() else ""))
 
     if config["data.eval_splits"] and Path(source).expanduser().is_file():
         raise CliError(f"data.eval_splits={config['data.eval_splits']} names splits, but '{source}' is a single "
@@ -232,7 +231,7 @@ def _qa_splits(config: dict[str, Any]) -> data_mod.Splits:
     source, hint = config["data.source"], schema_hint(config)
     sets = config["data.eval_sets"]
     frame = data_mod.read_table(source, config["data.hub_config"], config["data.hub_split"], hint)
-    train_rows = _qa_rows(frame, config, source, need_response=True, need_answer=sets is None)
+    train_rows = qa_rows(frame, config, source, need_response=True, need_answer=sets is None)
     info: dict[str, Any] = {"source": source, "rows_read": len(frame),
                             "rows_empty_dropped": len(frame) - len(train_rows)}
     if config["data.dedupe"]:
@@ -243,7 +242,7 @@ def _qa_splits(config: dict[str, Any]) -> data_mod.Splits:
         for i, entry in enumerate(sets):
             split = entry.get("split", "test")
             table = data_mod.read_table(entry["source"], entry.get("hub_config"), split, hint)
-            rows = _qa_rows(table, config, entry["source"], need_response=False, need_answer=True)
+            rows = qa_rows(table, config, entry["source"], need_response=False, need_answer=True)
             key = "test" if i == 0 else EXTRA_PREFIX + entry["name"]
             pools[key] = rows
             extractors[key] = entry["extractor"]
@@ -253,7 +252,7 @@ def _qa_splits(config: dict[str, Any]) -> data_mod.Splits:
     return _finish(config, pools, info, [])
 
 
-def _image_labels(dataset, column: str) -> tuple[list[str], list[str]]:
+def image_labels(dataset, column: str) -> tuple[list[str], list[str]]:
     """(class names, each row's class name) of an image split: ClassLabel names when the feature has them."""
     feature = dataset.features[column]
     values = dataset[column]
@@ -272,9 +271,9 @@ def _image_splits(config: dict[str, Any]) -> data_mod.Splits:
         nonlocal class_names
         where = other or source
         dataset = data_mod.load_split(where, config["data.hub_config"] if other is None else None, split, hint)
-        _require(list(dataset.column_names), {"data.image_column": image_col, "data.label_column": label_col},
+        require_columns(list(dataset.column_names), {"data.image_column": image_col, "data.label_column": label_col},
                  IMAGE, f"{where} [{split}]")
-        names, labels = _image_labels(dataset, label_col)
+        names, labels = image_labels(dataset, label_col)
         if class_names and names and names != class_names:
             raise CliError(f"The class names of '{where}' [{split}] ({names[:5]}...) differ from the training "
                            f"data's ({class_names[:5]}...): the label ids would not mean the same classes.")

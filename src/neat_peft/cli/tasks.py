@@ -28,7 +28,7 @@ import torch
 from . import data as data_mod
 from . import features, generation, metrics, models, report, splits as splits_mod
 from .errors import CliError
-from .splits import EXTRA_PREFIX, IMAGE, PAIR, QA, REGRESSION
+from .splits import IMAGE, PAIR, QA, REGRESSION
 from .trainer import make_trainer_class, training_arguments
 
 PAIR_SEPARATOR = "|||"
@@ -53,6 +53,7 @@ class Task:
     loss_only = False  # Trainer evaluates the loss only (causal LMs: no logits are kept)
     sums_loss = False  # the model's loss is a sum over tokens that Trainer normalises (causal LMs)
     auto_class = "AutoModelForSequenceClassification"  # what loads a merged model of the task
+    generates = False  # predict generates text (--max-new-tokens applies)
     chooses_metric = False  # eval.metric may pick the validation metric among `metrics`
 
     def __init__(self, config: dict[str, Any]):
@@ -220,7 +221,7 @@ class TextClassification(Task):
 class CausalLM(Task):
     name, metrics = "causal-lm", ("loss",)
     summary = "prompt -> response, loss on the response only"
-    loss_only, sums_loss, auto_class = True, True, "AutoModelForCausalLM"
+    loss_only, sums_loss, auto_class, generates = True, True, "AutoModelForCausalLM", True
     default_new_tokens = 16
 
     def build_splits(self):
@@ -329,6 +330,7 @@ class _EvalSetsTask(Task):
     the best validation evaluation (the authors report the best epoch's figure)."""
 
     chooses_metric = True
+    has_classes = True  # a user's test data may only hold labels that training saw
 
     def build_splits(self):
         return splits_mod.build_splits(self.config)
@@ -379,13 +381,13 @@ class _EvalSetsTask(Task):
     def read_test_rows(self, data_path: str) -> list[dict[str, Any]]:
         """Rows of a user's test file or folder in this run's schema."""
         frame = data_mod.read_table(data_path, None, "test", self.schema_hint())
-        return splits_mod._text_rows(frame, self.config, data_path)
+        return splits_mod.text_rows(frame, self.config, data_path)
 
     def evaluate(self, run_dir, splits, model, tokenizer, data_path):
         if data_path:
             kept = {k: v for k, v in splits.rows.items() if k == "train"}
             kept["test"] = self.read_test_rows(data_path)
-            if self.name in (PAIR, IMAGE):
+            if self.has_classes:
                 data_mod.check_labels_seen(kept["test"], splits.labels, f"'{data_path}'")
             info = {k: v for k, v in splits.info.items() if k not in ("test_names", "eval_splits")}
             splits = data_mod.Splits(kept, splits.labels, info)
@@ -420,7 +422,7 @@ class TextPairClassification(_EvalSetsTask):
         from transformers import DataCollatorWithPadding
 
         sets = {k: features.text_dataset(v, tokenizer, self.config["data.max_length"], splits.labels,
-                                         regression=self.name == REGRESSION) for k, v in splits.rows.items()}
+                                         regression=not self.has_classes) for k, v in splits.rows.items()}
         return sets, DataCollatorWithPadding(tokenizer)
 
     def compute_metrics(self, splits):
@@ -437,7 +439,7 @@ class TextPairClassification(_EvalSetsTask):
 
 
 class TextRegression(TextPairClassification):
-    name, metrics = REGRESSION, ("pearson", "spearman", "mse")
+    name, metrics, has_classes = REGRESSION, ("pearson", "spearman", "mse"), False
     summary = "one float label, MSE loss, Pearson / Spearman (GLUE STS-B)"
 
     def compute_metrics(self, splits):
@@ -471,10 +473,10 @@ class DatasetImageClassification(_EvalSetsTask):
     def read_test_rows(self, data_path):
         config = self.config
         dataset = data_mod.load_split(data_path, None, "test", self.schema_hint())
-        splits_mod._require(list(dataset.column_names), {"data.image_column": config["data.image_column"],
+        splits_mod.require_columns(list(dataset.column_names), {"data.image_column": config["data.image_column"],
                                                          "data.label_column": config["data.label_column"]},
                             IMAGE, data_path)
-        _, labels = splits_mod._image_labels(dataset, config["data.label_column"])
+        _, labels = splits_mod.image_labels(dataset, config["data.label_column"])
         return [{"source": data_path, "split": "test", "index": i, "label": lab} for i, lab in enumerate(labels)]
 
     def _batch(self, tokenizer, inputs):
@@ -505,7 +507,7 @@ class ImageClassification(Task):
 class GenerativeQA(_EvalSetsTask):
     name, metrics = QA, ("loss",)
     summary = "prompt -> response training, scored by generating an answer and extracting it"
-    loss_only, sums_loss, auto_class = True, True, "AutoModelForCausalLM"
+    loss_only, sums_loss, auto_class, has_classes, generates = True, True, "AutoModelForCausalLM", False, True
 
     @classmethod
     def check_keys(cls, config, where=""):
@@ -565,7 +567,7 @@ class GenerativeQA(_EvalSetsTask):
 
     def read_test_rows(self, data_path):
         frame = data_mod.read_table(data_path, None, "test", self.schema_hint())
-        return splits_mod._qa_rows(frame, self.config, data_path, need_response=False, need_answer=True)
+        return splits_mod.qa_rows(frame, self.config, data_path, need_response=False, need_answer=True)
 
     def predict(self, model, tokenizer, splits, inputs, max_new_tokens):
         task = self if max_new_tokens is None else GenerativeQA({**self.config, "eval.max_new_tokens": max_new_tokens})
@@ -577,7 +579,6 @@ class GenerativeQA(_EvalSetsTask):
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (TextClassification, CausalLM, ImageClassification,
                                                      TextPairClassification, TextRegression, GenerativeQA)}
-GENERATES = (CausalLM.name, GenerativeQA.name)  # tasks whose predict generates text (--max-new-tokens)
 
 
 def for_config(config: dict[str, Any]) -> Task:
