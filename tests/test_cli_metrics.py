@@ -1,4 +1,5 @@
-"""The CLI's metrics (numpy only, neat_peft/cli/metrics.py) against scikit-learn and scipy."""
+"""The CLI's metrics (numpy only, neat_peft/cli/metrics.py) equal scikit-learn's and scipy's to the last bit (the
+paper tasks computed them with those libraries before, so a run's reported figures do not change)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,17 @@ sklearn_metrics = pytest.importorskip("sklearn.metrics")
 stats = pytest.importorskip("scipy.stats")
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_classification_metrics_equal_scikit_learn(seed):
-    rng = np.random.default_rng(seed)
-    n_classes = int(rng.integers(2, 5))
-    gold = rng.integers(0, n_classes, size=int(rng.integers(5, 60)))
-    pred = np.where(rng.random(len(gold)) < 0.6, gold, rng.integers(0, n_classes, size=len(gold)))
-    assert metrics.accuracy(pred, gold) == pytest.approx(sklearn_metrics.accuracy_score(gold, pred), abs=1e-15)
-    assert metrics.macro_f1(pred, gold, n_classes) == pytest.approx(
-        sklearn_metrics.f1_score(gold, pred, average="macro", zero_division=0), rel=1e-12)
-    assert metrics.matthews(pred, gold) == pytest.approx(sklearn_metrics.matthews_corrcoef(gold, pred), rel=1e-12,
-                                                        abs=1e-15)
-    assert metrics.binary_f1(pred, gold, 1) == pytest.approx(
-        sklearn_metrics.f1_score(gold == 1, pred == 1, zero_division=0), rel=1e-12)
+def test_classification_metrics_equal_scikit_learn():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n_classes = int(rng.integers(2, 5))
+        gold = rng.integers(0, n_classes, size=int(rng.integers(3, 80)))
+        pred = np.where(rng.random(len(gold)) < 0.6, gold, rng.integers(0, n_classes, size=len(gold)))
+        assert metrics.accuracy(pred, gold) == sklearn_metrics.accuracy_score(gold, pred)
+        assert metrics.macro_f1(pred, gold, n_classes) == \
+            sklearn_metrics.f1_score(gold, pred, average="macro", zero_division=0)
+        assert metrics.matthews(pred, gold) == sklearn_metrics.matthews_corrcoef(gold, pred)
+        assert metrics.binary_f1(pred, gold, 1) == sklearn_metrics.f1_score(gold == 1, pred == 1, zero_division=0)
 
 
 def test_constant_predictions_score_like_scikit_learn():
@@ -32,15 +31,16 @@ def test_constant_predictions_score_like_scikit_learn():
     assert metrics.binary_f1(pred, gold, 1) == sklearn_metrics.f1_score(gold, pred, zero_division=0) == 0.0
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_regression_metrics_equal_scipy(seed):
-    rng = np.random.default_rng(seed)
-    gold = np.round(rng.uniform(0, 5, size=40), 1)  # rounded: ties, as STS-B scores have
-    pred = np.round(gold + rng.normal(0, 1, size=40), 1)
-    out = metrics.regression(pred, gold)
-    assert out["pearson"] == pytest.approx(stats.pearsonr(pred, gold)[0], rel=1e-12)
-    assert out["spearman"] == pytest.approx(stats.spearmanr(pred, gold)[0], rel=1e-12)
-    assert out["mse"] == pytest.approx(float(np.mean((pred - gold) ** 2)), rel=1e-15)
+def test_regression_metrics_equal_scipy():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(3, 120))
+        gold = np.round(rng.uniform(0, 5, size=n), int(rng.integers(0, 2)))  # rounded: ties, as STS-B scores have
+        pred = (gold + rng.normal(0, 1, size=n)).astype(np.float32)  # a model's float32 outputs
+        out = metrics.regression(pred, gold)
+        assert out["pearson"] == stats.pearsonr(pred.astype(np.float64), gold)[0]
+        assert out["spearman"] == stats.spearmanr(pred, gold)[0]
+        assert out["mse"] == float(np.mean((pred.astype(np.float64) - gold) ** 2))
 
 
 def test_glue_f1_is_of_label_1():
