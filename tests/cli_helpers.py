@@ -79,6 +79,31 @@ def cli_subprocess(*argv: str, env_extra: dict | None = None, timeout: int = 300
                           text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
+# Fault injection for the kill-and-resume tests, kept out of the shipped code: the CLI runs with one more Trainer
+# callback that SIGKILLs the process once the checkpoint of a given step is complete (after CheckpointMarker).
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from transformers import TrainerCallback
+from neat_peft.cli import trainer
+step, made = int(sys.argv[1]), trainer.make_callbacks
+class KillAfterCheckpoint(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+trainer.make_callbacks = lambda *a, **k: [*made(*a, **k), KillAfterCheckpoint()]
+from neat_peft.cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def cli_killed_after_checkpoint(step: int, *argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`neat-peft *argv` in a subprocess SIGKILLed right after its step-`step` checkpoint is complete."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(step), *map(str, argv)],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """path -> sha256 of every file under folder (to show nothing changed)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import TINY_RUN, cli, cli_subprocess, make_tiny_bert, needs_corpus, needs_minilm, tree_digest
+from cli_helpers import (TINY_RUN, cli, cli_killed_after_checkpoint, make_tiny_bert, needs_corpus,
+                         needs_minilm, tree_digest)
 
 pytestmark = [needs_minilm, needs_corpus]
 
@@ -72,7 +73,7 @@ def test_run_directory_contents(neat_run, tiny_bert):
 def test_adapter_reloads_and_reproduces_metrics(neat_run, tiny_bert):
     """NeatModel.from_pretrained on the run's adapter gives exactly the test accuracy and F1 in metrics.json."""
     from neat_peft import NeatModel
-    from neat_peft.cli.report import macro_f1
+    from neat_peft.cli.metrics import macro_f1
 
     labels = json.loads((neat_run / "split" / "info.json").read_text())["labels"]
     model = NeatModel.from_pretrained(_load_base(tiny_bert, labels), neat_run / "adapter")
@@ -221,7 +222,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_bert, tmp_path, capsys)
     args = [f"model.name={tiny_bert}", "method.dropout=0.1", *TINY_RUN, "train.max_steps=6"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert cli("train", "-o", whole, *args, capsys=capsys)[0] == 0
-    killed = cli_subprocess("train", "-o", broken, *args, env_extra={"NEAT_PEFT_SIGKILL_AFTER_CHECKPOINT": "2"})
+    killed = cli_killed_after_checkpoint(2, "train", "-o", broken, *args)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (broken / "metrics.json").exists() and (broken / "checkpoints" / "checkpoint-2").is_dir()
     # Without --resume the unfinished run is refused and left as it is.
@@ -309,7 +310,7 @@ def test_torchrun_two_processes(tiny_bert, tmp_path):
 
 def test_adapter_and_head_get_their_own_learning_rates(tiny_bert, tmp_path):
     from neat_peft.cli import models, recipe
-    from neat_peft.cli.train import make_trainer_class, training_arguments
+    from neat_peft.cli.trainer import make_trainer_class, training_arguments
 
     config = recipe.resolve(None, [f"model.name={tiny_bert}", "train.lr=0.003", "train.head_lr=0.02"])
     model, info = models.apply_method(models.load_base_model(config, ["a", "b", "c"]), config)

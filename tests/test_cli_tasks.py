@@ -223,7 +223,7 @@ def test_image_transforms_eval_matches_the_processor_train_is_random(tiny_vit, i
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    from neat_peft.cli.tasks import image_transforms
+    from neat_peft.cli.features import image_transforms
 
     processor = AutoImageProcessor.from_pretrained(tiny_vit)
     train_tf, eval_tf = image_transforms(processor)
@@ -295,13 +295,13 @@ def test_image_classification_end_to_end_matches_sklearn(image_run, tiny_vit, im
     ("number", "no digits", ""),
 ])
 def test_extractors(extractor, text, expected):
-    from neat_peft.cli.tasks import extract_answer
+    from neat_peft.cli.generation import extract_answer
 
     assert extract_answer(text, extractor) == expected
 
 
 def test_number_answers_compare_within_tolerance():
-    from neat_peft.cli.tasks import is_correct
+    from neat_peft.cli.generation import is_correct
 
     assert is_correct("18.0", "18", "number") and is_correct("1007", "1,007", "number")
     assert not is_correct("18.01", "18", "number") and not is_correct("", "18", "number")
@@ -329,13 +329,13 @@ def test_causal_lm_collator_pads_right_and_masks_the_prompt(work):
     from transformers import AutoTokenizer
 
     from neat_peft.cli.features import IGNORE_INDEX, causal_lm_collator
-    from neat_peft.cli.tasks import qa_dataset
+    from neat_peft.cli.tasks import GenerativeQA
 
     tok = AutoTokenizer.from_pretrained(make_tiny_llama(work / "llama_collator"))
     tok.padding_side = "left"  # the collator must still pad on the right, and leave the tokenizer as it was
     config = {"data.max_length": 64, "data.prompt_template": "alpaca"}
-    data = qa_dataset([{"prompt": "one two", "response": "three"}, {"prompt": "a b c d e f", "response": "g h"}],
-                      tok, config)
+    data = GenerativeQA(config).examples([{"prompt": "one two", "response": "three"},
+                                          {"prompt": "a b c d e f", "response": "g h"}], tok)
     batch = causal_lm_collator(tok)([data[0], data[1]])
     assert tok.padding_side == "left"
     for i, item in enumerate(data.items):
@@ -353,7 +353,7 @@ def test_generative_qa_end_to_end(qa_data, work):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from neat_peft.cli.commands import run_eval, run_predict
-    from neat_peft.cli.tasks import ALPACA, extract_answer
+    from neat_peft.cli.generation import ALPACA, extract_answer
 
     llama = make_tiny_llama(work / "llama")
     run = work / "runs" / "qa"
@@ -468,7 +468,7 @@ def test_image_splits_with_a_separate_test_source(image_folder, tmp_path):
                                    "data.label_column=label",
                                    f"data.test_source={test_only}", "data.test_split=test",
                                    "data.validation_fraction=0.25"])
-    splits = tasks.build_splits(config)
+    splits = tasks.for_config(config).build_splits()
     assert splits.labels == sorted(COLOURS)
     assert {(r["source"], r["split"]) for r in splits.rows["test"]} == {(str(test_only), "test")}
     assert len(splits.rows["test"]) == 12
@@ -511,15 +511,14 @@ def test_merge_pair_and_image_runs_load_with_plain_transformers(pair_run, tiny_b
 def test_killed_and_resumed_pair_run_matches_uninterrupted(tiny_bert, pair_data, tmp_path):
     """SIGKILL right after the epoch-1 checkpoint, then --resume: the per-epoch validations (both splits), the
     best epoch and the final test metrics equal an uninterrupted run's (dropout 0, same seed)."""
-    from cli_helpers import cli_subprocess
+    from cli_helpers import cli_killed_after_checkpoint
 
     bert = make_tiny_bert(tmp_path / "bert0", dropout=0.0)
     args = ["task=text-pair-classification", f"model.name={bert}", f"data.source={pair_data}",
             "data.text_column=premise", "data.text_pair_column=hypothesis", "data.label_column=label",
             "data.eval_splits=[validation_matched, validation_mismatched]", "train.epochs=2",
             "train.eval_strategy=epoch", "train.batch_size=16", "method.dropout=0", "data.max_length=32"]
-    killed = cli_subprocess("train", "-o", tmp_path / "resumed", *args,
-                            env_extra={"NEAT_PEFT_SIGKILL_AFTER_CHECKPOINT": "4"})
+    killed = cli_killed_after_checkpoint(4, "train", "-o", tmp_path / "resumed", *args)
     assert killed.returncode == -9 and not (tmp_path / "resumed" / "metrics.json").exists()
     assert cli("train", "-o", tmp_path / "resumed", "--resume") == (0, "", "")
     assert cli("train", "-o", tmp_path / "full", *args) == (0, "", "")
@@ -546,12 +545,12 @@ def test_generation_under_bf16_autocast(work):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from neat_peft.cli import recipe
-    from neat_peft.cli.tasks import generate
+    from neat_peft.cli.tasks import GenerativeQA
 
     llama = make_tiny_llama(work / "llama_bf16")
     model, tok = AutoModelForCausalLM.from_pretrained(llama).train(), AutoTokenizer.from_pretrained(llama)
     config = recipe.resolve(None, ["task=generative-qa", "eval.extractor=number", "train.precision=bf16",
                                    "eval.max_new_tokens=3", "train.eval_batch_size=2"])
-    outputs = generate(model, tok, ["one two", "three four five", "six"], config)
+    outputs = GenerativeQA(config).generate(model, tok, ["one two", "three four five", "six"])
     assert len(outputs) == 3 and all(isinstance(o, str) for o in outputs)
     assert model.training and next(model.parameters()).dtype == torch.float32

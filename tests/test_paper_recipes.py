@@ -135,14 +135,14 @@ def _qa_standin(folder: Path, c: dict, name: str, with_response: bool) -> Path:
 def test_recipe_data_schema_on_a_local_standin(rel, tmp_path):
     """The recipe with data.source (and its test sources) pointed at local files of the hub schema builds its
     splits: the columns, labels and evaluation splits it names exist."""
-    from neat_peft.cli import recipe, tasks
+    from neat_peft.cli import recipe, splits as splits_mod, tasks
 
     c = _resolve(rel)
     overrides = []
-    if c["task"] in tasks.TEXT_TASKS:
+    if c["task"] in (splits_mod.PAIR, splits_mod.REGRESSION):
         _write_text_standin(tmp_path, c)
         overrides.append(f"data.source={tmp_path}")
-    elif c["task"] == tasks.IMAGE:
+    elif c["task"] == splits_mod.IMAGE:
         _write_image_standin(tmp_path, c)
         overrides += [f"data.source={tmp_path}"] + ([f"data.test_source={tmp_path}"] if c["data.test_source"] else [])
     else:
@@ -151,12 +151,12 @@ def test_recipe_data_schema_on_a_local_standin(rel, tmp_path):
                 for s in c["data.eval_sets"]]
         overrides += [f"data.source={train}", "data.eval_sets=" + json.dumps(sets), "data.validation_fraction=0.1"]
     config = recipe.resolve(str(PAPER / rel), overrides)
-    splits = tasks.build_splits(config)
+    splits = tasks.for_config(config).build_splits()
     assert splits.rows["train"] and splits.rows["validation"] and splits.rows["test"]
-    if c["task"] == tasks.QA:
-        assert [tasks.display_name(splits, k) for k in tasks.eval_names(splits)] == [s["name"] for s in sets]
+    if c["task"] == splits_mod.QA:
+        assert [splits_mod.display_name(splits, k) for k in splits_mod.eval_names(splits)] == [s["name"] for s in sets]
     if rel.startswith("glue/mnli"):
-        assert [tasks.display_name(splits, k) for k in tasks.eval_names(splits)] == \
+        assert [splits_mod.display_name(splits, k) for k in splits_mod.eval_names(splits)] == \
             ["validation_matched", "validation_mismatched"]
 
 

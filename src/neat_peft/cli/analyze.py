@@ -20,6 +20,7 @@ import torch
 from . import rundir
 from .commands import load_run_model, open_run
 from .errors import CliError
+from .report import table
 
 W0_SUBSPACE_K = 16
 ADAPTER_METHODS = ("neat", "lora")
@@ -126,8 +127,6 @@ def _label(analysis: dict[str, Any]) -> str:
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    from .report import table
-
     runs = [report["analysis"]] + ([report["compare"]] if "compare" in report else [])
     headers = ["layer"]
     for a in runs:

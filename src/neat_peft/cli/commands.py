@@ -7,11 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from . import data as data_mod
-from . import features, models, recipe, report, rundir, tasks
+from . import features, models, recipe, rundir, tasks
 from .errors import CliError
 
 GGUF_NAME = "adapter.gguf"  # export-lora --gguf writes it beside the peft LoRA files
@@ -37,89 +36,27 @@ def load_run_model(path: Path, config: dict[str, Any], splits: data_mod.Splits):
                        "train the run again with --overwrite.") from None
 
 
-def _eval_trainer(model, config: dict[str, Any], run_dir: Path, collator, n_classes: int):
-    """A Trainer used for evaluation only, with the training run's settings (so numbers match train's)."""
-    from .train import make_trainer_class, training_arguments
-
-    classification = config["task"] != "causal-lm"
-
-    def compute_metrics(prediction):
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        return report.classification_metrics(logits, prediction.label_ids, n_classes)
-
-    return make_trainer_class()(model=model, args=training_arguments(config, run_dir, for_training=False),
-                                data_collator=collator, compute_metrics=compute_metrics if classification else None,
-                                heads=[], head_lr=0.0, sums_loss=not classification)
-
-
 def run_eval(run_dir: str, data_path: Optional[str]) -> dict[str, Any]:
-    from .train import build_datasets, label_ids
-
+    """`neat-peft eval`: the run's test data, or `data_path` (a file or folder in the run's schema)."""
     path, config, splits = open_run(run_dir)
-    if tasks.handles(config):
-        return tasks.run_eval(path, config, splits, data_path)
-    source = "the run's test split"
-    if data_path:
-        if config["task"] == "image-classification":
-            folder = data_mod.image_folder(data_path)
-            _, labels = data_mod.load_images(folder, "test")
-            splits.rows["test"] = [{"index": i, "part": "test"} for i in range(len(labels))]
-            splits.info["folder"] = str(folder)
-        else:
-            splits.rows["test"] = data_mod.read_eval_rows(data_path, config, splits.labels)
-        source = f"'{data_path}'"
-    tokenizer = None if config["task"] == "image-classification" else models.load_tokenizer(config)
-    model = load_run_model(path, config, splits)
-    datasets, collator = build_datasets(config, splits, tokenizer)
-    classification = config["task"] != "causal-lm"
-    trainer = _eval_trainer(model, config, path, collator, len(splits.labels))
-    result: dict[str, Any] = {"data": source, "examples": len(datasets["test"]), "method": config["method.name"]}
-    if classification:
-        prediction = trainer.predict(datasets["test"], metric_key_prefix="test")
-        result["accuracy"] = prediction.metrics["test_accuracy"]
-        result["macro_f1"] = prediction.metrics["test_macro_f1"]
-        base = report.majority_baseline(label_ids(datasets["train"]), list(prediction.label_ids),
-                                        len(splits.labels))
-        rows = [[config["method.name"], f"{result['accuracy']:.4f}", f"{result['macro_f1']:.4f}"],
-                [f"majority class ({splits.labels[base['class']]})", f"{base['accuracy']:.4f}",
-                 f"{base['macro_f1']:.4f}"]]
-        result["majority_baseline"] = {"accuracy": base["accuracy"], "macro_f1": base["macro_f1"]}
-        text = report.table(rows, ["method", "accuracy", "macro-F1"])
-    else:
-        metrics = trainer.evaluate(datasets["test"], metric_key_prefix="test")
-        result["loss"], result["perplexity"] = metrics["test_loss"], report.perplexity(metrics["test_loss"])
-        text = report.table([[config["method.name"], f"{result['loss']:.4f}", f"{result['perplexity']:.2f}"]],
-                            ["method", "loss", "perplexity"])
-    print(f"evaluating {path} on {source} ({result['examples']:,} examples)\n{text}")
-    return result
-
-
-def _read_image(file: str, size: int) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        grey = np.asarray(Image.open(file).convert("L"))
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise CliError(f"Cannot read image '{file}': {e}. Give a PNG or JPEG file.") from None
-    return features.image_tensor(grey, size)
+    task = tasks.for_config(config)
+    tokenizer = task.tokenizer()
+    return task.evaluate(path, splits, load_run_model(path, config, splits), tokenizer, data_path)
 
 
 def run_predict(run_dir: str, inputs: list[str], max_new_tokens: Optional[int], as_json: bool) -> list[dict[str, Any]]:
     path, config, splits = open_run(run_dir)
     if not inputs:
         raise CliError("Give at least one input to predict, e.g. neat-peft predict RUN_DIR \"some text\".")
+    task = tasks.for_config(config)
     if max_new_tokens is not None:
-        if config["task"] not in ("causal-lm", tasks.QA):
+        if not task.generates:
             raise CliError(f"--max-new-tokens applies to causal-lm and generative-qa runs; '{path}' is a "
                            f"{config['task']} run. Leave the option out.")
         if max_new_tokens < 1:
             raise CliError(f"--max-new-tokens must be at least 1 (got {max_new_tokens}).")
-    if tasks.handles(config):
-        if max_new_tokens is not None:
-            config = {**config, "eval.max_new_tokens": max_new_tokens}
-        results = tasks.run_predict(path, config, splits, inputs)
-    else:
-        results = _predict(path, config, splits, inputs, 16 if max_new_tokens is None else max_new_tokens)
+    tokenizer = task.tokenizer()
+    results = task.predict(load_run_model(path, config, splits), tokenizer, splits, inputs, max_new_tokens)
     for r in results:
         if as_json:
             print(json.dumps(r, ensure_ascii=False))
@@ -133,42 +70,9 @@ def run_predict(run_dir: str, inputs: list[str], max_new_tokens: Optional[int], 
     return results
 
 
-def _predict(path: Path, config: dict[str, Any], splits: data_mod.Splits, inputs: list[str],
-             max_new_tokens: int) -> list[dict[str, Any]]:
-    task = config["task"]
-    tokenizer = None if task == "image-classification" else models.load_tokenizer(config)
-    model = load_run_model(path, config, splits)
-    results = []
-    with torch.no_grad():
-        if task == "causal-lm":
-            for prompt in inputs:
-                enc = tokenizer(features.prompt_text(tokenizer, prompt), return_tensors="pt",
-                                add_special_tokens=False)
-                enc = {k: enc[k] for k in ("input_ids", "attention_mask")}  # BERT-style tokenizers add more
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-                answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-                results.append({"input": prompt, "output": answer})
-        else:
-            if task == "image-classification":
-                batch = {"pixel_values": torch.stack([_read_image(f, config["data.image_size"]) for f in inputs])}
-            else:
-                batch = tokenizer(inputs, truncation=True, max_length=config["data.max_length"], padding=True,
-                                  return_tensors="pt")
-            out = model(**batch)
-            logits = out["logits"] if isinstance(out, dict) else out.logits
-            probs = torch.softmax(logits.float(), -1)
-            for text, p in zip(inputs, probs):
-                scores = {label: float(v) for label, v in zip(splits.labels, p)}
-                results.append({"input": text, "label": splits.labels[int(p.argmax())], "scores": scores})
-    return results
-
-
-def _sample_batch(config: dict[str, Any], splits: data_mod.Splits, tokenizer, n: int = 8):
-    from .train import build_datasets
-
+def _sample_batch(task: tasks.Task, splits: data_mod.Splits, tokenizer, n: int = 8):
     few = data_mod.Splits({"test": splits.rows["test"][:n]}, splits.labels, splits.info)
-    datasets, collator = build_datasets(config, few, tokenizer)
+    datasets, collator = task.datasets(few, tokenizer)
     batch = collator([datasets["test"][i] for i in range(len(datasets["test"]))])
     batch.pop("labels", None)
     return dict(batch)
@@ -186,15 +90,16 @@ def run_merge(run_dir: str, out: str) -> float:
     path, config, splits = open_run(run_dir)
     target = Path(out)
     rundir.check_empty_output(target, "merged model")
-    tokenizer = None if config["task"] == "image-classification" else models.load_tokenizer(config)
+    task = tasks.for_config(config)
+    tokenizer = task.tokenizer()
     model = load_run_model(path, config, splits)
-    batch = _sample_batch(config, splits, tokenizer)
+    batch = _sample_batch(task, splits, tokenizer)
     with torch.no_grad():
         before = _logits(model, batch)
         merged = models.merged_model(model, config["method.name"]).eval()
         diff = float((before - _logits(merged, batch)).abs().max())
     with rundir.output_folder(target, "merged model") as folder:
-        if config["task"] == "image-classification" and not tasks.handles(config):
+        if task.auto_class is None:  # EfficientNet-Lite0: not a transformers model
             state = {k: v.contiguous() for k, v in merged.state_dict().items()}
             save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
             models.write_json(folder / "neat_peft_model.json", {
@@ -204,12 +109,11 @@ def run_merge(run_dir: str, out: str) -> float:
         else:
             merged.save_pretrained(folder)
             # a transformers vision model keeps its image processor beside it, a text model its tokenizer
-            (tokenizer or tasks.load_processor(config)).save_pretrained(folder)
-    if config["task"] == "image-classification" and not tasks.handles(config):
+            (tokenizer or features.load_processor(config)).save_pretrained(folder)
+    if task.auto_class is None:
         how = "load with neat_peft.cli.models.load_image_model (EfficientNet is not a transformers model)"
     else:
-        loader = tasks.auto_class(config["task"])
-        how = f"load with transformers.{loader}.from_pretrained('{target}')"
+        how = f"load with transformers.{task.auto_class}.from_pretrained('{target}')"
     print(f"merged {config['method.name']} model saved to {target} ({how}); max |logit difference| merged vs "
           f"unmerged on {len(next(iter(batch.values())))} test examples: {diff:.2e}")
     return diff

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .errors import CliError
+from .rundir import atomic_write_text
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 SPLIT_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet")  # split files `datasets` reads from a folder
@@ -31,6 +32,14 @@ INSTRUCT_PROMPT = ("Classify the sentiment of this tweet as negative, neutral or
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
+
+
+def is_offline() -> bool:
+    """The CLI's one offline check: HF_HUB_OFFLINE as huggingface_hub reads it, or HF_DATASETS_OFFLINE."""
+    from huggingface_hub import constants
+
+    datasets_offline = os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or datasets_offline
 
 
 def package_dir(name: str, install_hint: str) -> Path:
@@ -104,8 +113,6 @@ def load_split(source: str, hub_config: Optional[str], split: str, hint: str = "
                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). It needs one file "
                            f"per split named after the split (e.g. {split}.jsonl) or an image folder "
                            f"{split}/<class>/<image>.{hint and ' ' + hint}") from None
-        from .models import is_offline
-
         why = ("it needs the network: this machine is offline and it is not in the local cache"
                if is_offline() else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         instead = f" {hint}" if hint else ""
@@ -224,12 +231,11 @@ def clean(first: list[str], second: list[str], config: dict[str, Any], source: s
     return pairs
 
 
-def build_text_splits(config: dict[str, Any]) -> Splits:
-    """Read, clean and split the data of a text task (classification or causal LM)."""
-    from .tasks import schema_hint
-
+def build_text_splits(config: dict[str, Any], hint: str = "") -> Splits:
+    """Read, clean and split the data of a text task (classification or causal LM). hint: the task's offline
+    stand-in, named in 'cannot load' messages."""
     source = config["data.source"]
-    frame = read_table(source, config["data.hub_config"], config["data.hub_split"], schema_hint(config))
+    frame = read_table(source, config["data.hub_config"], config["data.hub_split"], hint)
     info: dict[str, Any] = {"source": source}
     first, second = _text_pairs(frame, config, source)
     pairs = clean(first, second, config, source, info)
@@ -282,8 +288,6 @@ def read_eval_rows(path: str, config: dict[str, Any], labels: list[str]) -> list
 
 
 def write_splits(run_dir: Path, splits: Splits) -> None:
-    from .rundir import atomic_write_text
-
     folder = run_dir / "split"
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.rows.items():
@@ -367,8 +371,6 @@ def _torchvision_download() -> Path:
         from torchvision.datasets import FashionMNIST
     except ImportError:
         FashionMNIST = None
-    from .models import is_offline
-
     if FashionMNIST is not None and not is_offline():
         try:
             FashionMNIST(str(root.parent.parent), train=True, download=True)

@@ -4,11 +4,14 @@ and images scaled as EfficientNet-Lite expects ((x - 0.5) / 0.5, three channels)
 from __future__ import annotations
 
 import copy
-from typing import Any
+import math
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .models import from_pretrained, resolve_source
 
 IGNORE_INDEX = -100  # label value the cross-entropy loss skips
 
@@ -95,3 +98,101 @@ class ImageDataset(torch.utils.data.Dataset):
 def image_collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
             "labels": torch.tensor([it["labels"] for it in items], dtype=torch.long)}
+
+
+# --- the datasets-sourced tasks: text (pairs), regression scores, `datasets` image sets ---------------------
+def text_dataset(rows, tokenizer, max_length: int, labels: list[str], regression: bool = False) -> ListDataset:
+    """Tokenized text (and text_pair) rows; labels: class ids, or the float score when regression."""
+    firsts = [r["text"] for r in rows]
+    seconds = [r["text_pair"] for r in rows] if rows and "text_pair" in rows[0] else None
+    encoded = tokenizer(firsts, seconds, truncation=True, max_length=max_length)
+    index = {name: i for i, name in enumerate(labels)}
+    items = []
+    for i, r in enumerate(rows):
+        item = {k: v[i] for k, v in encoded.items()}
+        if "label" in r:
+            item["labels"] = float(r["label"]) if regression else index[str(r["label"])]
+        items.append(item)
+    return ListDataset(items)
+
+
+def image_transforms(processor) -> tuple[Callable, Callable]:
+    """(train, eval) transforms PIL image -> 3 x H x W float tensor normalised by the processor's mean/std.
+
+    Train: a random crop of area fraction U(0.08, 1) and aspect ratio log-U(3/4, 4/3) resized to H x W, then
+    a horizontal flip with probability 1/2 (RandomResizedCrop + RandomHorizontalFlip). Eval: the shorter side
+    resized (to size.shortest_edge, or to cover size.height x size.width), then a centre crop (the authors'
+    Resize + CenterCrop; for square images the same as the ViT processor's own resize)."""
+    size = dict(processor.size)
+    crop = dict(getattr(processor, "crop_size", None) or {}) if getattr(processor, "do_center_crop", False) else {}
+    if "height" in size:
+        out_hw = (crop.get("height", size["height"]), crop.get("width", size["width"]))
+    else:
+        out_hw = (crop.get("height", size["shortest_edge"]), crop.get("width", size["shortest_edge"]))
+    mean = torch.tensor(processor.image_mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(processor.image_std, dtype=torch.float32)[:, None, None]
+
+    def to_tensor(image) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - mean) / std
+
+    def eval_transform(image):
+        from PIL import Image
+
+        image = image.convert("RGB")
+        w, h = image.size
+        # shorter side to shortest_edge, or just enough to cover height x width (the aspect ratio is kept)
+        scale = size["shortest_edge"] / min(w, h) if "shortest_edge" in size else max(out_hw[0] / h, out_hw[1] / w)
+        image = image.resize((max(out_hw[1], round(w * scale)), max(out_hw[0], round(h * scale))), Image.BILINEAR)
+        w, h = image.size
+        th, tw = out_hw
+        left, top = max(0, (w - tw) // 2), max(0, (h - th) // 2)
+        image = image.crop((left, top, left + tw, top + th))
+        return to_tensor(image)
+
+    def train_transform(image, rng: np.random.Generator):
+        from PIL import Image
+
+        image = image.convert("RGB")
+        w, h = image.size
+        box = (0, 0, w, h)
+        for _ in range(10):
+            area = w * h * rng.uniform(0.08, 1.0)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                box = (left, top, left + cw, top + ch)
+                break
+        image = image.resize((out_hw[1], out_hw[0]), Image.BILINEAR, box=box)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(image)
+
+    return train_transform, eval_transform
+
+
+class ImageSetDataset(torch.utils.data.Dataset):
+    """Rows {split, index, label} of `datasets` image splits, decoded and transformed when read."""
+
+    def __init__(self, sources: dict[str, Any], rows, column: str, labels: list[str], transform,
+                 rng: Optional[np.random.Generator] = None):
+        self.sources, self.rows, self.column, self.rng = sources, rows, column, rng
+        self.index, self.transform = {name: i for i, name in enumerate(labels)}, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        r = self.rows[i]
+        image = self.sources[(r["source"], r["split"])][r["index"]][self.column]
+        x = self.transform(image, self.rng) if self.rng is not None else self.transform(image)
+        return {"pixel_values": x, "labels": self.index[r["label"]]}
+
+
+def load_processor(config: dict[str, Any]):
+    from transformers import AutoImageProcessor
+
+    source, _ = resolve_source(config)
+    return from_pretrained(AutoImageProcessor, source, config["model.name"])
+

