@@ -141,6 +141,18 @@ def first_word(text: str) -> str:
     return words[0].strip(".,;:!?\"'()*").lower() if words else ""
 
 
+def macro_f1(answers: list[str], truth: list[str]) -> float:
+    """Macro-F1 over the labels (the distinct reference answers): an answer that is no label is wrong for every
+    label (a false negative of its reference, a false positive of none)."""
+    scores = []
+    for label in sorted(set(truth)):
+        tp = sum(a == label and t == label for a, t in zip(answers, truth))
+        fp = sum(a == label and t != label for a, t in zip(answers, truth))
+        fn = sum(a != label and t == label for a, t in zip(answers, truth))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / len(scores)
+
+
 def generation_accuracy(run_dir: Path, max_new_tokens: int = 4, batch_size: int = 16) -> dict[str, Any]:
     """Greedy decoding of every validation and test prompt of a finished causal-LM run; an answer is correct
     when its first word is the reference response. Also the majority class (the training split's most frequent
@@ -171,7 +183,9 @@ def generation_accuracy(run_dir: Path, max_new_tokens: int = 4, batch_size: int 
                             for row in ids]
             truth = [r["response"].strip().lower() for r in splits.rows[part]]
             out[part] = {"accuracy": sum(a == t for a, t in zip(answers, truth)) / len(truth),
-                         "examples": len(truth), "answers": dict(Counter(answers).most_common(5))}
+                         "macro_f1": macro_f1(answers, truth), "examples": len(truth),
+                         "answers": dict(Counter(answers).most_common(5)),
+                         "answer_histogram": dict(Counter(answers).most_common())}
             if part == "test":
                 out["majority_baseline"] = {"accuracy": sum(t == majority for t in truth) / len(truth),
                                             "label": majority}
