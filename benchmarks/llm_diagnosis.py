@@ -222,6 +222,18 @@ def generation_accuracy(model, tokenizer, rows, batch_size=16) -> dict[str, Any]
             "answers": dict(Counter(answers).most_common(6))}
 
 
+def header(args, factors) -> dict[str, Any]:
+    return {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "plot"},
+            "layers": factors.layer_facts(), "torch": torch.__version__}
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data) + "\n")
+    tmp.replace(path)
+
+
 def run(args) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -259,17 +271,24 @@ def run(args) -> dict[str, Any]:
         scheduler.step()
         rec = factors.record(before)
         optimizer.zero_grad(set_to_none=True)
+        # Per step: each figure's mean over the q_proj and over the v_proj layers (the JSON stays small); every
+        # layer's own figures at the validation points.
+        groups = {g: [i for i, (name, *_r) in enumerate(factors.layers) if name.endswith(g)]
+                  for g in ("q_proj", "v_proj")}
         steps.append({"step": step, "loss": float(out.loss.detach()), "grad_norm": total_norm,
-                      **{k: v for k, v in rec.items()}})
+                      **{f"{k}_{g[0]}": sum(v[i] for i in idx) / len(idx) for k, v in rec.items()
+                         for g, idx in groups.items()}})
         if step % args.eval_every == 0 or step == args.steps:
             curve.append({"step": step, "loss": validation_loss(model, validation, collate),
-                          "seconds": time.perf_counter() - start})
+                          "seconds": time.perf_counter() - start, "per_layer": rec})
             print(f"step {step}: train loss {steps[-1]['loss']:.3f}, validation loss {curve[-1]['loss']:.4f}, "
                   f"dW/W0 {sum(rec['dW_rel']) / len(rec['dW_rel']):.2e}, "
                   f"down moved {sum(rec['down_moved']) / len(rec['down_moved']):.3f}", flush=True)
-    result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "plot"},
-              "layers": factors.layer_facts(), "steps": steps, "validation_curve": curve,
-              "train_seconds": time.perf_counter() - start, "torch": torch.__version__}
+            if args.out:  # a run cut short still leaves its curves so far
+                write_json(args.out, {**header(args, factors), "steps": steps, "validation_curve": curve,
+                                      "train_seconds": time.perf_counter() - start, "complete": False})
+    result = {**header(args, factors), "steps": steps, "validation_curve": curve,
+              "train_seconds": time.perf_counter() - start, "complete": True}
     if not args.tiny:
         result["generation"] = generation_accuracy(model, tokenizer, splits.rows["validation"])
         print("validation generation accuracy", result["generation"], flush=True)
@@ -382,18 +401,18 @@ def plot(folder: Path, paths: list[Path]) -> None:
     import matplotlib.pyplot as plt
 
     runs = [json.loads(p.read_text()) for p in paths]
+    def mean(key):  # the mean over all adapted layers (q_proj and v_proj have the same count)
+        return lambda r: [(s[f"{key}_q"] + s[f"{key}_v"]) / 2 for s in r["steps"]]
+
     panels = [("training loss (10-step mean)", lambda r: smooth([s["loss"] for s in r["steps"]]), False),
               ("validation loss", None, False),
-              ("||dW|| / ||W0|| (mean over layers)", lambda r: [sum(s["dW_rel"]) / len(s["dW_rel"])
-                                                                 for s in r["steps"]], True),
-              ("down factor moved: ||H_t - H_0|| / ||H_0|| (LoRA: A)",
-               lambda r: [sum(s["down_moved"]) / len(s["down_moved"]) for s in r["steps"]], True),
-              ("gradient norm of A (sum over layers)", lambda r: [sum(s["grad_A"]) for s in r["steps"]], True),
-              ("gradient norm of B (sum over layers)", lambda r: [sum(s["grad_B"]) for s in r["steps"]], True),
-              ("update size of A per step (sum over layers)", lambda r: [sum(s["step_A"]) for s in r["steps"]], True),
-              ("update size of B per step (sum over layers)", lambda r: [sum(s["step_B"]) for s in r["steps"]], True),
-              ("NEAT: fraction of H zeroed by the activation", lambda r: [sum(s["zeroed"]) / len(s["zeroed"])
-                                                                          for s in r["steps"]], False)]
+              ("||dW|| / ||W0|| (mean over layers)", mean("dW_rel"), True),
+              ("down factor moved: ||H_t - H_0|| / ||H_0|| (LoRA: A)", mean("down_moved"), True),
+              ("gradient norm of A (mean over layers)", mean("grad_A"), True),
+              ("gradient norm of B (mean over layers)", mean("grad_B"), True),
+              ("update size of A per step (mean over layers)", mean("step_A"), True),
+              ("update size of B per step (mean over layers)", mean("step_B"), True),
+              ("NEAT: fraction of H zeroed by the activation", mean("zeroed"), False)]
     fig, axes = plt.subplots(3, 3, figsize=(16, 12))
     for ax, (title, get, log) in zip(axes.flat, panels):
         for run in runs:
@@ -427,10 +446,7 @@ def main(argv=None) -> int:
     else:
         result = run(args)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result) + "\n")
-        tmp.replace(args.out)
+        write_json(args.out, result)
         print(f"wrote {args.out}")
     return 0
 

@@ -58,7 +58,8 @@ def test_tiny_run_writes_curves_and_plots(tmp_path):
                                "--validation", "4", "--out", str(out)]) == 0
     run = json.loads(out.read_text())
     assert [s["step"] for s in run["steps"]] == [1, 2, 3]
-    assert [c["step"] for c in run["validation_curve"]] == [0, 2, 3]
+    assert [c["step"] for c in run["validation_curve"]] == [0, 2, 3] and run["complete"]
+    assert {"dW_rel_q", "dW_rel_v", "zeroed_q"} <= set(run["steps"][0])
     assert all(c["loss"] > 0 for c in run["validation_curve"])
     assert run["layers"][0]["W0_rms"] > 0
     assert llm_diagnosis.main(["--tiny", "--method", "lora", "--steps", "3", "--validation", "4",
