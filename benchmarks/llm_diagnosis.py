@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alignment", action="store_true",
                    help="no training: how much of the loss gradient's best rank-1 direction each r=1 update can "
                         "reach at initialisation (see `alignment`)")
+    p.add_argument("--layer-stride", type=int, default=1, help="--alignment: every this-many-th block only")
     p.add_argument("--tiny", action="store_true", help="a random 2-layer Llama and 4 steps (the test suite's mode)")
     return p.parse_args(argv)
 
@@ -356,7 +357,8 @@ def alignment(args) -> dict[str, Any]:
         from neat_peft.cli import models
 
         model = models.load_base_model(config, splits.labels)
-    targets = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))}
+    targets = {n: m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))
+               and int(n.split(".layers.")[1].split(".")[0]) % args.layer_stride == 0}
     for p in model.parameters():
         p.requires_grad_(False)
     for m in targets.values():
@@ -433,10 +435,43 @@ def plot(folder: Path, paths: list[Path]) -> None:
     print(f"wrote {folder / 'dynamics.png'}")
 
 
+def summary(paths: list[Path]) -> str:
+    """Markdown tables of the runs and of an alignment JSON, for docs/llm_diagnosis.md."""
+    import statistics
+
+    lines = []
+    for p in paths:
+        data = json.loads(p.read_text())
+        if "steps" not in data:  # an --alignment result: median over the layers of each projection
+            keys = ("lora", "neat_identity", "neat_relu", "nonneg", "neat_relu_init")
+            lines += ["| projection | layers | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+            for proj in ("q_proj", "v_proj"):
+                rows = [l for l in data["layers"] if l["name"].endswith(proj)]
+                lines.append(f"| {proj} {tuple(rows[0]['shape'])} | {len(rows)} | " + " | ".join(
+                    f"{statistics.median(r[k] for r in rows):.3f}" for k in keys) + " |")
+            lines.append("")
+            continue
+        run = data
+        curve = run["validation_curve"]
+        last = run["steps"][-1]
+        lines.append(f"- {label(run)}: {len(run['steps'])} of {run['args']['steps']} steps"
+                     f"{'' if run.get('complete') else ' (cut short)'}; validation loss "
+                     + ", ".join(f"{c['step']}: {c['loss']:.3f}" for c in curve)
+                     + f"; at the last step ||dW||/||W0|| q {last['dW_rel_q']:.2e}, v {last['dW_rel_v']:.2e}; "
+                     f"down factor moved q {last['down_moved_q']:.2f}, v {last['down_moved_v']:.2f}"
+                     + (f"; H zeroed q {last['zeroed_q']:.2f}, v {last['zeroed_v']:.2f}"
+                        if run["args"]["method"] == "neat" else "")
+                     + (f"; generation accuracy {run['generation']['accuracy']:.3f} {run['generation']['answers']}"
+                        if "generation" in run else ""))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plot:
-        plot(Path(args.plot[0]), [Path(p) for p in args.plot[1:]])
+        runs = [Path(p) for p in args.plot[1:]]
+        plot(Path(args.plot[0]), [p for p in runs if "steps" in json.loads(p.read_text())])
+        print(summary(runs))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.alignment:
