@@ -308,12 +308,18 @@ def reach(G: torch.Tensor, W0: torch.Tensor, starts: int = 32, iters: int = 300,
                      random starts and from +-the pseudo-inverse image of G's top right singular vector (a lower
                      bound of the true maximum)
       nonneg:        any h >= 0, the same ascent over h = relu(u) (what any elementwise-nonnegative H could reach)
-      neat_relu_init: the Kaiming-uniform A NEAT starts from, before any training (mean over `starts` draws)."""
+      neat_relu_init: the Kaiming-uniform A NEAT starts from, before any training (mean over `starts` draws).
+    Axis "in" (the network reads W0's rows; dW = s * net(W0) B^T): the constrained factor is the output direction
+    u = act(W0 a), a in R^{d_in}, and the input direction is free, so the reach is max ||G^T u|| / ||u||:
+      neat_in_identity: u in W0's column space -> sigma_1(P^T G), P an orthonormal basis of range(W0)
+      neat_in_relu:     u = relu(W0 a), by the same ascent."""
     G, W0 = G.double(), W0.double()
     norm = float(G.norm())
     _, _, Vh = torch.linalg.svd(G, full_matrices=False)
     v1 = Vh[0]
-    Q, _ = torch.linalg.qr(W0.t())  # d_in x min(d_in, d_out)
+    U, S, Vh0 = torch.linalg.svd(W0, full_matrices=False)
+    rank = int((S > S[0] * max(W0.shape) * torch.finfo(S.dtype).eps).sum())
+    Q, P = Vh0[:rank].t(), U[:, :rank]  # orthonormal bases of W0's row space (d_in x rank), column space (d_out x rank)
     gen = torch.Generator().manual_seed(seed)
 
     def ratio(h):
@@ -337,7 +343,28 @@ def reach(G: torch.Tensor, W0: torch.Tensor, starts: int = 32, iters: int = 300,
     a_starts = torch.cat([a0, pinv_v1[None], -pinv_v1[None]])
     u_starts = torch.cat([torch.randn(starts, d_in, generator=gen, dtype=torch.float64), v1[None], -v1[None]])
     relu = torch.relu
+    u1 = torch.linalg.svd(G, full_matrices=False).U[:, 0]  # G's best output direction (d_out)
+    pinv_u1 = torch.linalg.lstsq(W0, u1[:, None]).solution[:, 0]
+    b0 = (torch.rand(starts, d_in, generator=gen, dtype=torch.float64) * 2 - 1) / math.sqrt(d_in)
+    in_starts = torch.cat([b0, pinv_u1[None], -pinv_u1[None]])
+
+    def ratio_in(u):
+        return (u @ G).norm(dim=-1) / u.norm(dim=-1).clamp_min(1e-300)
+
+    def ascend_in(x):
+        x = x.clone().requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=1e-2)
+        for _ in range(iters):
+            loss = -ratio_in(relu(x @ W0.t())).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return float(ratio_in(relu(x @ W0.t())).max())
+
     return {
+        "neat_in_identity": float(torch.linalg.matrix_norm(P.t() @ G, ord=2)) / norm,
+        "neat_in_relu": ascend_in(in_starts) / norm,
         "lora": float(torch.linalg.matrix_norm(G, ord=2)) / norm,
         "neat_identity": float(torch.linalg.matrix_norm(G @ Q, ord=2)) / norm,
         "neat_relu": ascend(lambda a: relu(a @ W0), a_starts) / norm,
@@ -443,7 +470,8 @@ def summary(paths: list[Path]) -> str:
     for p in paths:
         data = json.loads(p.read_text())
         if "steps" not in data:  # an --alignment result: median over the layers of each projection
-            keys = ("lora", "neat_identity", "neat_relu", "nonneg", "neat_relu_init")
+            keys = ("lora", "neat_identity", "neat_relu", "nonneg", "neat_relu_init", "neat_in_identity",
+                    "neat_in_relu")
             lines += ["| projection | layers | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
             for proj in ("q_proj", "v_proj"):
                 rows = [l for l in data["layers"] if l["name"].endswith(proj)]

@@ -80,15 +80,30 @@ def test_reach_against_closed_forms():
     # a wide W0 (2 x 5) reads a 2-dimensional row space: sigma_1 of G restricted to it, computed here by SVD
     wide = torch.randn(2, 5, generator=g, dtype=torch.float64)
     basis = torch.linalg.svd(wide, full_matrices=False).Vh.t()  # 5 x 2, orthonormal
-    restricted = float(torch.linalg.matrix_norm(G @ basis, ord=2) / G.norm())
-    assert llm_diagnosis.reach(G, wide, starts=4, iters=50)["neat_identity"] == pytest.approx(restricted)
+    restricted = float(torch.linalg.matrix_norm(G[:2] @ basis, ord=2) / G[:2].norm())
+    assert llm_diagnosis.reach(G[:2], wide, starts=4, iters=50)["neat_identity"] == pytest.approx(restricted)
     # G whose best input direction is elementwise non-negative: a non-negative h reaches it, ReLU-NEAT too
     v = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0], dtype=torch.float64)
-    rank1 = torch.randn(6, 1, generator=g, dtype=torch.float64) @ v[None]
+    rank1 = torch.randn(5, 1, generator=g, dtype=torch.float64) @ v[None]
     out = llm_diagnosis.reach(rank1, torch.eye(5, dtype=torch.float64), starts=4, iters=300)
     assert out["nonneg"] == pytest.approx(1.0, abs=1e-3) and out["neat_relu"] == pytest.approx(1.0, abs=1e-3)
     # ... and one whose best direction has mixed signs: no non-negative h reaches it (v = (1, -1)/sqrt2 in 2-D:
     # the best non-negative h is a coordinate axis, with |<h, v>| = 1/sqrt2)
     mixed = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
-    out = llm_diagnosis.reach(mixed, torch.eye(2, dtype=torch.float64), starts=8, iters=300)
+    out = llm_diagnosis.reach(mixed, torch.tensor([[1.0, 0.5]], dtype=torch.float64), starts=8, iters=300)
     assert out["lora"] == pytest.approx(1.0) and out["nonneg"] == pytest.approx(2 ** -0.5, abs=1e-3)
+
+
+def test_reach_of_axis_in_reads_the_column_space():
+    g = torch.Generator().manual_seed(1)
+    G = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    wide = torch.randn(2, 5, generator=g, dtype=torch.float64)  # full column space R^2: axis in is unconstrained
+    out = llm_diagnosis.reach(G, wide, starts=8, iters=300)
+    assert out["neat_in_identity"] == pytest.approx(out["lora"])
+    assert out["neat_in_relu"] <= out["lora"] + 1e-9
+    tall = torch.randn(5, 2, generator=g, dtype=torch.float64)  # a 2-dimensional column space of R^5
+    G5 = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    basis = torch.linalg.svd(tall, full_matrices=False).U  # 5 x 2
+    expected = float(torch.linalg.matrix_norm(basis.t() @ G5, ord=2) / G5.norm())
+    assert llm_diagnosis.reach(G5, torch.cat([tall, torch.zeros(5, 1, dtype=torch.float64)], 1), starts=2,
+                               iters=10)["neat_in_identity"] == pytest.approx(expected)
