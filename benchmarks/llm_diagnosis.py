@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scaling", type=float, default=1.0, help="NEAT's s")
     p.add_argument("--act", default="relu", help="NEAT's activation")
     p.add_argument("--depth", type=int, default=0)
+    p.add_argument("--axis", choices=("out", "in"), default="out", help="NEAT's axis")
     p.add_argument("--normalize-weight", action="store_true")
     p.add_argument("--a-lr-ratio", type=float, default=1.0, help="NEAT: A's learning rate is lr * this")
     p.add_argument("--steps", type=int, default=320)
@@ -102,6 +103,7 @@ def wrap(model, args):
         from neat_peft import NeatConfig, get_neat_model
 
         return get_neat_model(model, NeatConfig(r=args.r, depth=args.depth, act_fn=args.act, scaling=args.scaling,
+                                                axis=args.axis,
                                                 normalize_weight=args.normalize_weight,
                                                 target_modules=["q_proj", "v_proj"]))
     from peft import LoraConfig, get_peft_model
@@ -133,17 +135,23 @@ class Factors:
         module = self.layers[i][1]
         return module.base_layer.weight
 
-    def down(self, i) -> torch.Tensor:
+    def factors(self, i) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) of layer i: dW = scale * up @ down^T."""
         name, module, A, B, s = self.layers[i]
         if self.method == "lora":
-            return A.t()
+            return A.t(), B
         from neat_peft.functional import get_activation, low_rank_factors
 
         cfg = module.adapter_configs["default"]
-        down, _ = low_rank_factors(self.W0(i), A, B, [m.weight for m in module.neat_encoders["default"]],
-                                   [m.weight for m in module.neat_decoders["default"]], get_activation(cfg.act_fn),
-                                   cfg.axis, cfg.normalize_weight)
-        return down
+        return low_rank_factors(self.W0(i), A, B, [m.weight for m in module.neat_encoders["default"]],
+                                [m.weight for m in module.neat_decoders["default"]], get_activation(cfg.act_fn),
+                                cfg.axis, cfg.normalize_weight)
+
+    def down(self, i) -> torch.Tensor:
+        """The factor the network computes from W0 (NEAT axis out: H = down; axis in: net(W0) = up); LoRA: A^T."""
+        down, up = self.factors(i)
+        axis_in = self.method == "neat" and self.layers[i][1].adapter_configs["default"].axis == "in"
+        return up if axis_in else down
 
     def snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(A.detach().clone(), B.detach().clone()) for _, _, A, B, _ in self.layers]
@@ -154,7 +162,7 @@ class Factors:
         out: dict[str, list] = {k: [] for k in ("grad_A", "grad_B", "step_A", "step_B", "dW_rel", "down_moved",
                                                 "zeroed", "norm_A", "norm_B")}
         for i, ((name, module, A, B, s), (A0, B0)) in enumerate(zip(self.layers, before)):
-            down, up = self.down(i), B
+            down, up = self.factors(i)
             # ||up down^T||_F^2 = trace((up^T up)(down^T down)), without building the d_out x d_in matrix
             dW = abs(s) * float(torch.trace((up.t() @ up) @ (down.t() @ down)).clamp_min(0).sqrt())
             out["grad_A"].append(float(A.grad.norm()) if A.grad is not None else 0.0)
@@ -164,8 +172,9 @@ class Factors:
             out["norm_A"].append(float(A.norm()))
             out["norm_B"].append(float(B.norm()))
             out["dW_rel"].append(dW / float(self.W0(i).norm()))
-            out["down_moved"].append(float((down - self.down0[i]).norm() / self.down0[i].norm().clamp_min(1e-30)))
-            out["zeroed"].append(float((down == 0).float().mean()) if self.method == "neat" else 0.0)
+            net = self.down(i)
+            out["down_moved"].append(float((net - self.down0[i]).norm() / self.down0[i].norm().clamp_min(1e-30)))
+            out["zeroed"].append(float((self.down(i) == 0).float().mean()) if self.method == "neat" else 0.0)
         return out
 
     def layer_facts(self) -> list[dict[str, Any]]:
@@ -414,6 +423,8 @@ def label(run: dict) -> str:
         extra.append(f"A lr x{a['a_lr_ratio']:g}")
     if a["method"] == "neat" and a["normalize_weight"]:
         extra.append("normalize_weight")
+    if a["method"] == "neat" and a.get("axis", "out") != "out":
+        extra.append(f"axis {a['axis']}")
     if a["method"] == "neat" and a.get("depth"):
         extra.append(f"depth {a['depth']}")
     return f"{a['method'].upper() if a['method'] == 'neat' else 'LoRA'} r={a['r']} lr={a['lr']:g} " + " ".join(extra)

@@ -22,7 +22,8 @@ def _tiny(method, *extra):
     return args, llm_diagnosis.wrap(model, args), train, collate
 
 
-@pytest.mark.parametrize("method,extra", [("neat", []), ("neat", ["--r", "3", "--scaling", "0.5"]), ("lora", [])])
+@pytest.mark.parametrize("method,extra", [("neat", []), ("neat", ["--r", "3", "--scaling", "0.5"]),
+                                          ("neat", ["--axis", "in"]), ("lora", [])])
 def test_recorded_figures_equal_the_materialised_update(method, extra):
     args, model, train, collate = _tiny(method, *extra)
     factors = llm_diagnosis.Factors(model, args)
@@ -37,7 +38,11 @@ def test_recorded_figures_equal_the_materialised_update(method, extra):
     assert len(rec["dW_rel"]) == len(factors.layers) == 4  # q_proj and v_proj of 2 layers
     for i, (name, module, A, B, s) in enumerate(factors.layers):
         W0 = module.base_layer.weight.detach()
-        if method == "neat":
+        if method == "neat" and "in" in extra:
+            G = torch.relu(W0 @ A.detach().t())  # d_out x r: the network reads W0's rows
+            dW = s * G @ B.detach().t()
+            assert rec["zeroed"][i] == pytest.approx(float((G == 0).float().mean()))
+        elif method == "neat":
             H = torch.relu(W0.t() @ A.detach().t())  # d_in x r: the formula, written out
             dW = s * B.detach() @ H.t()
             assert rec["zeroed"][i] == pytest.approx(float((H == 0).float().mean()))
