@@ -55,13 +55,13 @@ def factors_once_per_step(model):
             leaves = tuple(f.detach().requires_grad_() if f.grad_fn is not None else f for f in factors)
             pending += [(f, leaf) for f, leaf in zip(factors, leaves) if leaf is not f]
             fixed[name] = leaves
-        layer.cached_factors = fixed.__getitem__  # an instance attribute shadows the method
+        layer.factors = fixed.__getitem__  # an instance attribute shadows the method (the forward calls factors(name))
         patched.append(layer)
     try:
         yield
     finally:
         for layer in patched:
-            del layer.cached_factors
+            del layer.factors
     with_grad = [(f, leaf.grad) for f, leaf in pending if leaf.grad is not None]
     if with_grad:
         torch.autograd.backward([f for f, _ in with_grad], [g for _, g in with_grad])
