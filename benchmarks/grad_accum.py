@@ -1,7 +1,7 @@
 """Does computing NEAT's H once per optimizer step pay off under gradient accumulation?
 
 H = act(W0^T A^T) depends only on W0 and the adapter weights, which do not change between the micro-batches of
-one optimizer step (NEAT.md, fact 2). Two ways to train with K micro-batches per step:
+one optimizer step. Two ways to train with K micro-batches per step:
 
   recompute  (what NeatLayer does)  every micro-batch computes H and backpropagates through it:
              K x (forward W0^T A^T + its backward for A), ~4 d_in d_out r FLOPs each, per adapted layer.
