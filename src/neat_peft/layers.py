@@ -1,7 +1,7 @@
 """`NeatLayer`: a frozen base layer plus any number of named NEAT adapters -- the one engine.
 
 The standalone `NeatModel` and the peft plugin both put this layer into models. What differs between nn.Linear,
-transformers' Conv1D, nn.Embedding and nn.Conv2d lives in one `LayerKind` object per layer (kinds.py); the math is
+transformers' Conv1D, nn.Embedding and nn.Conv2d lives in one `LayerKind` object per layer (kinds/); the math is
 in functional.py; the list of an adapter's tensors in tensors.py.
 """
 
@@ -17,44 +17,17 @@ from torch import nn
 
 from .config import NeatConfig
 from .functional import delta_weight, get_activation, kaiming_uniform_, low_rank_factors, rms, weight_network
-from .kinds import Conv1DKind, Conv2dKind, EmbeddingKind, LayerKind, LinearKind
-from .quantized import QUANTIZED_KINDS, SUPPORTED_QUANTIZATION, unsupported_quantization
+from .kinds import KINDS, SUPPORTED_LAYERS, check_supported, kind_of  # noqa: F401  (also public here)
 from .shards import check_wrappable, require_whole
 from .tensors import CONTAINERS, AdapterTensor, adapter_tensors
 
 BASE_ONLY = "__base__"  # the name a sample uses in a mixed batch to bypass every adapter
 
-# Checked in order: a subclass's kind comes before its parent's (bitsandbytes' Linear4bit is an nn.Linear).
-KINDS: list[LayerKind] = [*QUANTIZED_KINDS, LinearKind(), Conv1DKind(), EmbeddingKind(), Conv2dKind()]
-SUPPORTED_LAYERS = ("nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv2d (groups=1, zero padding), and quantized "
-                    f"linears: {SUPPORTED_QUANTIZATION}")
-
-
-def kind_of(module: nn.Module) -> Optional[LayerKind]:
-    """The kind of a layer NEAT can adapt, else None."""
-    return next((kind for kind in KINDS if kind.matches(module)), None)
-
-
-def check_supported(path: str, module: nn.Module) -> LayerKind:
-    """Return the layer's kind, or raise a ValueError that names the module and what is supported."""
-    why = unsupported_quantization(module)  # a quantized layer that would pass for an nn.Linear
-    if why is not None:
-        raise ValueError(f"Cannot adapt module {path!r} of type {type(module).__name__}: {why} Remove it from "
-                         "target_modules (or add it to exclude_modules).")
-    kind = kind_of(module)
-    if kind is None:
-        raise ValueError(
-            f"Cannot adapt module {path!r} of type {type(module).__name__}: NEAT supports {SUPPORTED_LAYERS}. "
-            "Remove it from target_modules (or add it to exclude_modules)."
-        )
-    kind.check(path, module)
-    return kind
-
 
 class NeatLayer(nn.Module):
     """A frozen `base_layer` with named NEAT adapters.
 
-    With W0 the base weight in nn.Linear layout (d_out x d_in, kinds.py), x of shape (..., d_in), and per adapter
+    With W0 the base weight in nn.Linear layout (d_out x d_in, kinds/dense.py), x of shape (..., d_in), and per adapter
     A (r x m), B (m x r), `depth` residual pairs of r x r encoders/decoders and scaling s::
 
         axis "out" (m = d_out):  H = net(W0^T) (d_in x r)     y = base_layer(x) + s * (x @ H) @ B^T
@@ -176,7 +149,7 @@ class NeatLayer(nn.Module):
         return result
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """s * (x @ down) @ up^T for one adapter, in the base layer's geometry (kinds.py); x: (..., d_in)."""
+        """s * (x @ down) @ up^T for one adapter, in the base layer's geometry (kinds/dense.py); x: (..., d_in)."""
         cfg = self.adapter_configs[adapter_name]
         if self.kind.reads_ids and cfg.axis == "out" and (self.training or torch.is_grad_enabled()):
             # The network is row-wise: in training run it on the looked-up tokens only, never the whole vocabulary.

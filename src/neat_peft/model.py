@@ -125,7 +125,7 @@ class NeatModel(nn.Module):
         self.active_adapters: list[str] = []
         self._unloaded = False
         self.add_adapter(adapter_name, config)
-        prepare_model(model)  # quantized bases: see quantized.py
+        prepare_model(model)  # quantized bases: see quantized.py and kinds/quantized.py
         self.set_adapter(adapter_name)
         if _checkpointing_enabled(model):  # enabled before wrapping
             self._enable_input_require_grads()
