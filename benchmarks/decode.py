@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
     if "neat_compare" in best:
         print(f"  neat/neat_compare: cpu {best['neat'][0] / best['neat_compare'][0]:.3f}, "
               f"wall {best['neat'][1] / best['neat_compare'][1]:.3f}")
-    return {"times": best, "outputs": outputs}
+    return {"times": best, "outputs": outputs, "models": models, "prompt": prompt}
 
 
 if __name__ == "__main__":
