@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import NeatConfig
 from .functional import delta_weight, get_activation, kaiming_uniform_, low_rank_factors, rms, weight_network
-from .kinds import KINDS, SUPPORTED_LAYERS, check_supported, kind_of  # noqa: F401  (also public here)
+from .kinds import check_supported, kind_of  # noqa: F401  (kind_of: the old import path, neat_peft.layers.kind_of)
 from .shards import check_wrappable, require_whole
 from .tensors import CONTAINERS, AdapterTensor, adapter_tensors
 
