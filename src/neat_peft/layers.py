@@ -24,6 +24,50 @@ from .tensors import CONTAINERS, AdapterTensor, adapter_tensors
 BASE_ONLY = "__base__"  # the name a sample uses in a mixed batch to bypass every adapter
 
 
+class CachedFactors:
+    """One adapter's (down, up) and a fingerprint of everything they were computed from.
+
+    Still valid while: no parameter or submodule was registered anywhere since (a replaced Parameter, a new adapter
+    module, load_state_dict(assign=True): counted by torch's global registration hooks, the only thing that
+    watches objects being swapped without reading them on every call); the autocast state is the same (it sets
+    H's dtype); and each tensor H read (W0's storage, the adapter's weights) is alive at the same address with the
+    same in-place version counter (an optimizer step, load_state_dict, a merge). `.to()` / `.half()` and
+    merges clear the cache outright (NeatLayer._apply, merge, unmerge); after changing a weight through `.data`,
+    which no counter sees, call clear_cache().
+    """
+
+    __slots__ = ("down", "up", "device", "state", "tensors")
+
+    def __init__(self, tensors: list[torch.Tensor], down: torch.Tensor, up: torch.Tensor):
+        self.down, self.up = down, up
+        self.device = tensors[0].device.type
+        self.state = self._state()
+        self.tensors = [(weakref.ref(t), t.data_ptr(), t._version) for t in tensors]
+
+    def _state(self) -> tuple:
+        return (_registrations[0], torch.is_autocast_enabled(self.device), torch.get_autocast_dtype(self.device))
+
+    def valid(self) -> bool:
+        if self._state() != self.state:
+            return False
+        for ref, address, version in self.tensors:
+            t = ref()
+            if t is None or t.data_ptr() != address or t._version != version:
+                return False
+        return True
+
+
+_registrations = [0]  # parameters and submodules registered in this process so far (CachedFactors)
+
+
+def _count_registration(*_) -> None:
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
 class NeatLayer(nn.Module):
     """A frozen `base_layer` with named NEAT adapters.
 
@@ -58,7 +102,7 @@ class NeatLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._snapshot = None  # the base weight as it was before the first merge (kinds.LayerKind.snapshot)
-        self._cache: dict[str, tuple] = {}  # adapter name -> (key, down, up, weak references), see `factors`
+        self._cache: dict[str, CachedFactors] = {}  # adapter name -> its (down, up) in eval mode, see `factors`
 
     # Models read `.weight` / `.bias` of their layers directly (T5 casts to `wo.weight.dtype`, HF ties
     # embeddings): answer with the base layer's, as peft's tuner layers do.
@@ -164,22 +208,16 @@ class NeatLayer(nn.Module):
     def factors(self, adapter_name: str, W0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(down, up), d_in x r and d_out x r, with dW = s * up @ down^T, from W0 (default: the current base weight).
 
-        In eval mode without autograd the pair is computed once and reused (unmerged inference at LoRA's cost),
-        keyed on everything H depends on: the autocast state (it sets H's dtype) and, per tensor H reads (W0's
-        storage, the adapter's weights), the object, its address and torch's in-place version counter -- an
-        optimizer step, load_state_dict, a merge or a replaced Parameter all change the key. Under torch.compile
-        the cache is bypassed (data pointers break graphs): the graph recomputes H, an extra ~r/N of the frozen
-        layer's cost for N tokens.
+        In eval mode without autograd the pair is computed once per adapter and reused (unmerged inference at
+        LoRA's cost) while nothing H depends on changed (`CachedFactors`). Under torch.compile the cache is
+        bypassed (data pointers break graphs): the graph recomputes H, an extra ~r/N of the frozen layer's cost for
+        N tokens.
         """
         cached = W0 is None and not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
         if cached:
-            tensors = self._h_inputs(adapter_name)
-            device = tensors[0].device.type
-            key = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
-                   *[(id(t), t.data_ptr(), t._version) for t in tensors])
-            hit = self._cache.get(adapter_name)  # (key, down, up, weak references keeping the ids meaningful)
-            if hit is not None and hit[0] == key and all([ref() is not None for ref in hit[3]]):
-                return hit[1], hit[2]
+            hit = self._cache.get(adapter_name)
+            if hit is not None and hit.valid():
+                return hit.down, hit.up
         self.require_whole_weights(adapter_name)  # H reads all of W0: a shard would give wrong numbers, not an error
         cfg = self.adapter_configs[adapter_name]
         adapter = (self.neat_A[adapter_name].weight, self.neat_B[adapter_name].weight,
@@ -192,7 +230,7 @@ class NeatLayer(nn.Module):
                                                      use_reentrant=False)
         down, up = low_rank_factors(self.base_weight() if W0 is None else W0, *adapter)
         if cached:
-            self._cache[adapter_name] = (key, down, up, [weakref.ref(t) for t in tensors])
+            self._cache[adapter_name] = CachedFactors(self._h_inputs(adapter_name), down, up)
         return down, up
 
     def _h_inputs(self, adapter_name: str) -> list[torch.Tensor]:
@@ -215,7 +253,7 @@ class NeatLayer(nn.Module):
         return super().train(mode)
 
     def __getstate__(self):
-        # H is derived data (and its key holds weak references, which cannot be pickled): copies start empty.
+        # H is derived data (and its fingerprint holds weak references, which cannot be pickled): copies start empty.
         state = dict(self.__dict__)
         state["_cache"] = {}
         return state
