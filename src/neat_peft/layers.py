@@ -27,45 +27,32 @@ BASE_ONLY = "__base__"  # the name a sample uses in a mixed batch to bypass ever
 class CachedFactors:
     """One adapter's (down, up) and a fingerprint of everything they were computed from.
 
-    Still valid while: no parameter or submodule was registered anywhere since (a replaced Parameter, a new adapter
-    module, load_state_dict(assign=True): counted by torch's global registration hooks, the only thing that
-    watches objects being swapped without reading them on every call); the autocast state is the same (it sets
-    H's dtype); and each tensor H read (W0's storage, the adapter's weights) is alive at the same address with the
-    same in-place version counter (an optimizer step, load_state_dict, a merge). `.to()` / `.half()` and
-    merges clear the cache outright (NeatLayer._apply, merge, unmerge); after changing a weight through `.data`,
-    which no counter sees, call clear_cache().
+    Valid while the autocast state is the same (it sets H's dtype) and each tensor H reads (W0's storage, the
+    adapter's weights) is the same object at the same address with the same in-place version counter: an optimizer
+    step, load_state_dict, a merge or a replaced Parameter all invalidate it. `.to()` / `.half()` and merges clear
+    the cache outright (NeatLayer._apply, merge, unmerge); after changing a weight through `.data`, which no counter
+    sees, call clear_cache().
     """
 
-    __slots__ = ("down", "up", "device", "state", "tensors")
+    __slots__ = ("down", "up", "device", "autocast", "tensors")
 
     def __init__(self, tensors: list[torch.Tensor], down: torch.Tensor, up: torch.Tensor):
         self.down, self.up = down, up
         self.device = tensors[0].device.type
-        self.state = self._state()
+        self.autocast = self._autocast()
+        # Weak references: the entry must not keep a replaced weight alive, and a live referent cannot share its id.
         self.tensors = [(weakref.ref(t), t.data_ptr(), t._version) for t in tensors]
 
-    def _state(self) -> tuple:
-        return (_registrations[0], torch.is_autocast_enabled(self.device), torch.get_autocast_dtype(self.device))
+    def _autocast(self) -> tuple:
+        return torch.is_autocast_enabled(self.device), torch.get_autocast_dtype(self.device)
 
-    def valid(self) -> bool:
-        if self._state() != self.state:
+    def valid(self, tensors: list[torch.Tensor]) -> bool:
+        if len(tensors) != len(self.tensors) or self._autocast() != self.autocast:
             return False
-        for ref, address, version in self.tensors:
-            t = ref()
-            if t is None or t.data_ptr() != address or t._version != version:
+        for (ref, address, version), t in zip(self.tensors, tensors):
+            if ref() is not t or t.data_ptr() != address or t._version != version:
                 return False
         return True
-
-
-_registrations = [0]  # parameters and submodules registered in this process so far (CachedFactors)
-
-
-def _count_registration(*_) -> None:
-    _registrations[0] += 1
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
-torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
 class NeatLayer(nn.Module):
@@ -216,7 +203,8 @@ class NeatLayer(nn.Module):
         cached = W0 is None and not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
         if cached:
             hit = self._cache.get(adapter_name)
-            if hit is not None and hit.valid():
+            tensors = self._h_inputs(adapter_name)
+            if hit is not None and hit.valid(tensors):
                 return hit.down, hit.up
         self.require_whole_weights(adapter_name)  # H reads all of W0: a shard would give wrong numbers, not an error
         cfg = self.adapter_configs[adapter_name]
@@ -230,13 +218,22 @@ class NeatLayer(nn.Module):
                                                      use_reentrant=False)
         down, up = low_rank_factors(self.base_weight() if W0 is None else W0, *adapter)
         if cached:
-            self._cache[adapter_name] = CachedFactors(self._h_inputs(adapter_name), down, up)
+            self._cache[adapter_name] = CachedFactors(tensors, down, up)
         return down, up
 
     def _h_inputs(self, adapter_name: str) -> list[torch.Tensor]:
-        """Every tensor H is computed from: W0's storage, then the adapter's weights."""
-        stored = [t for _, t, _ in self.kind.stored_weights(self.base_layer, self.d_out, self.d_in)]
-        return stored + self.adapter_parameters(adapter_name)
+        """Every tensor H is computed from: W0's storage, then the adapter's weights in tensors.CONTAINERS' order.
+
+        Read through the modules' own dicts rather than nn.Module.__getattr__: a cached forward (every decoding
+        step) calls this to check its fingerprint, and attribute lookups on modules are Python calls.
+        """
+        modules = self._modules
+        tensors = [t for _, t, _ in self.kind.stored_weights(modules["base_layer"], self.d_out, self.d_in)]
+        for container in CONTAINERS:
+            module = modules[f"neat_{container}"]._modules[adapter_name]
+            for linear in (module._modules.values() if isinstance(module, nn.ModuleList) else (module,)):
+                tensors.append(linear._parameters["weight"])
+        return tensors
 
     def require_whole_weights(self, adapter_name: str) -> None:
         """Raise a ShardingError if W0 or this adapter's weights are sharded/partitioned right now: H needs all of
