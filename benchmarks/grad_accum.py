@@ -1,7 +1,7 @@
 """Does computing NEAT's H once per optimizer step pay off under gradient accumulation?
 
 H = act(W0^T A^T) depends only on W0 and the adapter weights, which do not change between the micro-batches of
-one optimizer step (NEAT.md, fact 2). Two ways to train with K micro-batches per step:
+one optimizer step. Two ways to train with K micro-batches per step:
 
   recompute  (what NeatLayer does)  every micro-batch computes H and backpropagates through it:
              K x (forward W0^T A^T + its backward for A), ~4 d_in d_out r FLOPs each, per adapted layer.
@@ -55,13 +55,13 @@ def factors_once_per_step(model):
             leaves = tuple(f.detach().requires_grad_() if f.grad_fn is not None else f for f in factors)
             pending += [(f, leaf) for f, leaf in zip(factors, leaves) if leaf is not f]
             fixed[name] = leaves
-        layer.cached_factors = fixed.__getitem__  # an instance attribute shadows the method
+        layer.factors = fixed.__getitem__  # an instance attribute shadows the method (the forward calls factors(name))
         patched.append(layer)
     try:
         yield
     finally:
         for layer in patched:
-            del layer.cached_factors
+            del layer.factors
     with_grad = [(f, leaf.grad) for f, leaf in pending if leaf.grad is not None]
     if with_grad:
         torch.autograd.backward([f for f, _ in with_grad], [g for _, g in with_grad])

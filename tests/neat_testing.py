@@ -99,17 +99,6 @@ def adapter_tensors(layer, name="default"):
     )
 
 
-def reference_output(layer, x, name="default", config=None):
-    """Output of a NeatLayer computed the materialised way: base op with W0 + dW (the layer's pristine W0)."""
-    config = config or layer.adapter_configs[name]
-    base = layer.base_layer
-    W0_stored = base.weight
-    W0 = linear_layout(layer.kind.name, W0_stored)
-    A, B, encs, decs = adapter_tensors(layer, name)
-    dW = reference_delta_weight(W0, A, B, encs, decs, config.act_fn, config.axis, config.scaling)
-    return reference_layer_output(layer.kind.name, base, W0_stored + stored_layout(layer.kind.name, dW, W0_stored.shape), x)
-
-
 # --- tiny models -----------------------------------------------------------------------------------------
 class TinyMLP(nn.Module):
     """Two hidden Linear layers and a head (d: 6 -> 5 -> 4 -> 3)."""

@@ -322,3 +322,45 @@ def test_quantized_benchmark_quick_run(tmp_path):
     assert (row["d"], row["targets"], row["backend"]) == (128, "qv", "nf4")
     assert row["time_ratio"] == pytest.approx(row["neat_ms"] / row["lora_ms"])
     assert f"| 128 | qv | nf4 | {row['neat_ms']:.0f} | {row['lora_ms']:.0f} |" in proc.stdout
+
+
+# --- benchmarks/decode.py and benchmarks/hot_path.py: their CPU modes, so they cannot rot ----------------------
+def test_decode_benchmark_tiny_mode_decodes_like_the_merged_model(capsys):
+    """The cached unmerged NEAT model decodes exactly the tokens of the same adapter merged into the weights (an
+    independent route: W0 + dW in one matmul), and the run prints its side-by-side ratios."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import decode
+
+    result = decode.main(["--tiny", "--tokens", "6", "--rounds", "1"])
+    assert "cpu/lora" in capsys.readouterr().out
+    assert set(result["times"]) == {"base", "lora", "neat"}
+    neat = result["models"]["neat"]
+    import neat_peft.layers as layers_module
+
+    computed = []
+    original = layers_module.low_rank_factors
+    layers_module.low_rank_factors = lambda *args, **kwargs: computed.append(1) or original(*args, **kwargs)
+    try:
+        again = decode.decode(neat, result["prompt"], 6)
+    finally:
+        layers_module.low_rank_factors = original
+    assert torch.equal(again, result["outputs"]["neat"])
+    assert len(computed) == 0  # the eval cache held H across the whole decode (filled during the timed runs)
+    merged = neat.merge_and_unload()
+    expected = decode.decode(merged, result["prompt"], 6)
+    assert expected.shape == (1, result["prompt"].shape[1] + 6)
+    assert torch.equal(result["outputs"]["neat"], expected)
+
+
+def test_hot_path_counts_frames_and_calls():
+    """NeatLayer's forward reaches the adapter's first matmul within 5 library frames, and an eval forward on a
+    cache hit makes no more Python calls than peft's LoRA layer (counted, not timed)."""
+    pytest.importorskip("peft")
+    import hot_path
+
+    rows = hot_path.main([])
+    assert rows["neat"]["frames to the matmul"] <= 5
+    neat_hit = int(rows["neat"]["calls cache hit (lib/all)"].split("/")[1])
+    lora_hit = int(rows["lora (peft)"]["calls cache hit (lib/all)"].split("/")[1])
+    assert neat_hit <= lora_hit

@@ -228,6 +228,29 @@ def test_cache_is_used_and_equals_uncached(kind, axis, monkeypatch):
         check_against_reference(model, layer, kind, x)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("axis", ["out", "in"])
+@pytest.mark.parametrize("autocast_first", [True, False])
+def test_cache_is_keyed_on_the_autocast_state(kind, axis, autocast_first):
+    """An eval forward under bf16 autocast, then a plain one (and the other order): each equals its own uncached
+    forward. A cache that ignored autocast handed the plain forward a bf16 H (a dtype error in the matmul)."""
+    model, layer = build(kind, axis, 1, "tanh")
+    x = make_input(kind)
+    model.eval()
+
+    def run(autocast, cached):
+        if not cached:
+            model.clear_cache()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model(x)
+
+    order = [True, False] if autocast_first else [False, True]
+    outputs = [run(autocast, cached=True) for autocast in order]  # the second forward meets the first one's cache
+    for autocast, out in zip(order, outputs):
+        assert torch.equal(out, run(autocast, cached=False)), f"autocast={autocast}"
+    assert outputs[order.index(False)].dtype == torch.float32
+
+
 def test_no_cache_in_training_or_with_grad(monkeypatch):
     model, _ = build("linear", "out", 0)
     counter = FactorCounter(monkeypatch)

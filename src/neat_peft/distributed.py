@@ -1,7 +1,8 @@
 """NEAT under data parallelism and parameter sharding: what works, and guards for what does not.
 
-NEAT's update reads the whole frozen weight: H = act(W0^T A^T) uses every entry of W0 (NEAT.md, fact 5). Engines
-that shard parameters only hold a module's full weights while that module (or a wrapper around it) runs:
+NEAT's update reads the whole frozen weight: H = act(W0^T A^T) uses every entry of W0, so a shard of it gives other
+numbers, not an error. Engines that shard parameters only hold a module's full weights while that module (or a
+wrapper around it) runs:
 
   DDP                  every rank holds full weights: nothing to do.
   FSDP2 (fully_shard)  the parameters of the module fully_shard was applied to are unsharded from its pre-forward

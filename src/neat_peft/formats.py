@@ -272,20 +272,6 @@ def read_adapter(directory: str | os.PathLike, readable_types: Iterable[str] = R
     return data, _parse_weights(weights_path, weights)
 
 
-def read_config(directory: str | os.PathLike, readable_types: Iterable[str] = READABLE_TYPES) -> dict[str, Any]:
-    """The config of `read_adapter` alone (for a config and tensors from one save, call read_adapter)."""
-    return _read_pair(Path(directory), WEIGHTS_NAME, readable_types)[1]
-
-
-def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of `read_adapter` alone (for a config and tensors from one save, call read_adapter)."""
-    directory = Path(directory)
-    _, _, weights_path, weights = _read_pair(directory, WEIGHTS_NAME, None)
-    if weights is None:
-        raise _missing_weights(directory, weights_path)
-    return _parse_weights(weights_path, weights)
-
-
 def rebind_adapter(directory: str | os.PathLike) -> None:
     """Accept a hand-edited adapter_config.json: save the weights again, bound to the config now in `directory`.
     Both files are read and checked as a load reads them, except for the check that they were saved together."""

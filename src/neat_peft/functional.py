@@ -86,16 +86,13 @@ def weight_network(
     by running only the looked-up rows). With on_columns=True, `rows` is m x n (one input per column)
     and the result is r x n: weight_network(X.t()).t(), computed as W @ h so X is read as stored.
     """
-    def layer(weight, h):
-        return weight @ h if on_columns else F.linear(h, weight)
-
-    h = act(layer(A, rows))
+    h = act(A @ rows if on_columns else F.linear(rows, A))
     saved = []
     for enc in encoders:
         saved.append(h)
-        h = act(layer(enc, h))
+        h = act(enc @ h if on_columns else F.linear(h, enc))
     for i, dec in enumerate(decoders):
-        h = act(layer(dec, h)) + saved[len(decoders) - 1 - i]
+        h = act(dec @ h if on_columns else F.linear(h, dec)) + saved[len(decoders) - 1 - i]
     return h
 
 

@@ -1,7 +1,7 @@
 """`NeatLayer`: a frozen base layer plus any number of named NEAT adapters -- the one engine.
 
 The standalone `NeatModel` and the peft plugin both put this layer into models. What differs between nn.Linear,
-transformers' Conv1D, nn.Embedding and nn.Conv2d lives in one `LayerKind` object per layer (kinds.py); the math is
+transformers' Conv1D, nn.Embedding and nn.Conv2d lives in one `LayerKind` object per layer (kinds/); the math is
 in functional.py; the list of an adapter's tensors in tensors.py.
 """
 
@@ -17,52 +17,59 @@ from torch import nn
 
 from .config import NeatConfig
 from .functional import delta_weight, get_activation, kaiming_uniform_, low_rank_factors, rms, weight_network
-from .kinds import Conv1DKind, Conv2dKind, EmbeddingKind, LayerKind, LinearKind
-from .quantized import QUANTIZED_KINDS, SUPPORTED_QUANTIZATION, unsupported_quantization
+from .kinds import check_supported, kind_of  # noqa: F401  (kind_of: the old import path, neat_peft.layers.kind_of)
 from .shards import check_wrappable, require_whole
 from .tensors import CONTAINERS, AdapterTensor, adapter_tensors
 
 BASE_ONLY = "__base__"  # the name a sample uses in a mixed batch to bypass every adapter
 
-# Checked in order: a subclass's kind comes before its parent's (bitsandbytes' Linear4bit is an nn.Linear).
-KINDS: list[LayerKind] = [*QUANTIZED_KINDS, LinearKind(), Conv1DKind(), EmbeddingKind(), Conv2dKind()]
-SUPPORTED_LAYERS = ("nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv2d (groups=1, zero padding), and quantized "
-                    f"linears: {SUPPORTED_QUANTIZATION}")
 
+class CachedFactors:
+    """One adapter's (down, up) and a fingerprint of everything they were computed from.
 
-def kind_of(module: nn.Module) -> Optional[LayerKind]:
-    """The kind of a layer NEAT can adapt, else None."""
-    return next((kind for kind in KINDS if kind.matches(module)), None)
+    Valid while the autocast state is the same (it sets H's dtype) and each tensor H reads (W0's storage, the
+    adapter's weights) is the same object at the same address with the same in-place version counter: an optimizer
+    step, load_state_dict, a merge or a replaced Parameter all invalidate it. `.to()` / `.half()` and merges clear
+    the cache outright (NeatLayer._apply, merge, unmerge); after changing a weight through `.data`, which no counter
+    sees, call clear_cache().
+    """
 
+    __slots__ = ("down", "up", "device", "autocast", "tensors")
 
-def check_supported(path: str, module: nn.Module) -> LayerKind:
-    """Return the layer's kind, or raise a ValueError that names the module and what is supported."""
-    why = unsupported_quantization(module)  # a quantized layer that would pass for an nn.Linear
-    if why is not None:
-        raise ValueError(f"Cannot adapt module {path!r} of type {type(module).__name__}: {why} Remove it from "
-                         "target_modules (or add it to exclude_modules).")
-    kind = kind_of(module)
-    if kind is None:
-        raise ValueError(
-            f"Cannot adapt module {path!r} of type {type(module).__name__}: NEAT supports {SUPPORTED_LAYERS}. "
-            "Remove it from target_modules (or add it to exclude_modules)."
-        )
-    kind.check(path, module)
-    return kind
+    def __init__(self, tensors: list[torch.Tensor], down: torch.Tensor, up: torch.Tensor):
+        self.down, self.up = down, up
+        self.device = tensors[0].device.type
+        self.autocast = self._autocast()
+        # Weak references: the entry must not keep a replaced weight alive, and a live referent cannot share its id.
+        self.tensors = [(weakref.ref(t), t.data_ptr(), t._version) for t in tensors]
+
+    def _autocast(self) -> tuple:
+        return torch.is_autocast_enabled(self.device), torch.get_autocast_dtype(self.device)
+
+    def valid(self, tensors: list[torch.Tensor]) -> bool:
+        if len(tensors) != len(self.tensors) or self._autocast() != self.autocast:
+            return False
+        for (ref, address, version), t in zip(self.tensors, tensors):
+            if ref() is not t or t.data_ptr() != address or t._version != version:
+                return False
+        return True
 
 
 class NeatLayer(nn.Module):
     """A frozen `base_layer` with named NEAT adapters.
 
-    For each active adapter, with W0 the base weight in nn.Linear layout (d_out x d_in, see kinds.py)::
+    With W0 the base weight in nn.Linear layout (d_out x d_in, kinds/dense.py), x of shape (..., d_in), and per adapter
+    A (r x m), B (m x r), `depth` residual pairs of r x r encoders/decoders and scaling s::
 
-        H    = net(W0)                      # d_in x r: act(W0^T A^T), then `depth` residual r x r pairs
-        y    = base_layer(x) + s * (x @ H) @ B^T      # x: (..., d_in), B: d_out x r   (axis "out")
+        axis "out" (m = d_out):  H = net(W0^T) (d_in x r)     y = base_layer(x) + s * (x @ H) @ B^T
+        axis "in"  (m = d_in):   G = net(W0)   (d_out x r)    y = base_layer(x) + s * (x @ B) @ G^T
+        net(X) = act(X A^T), then the residual pairs (functional.weight_network), row by row
 
-    The d_out x d_in update s * B H^T is never built: `factors` returns (down, up) = (H, B) and the layer's kind
-    applies them like LoRA's B(A x). Axis "in" reads W0's rows instead: (down, up) = (B, net(W0)). In eval mode
-    without autograd (down, up) are cached. Parameters live in `neat_A[name]` (r x m), `neat_B[name]` (m x r),
-    `neat_encoders[name]`, `neat_decoders[name]` (r x r each), mirroring peft's PEANuT (tensors.py lists them).
+    Both are y = base_layer(x) + s * (x @ down) @ up^T with (down, up) = (H, B) or (B, G), d_in x r and d_out x r:
+    `factors` computes the pair, the layer's kind applies it like LoRA's B(A x), and the d_out x d_in update is
+    never built. In eval mode without autograd the pair is cached per adapter (see `factors`). Parameters live in
+    `neat_A[name]`, `neat_B[name]`, `neat_encoders[name]`, `neat_decoders[name]`, mirroring peft's PEANuT; the
+    containers come from tensors.CONTAINERS, the one list of an adapter's tensors.
     """
 
     def __init__(self, base_layer: nn.Module, name: str = "?"):
@@ -74,17 +81,15 @@ class NeatLayer(nn.Module):
         self.training = base_layer.training  # wrapping a model in eval mode keeps it in eval mode
         self.layer_name = name
         self.d_out, self.d_in = self.kind.shape(base_layer)
-        self.neat_A = nn.ModuleDict()
-        self.neat_B = nn.ModuleDict()
-        self.neat_encoders = nn.ModuleDict()
-        self.neat_decoders = nn.ModuleDict()
+        for container in CONTAINERS:  # neat_A, neat_B, neat_encoders, neat_decoders
+            setattr(self, f"neat_{container}", nn.ModuleDict())
         self.neat_dropout = nn.ModuleDict()
         self.adapter_configs: dict[str, NeatConfig] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._snapshot = None  # the base weight as it was before the first merge (kinds.LayerKind.snapshot)
-        self._cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[str, CachedFactors] = {}  # adapter name -> its (down, up) in eval mode, see `factors`
 
     # Models read `.weight` / `.bias` of their layers directly (T5 casts to `wo.weight.dtype`, HF ties
     # embeddings): answer with the base layer's, as peft's tuner layers do.
@@ -104,25 +109,25 @@ class NeatLayer(nn.Module):
     def tensor_specs(self, config: NeatConfig) -> list[AdapterTensor]:
         return adapter_tensors(config.r, config.depth, config.axis, self.d_out, self.d_in)
 
+    def _stores(self) -> list[nn.ModuleDict]:
+        """Every per-adapter container: the tensors' (tensors.CONTAINERS) and the dropout."""
+        return [*(getattr(self, f"neat_{container}") for container in CONTAINERS), self.neat_dropout]
+
     def add_adapter(self, adapter_name: str, config: NeatConfig) -> None:
         weight = self.kind.stored_weights(self.base_layer, self.d_out, self.d_in)[0][1]  # hqq has no .weight
         dtype = weight.dtype if weight.is_floating_point() else None
         # Adapter weights are kept in fp32 even on a half-precision base (peft's autocast_adapter_dtype).
         factory = {"device": weight.device, "dtype": torch.float32 if dtype in (torch.float16, torch.bfloat16, None)
                    else dtype}
-        containers = {"A": self.neat_A, "B": self.neat_B, "encoders": self.neat_encoders,
-                      "decoders": self.neat_decoders}
-        self.neat_encoders[adapter_name] = nn.ModuleList()  # depth 0: stays empty
-        self.neat_decoders[adapter_name] = nn.ModuleList()
+        modules: dict[str, list[nn.Module]] = {container: [] for container in CONTAINERS}
         for spec in self.tensor_specs(config):
             rows, cols = spec.shape
-            layer = nn.Linear(cols, rows, bias=False, **factory)
-            if spec.index is None:
-                containers[spec.container][adapter_name] = layer
-            else:
-                containers[spec.container][adapter_name].append(layer)
+            modules[spec.container].append(nn.Linear(cols, rows, bias=False, **factory))
+        for container, layers in modules.items():  # A and B: one nn.Linear; encoders, decoders: a list (or none)
+            store = getattr(self, f"neat_{container}")
+            store[adapter_name] = nn.ModuleList(layers) if container in ("encoders", "decoders") else layers[0]
         self.neat_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        for store in (self.neat_A, self.neat_B, self.neat_encoders, self.neat_decoders, self.neat_dropout):
+        for store in self._stores():
             store[adapter_name].train(self.training)  # new modules follow the layer's mode (dropout off in eval)
         self.adapter_configs[adapter_name] = config
         self.reset_adapter(adapter_name)
@@ -140,122 +145,26 @@ class NeatLayer(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; unmerge it before deleting it.")
-        for store in (self.neat_A, self.neat_B, self.neat_encoders, self.neat_decoders, self.neat_dropout):
+        for store in self._stores():
             del store[adapter_name]
         del self.adapter_configs[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
         self.clear_cache()
 
-    def _containers(self) -> dict[str, nn.ModuleDict]:
-        return {container: getattr(self, f"neat_{container}") for container in CONTAINERS}
-
     def adapter_tensor_items(self, adapter_name: str) -> list[tuple[AdapterTensor, nn.Parameter]]:
         """(spec, parameter) of each of the adapter's tensors, in tensors.py's order."""
-        containers = self._containers()
         items = []
         for spec in self.tensor_specs(self.adapter_configs[adapter_name]):
-            module = containers[spec.container][adapter_name]
+            module = getattr(self, f"neat_{spec.container}")[adapter_name]
             items.append((spec, (module if spec.index is None else module[spec.index]).weight))
         return items
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         return [param for _, param in self.adapter_tensor_items(adapter_name)]
 
-    # --- the update ------------------------------------------------------------------------------------
-    def require_whole_weights(self, adapter_name: str) -> None:
-        """Raise a ShardingError if W0 or this adapter's weights are sharded/partitioned right now: H needs all of
-        W0, and a fragment would give wrong numbers rather than an error (see shards.py)."""
-        require_whole(self.layer_name, [
-            *self.kind.stored_weights(self.base_layer, self.d_out, self.d_in),
-            *((spec.module_key(adapter_name), param, spec.shape)
-              for spec, param in self.adapter_tensor_items(adapter_name)),
-        ])
-
-    def factors(self, adapter_name: str, W0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, up), d_in x r and d_out x r, with dW = s * up @ down^T, from W0 (default: the current base weight)."""
-        self.require_whole_weights(adapter_name)
-        if W0 is None and self.kind.recompute_weight and torch.is_grad_enabled():
-            # Keep the (small) stored weight for backward and dequantize again there, not the fp32 W0.
-            return torch.utils.checkpoint.checkpoint(self._factors, adapter_name, None, use_reentrant=False)
-        return self._factors(adapter_name, W0)
-
-    def _factors(self, adapter_name: str, W0: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.adapter_configs[adapter_name]
-        return low_rank_factors(
-            self.base_weight() if W0 is None else W0,
-            self.neat_A[adapter_name].weight,
-            self.neat_B[adapter_name].weight,
-            [m.weight for m in self.neat_encoders[adapter_name]],
-            [m.weight for m in self.neat_decoders[adapter_name]],
-            get_activation(cfg.act_fn),
-            cfg.axis,
-            cfg.normalize_weight,
-        )
-
-    def cached_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """factors(), reused across calls in eval mode without autograd (unmerged inference at LoRA's cost).
-
-        The cache key holds, per tensor (W0's storage and the adapter's), a weak reference, the data pointer and
-        torch's in-place version counter: an optimizer step, load_state_dict, a merge or a replaced Parameter all
-        invalidate it. Under torch.compile the cache is bypassed (data pointers break graphs): the compiled graph
-        recomputes H, an extra ~r/N of the frozen layer's cost for N tokens.
-        """
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self.factors(adapter_name)
-        tensors = [t for _, t, _ in self.kind.stored_weights(self.base_layer, self.d_out, self.d_in)]
-        tensors += self.adapter_parameters(adapter_name)
-        hit = self._cache.get(adapter_name)
-        if hit is not None and len(hit[0]) == len(tensors) and all(
-                ref() is t and ptr == t.data_ptr() and version == t._version
-                for (ref, ptr, version), t in zip(hit[0], tensors)):
-            return hit[1], hit[2]
-        down, up = self.factors(adapter_name)
-        self._cache[adapter_name] = (tuple((weakref.ref(t), t.data_ptr(), t._version) for t in tensors), down, up)
-        return down, up
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
-    def train(self, mode: bool = True):
-        self.clear_cache()
-        return super().train(mode)
-
-    def __getstate__(self):
-        # H is derived data (and its key holds weak references, which cannot be pickled): copies start empty.
-        state = dict(self.__dict__)
-        state["_cache"] = {}
-        return state
-
-    def _apply(self, fn, *args, **kwargs):
-        # .to()/.half()/.float() swap weights via `param.data = ...`, which keeps the version counter: the
-        # new storage may land at the old address, so drop H rather than trust the key.
-        self.clear_cache()
-        return super()._apply(fn, *args, **kwargs)
-
-    def pristine_weight(self) -> torch.Tensor:
-        """W0 in linear layout as it was before any merge (merged weights hold adapter updates)."""
-        if self._snapshot is None:
-            return self.base_weight()
-        return self.kind.snapshot_weight(self.base_layer, self._snapshot)
-
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The materialised update in the base layer's stored layout, computed from the pristine W0."""
-        down, up = self.factors(adapter_name, self.pristine_weight())
-        return self.kind.to_stored(self.base_layer, delta_weight(down, up, self.adapter_configs[adapter_name].scaling))
-
-    def lora_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """peft LoRA tensors (keys relative to this layer) computing exactly this adapter's update:
-        dW = s * up @ down^T = lora_B @ lora_A with lora_A = down^T, lora_B = s * up (LoRA scaling 1)."""
-        problem = self.kind.lora_problem(self.base_layer)
-        if problem is not None:
-            raise ValueError(f"Cannot write layer {self.layer_name!r} as a LoRA: {problem}.")
-        with torch.no_grad():
-            down, up = self.factors(adapter_name, self.pristine_weight())
-            return self.kind.lora_tensors(self.base_layer, down, up, self.adapter_configs[adapter_name].scaling)
-
     # --- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, adapter_names: Optional[list[str]] = None, **kwargs) -> torch.Tensor:
-        """y = base_layer(x) + the sum of the active adapters' updates (see the class docstring).
+        """y = base_layer(x) + the sum of the active adapters' s * (x @ down) @ up^T (see the class docstring).
 
         adapter_names: one adapter name per sample (BASE_ONLY for none), handed in per call by
         `per_sample_adapters`; merged or disabled adapters add nothing here (a merged one is in the weight).
@@ -266,20 +175,91 @@ class NeatLayer(nn.Module):
         if adapter_names is not None:
             return self._mixed_batch_forward(x, result, adapter_names)
         for name in self.active_adapters:
-            if name in self.adapter_configs:
+            if name in self.adapter_configs:  # an adapter of the model may skip this layer
                 result = result + self.adapter_output(name, x).to(result.dtype)
         return result
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """s * (x @ down) @ up^T for one adapter, in the base layer's geometry."""
+        """s * (x @ down) @ up^T for one adapter, in the base layer's geometry (kinds/dense.py); x: (..., d_in)."""
         cfg = self.adapter_configs[adapter_name]
         if self.kind.reads_ids and cfg.axis == "out" and (self.training or torch.is_grad_enabled()):
             # The network is row-wise: in training run it on the looked-up tokens only, never the whole vocabulary.
             return self._looked_up_rows_output(adapter_name, x)
-        down, up = self.cached_factors(adapter_name)
+        down, up = self.factors(adapter_name)
         if not self.kind.reads_ids:
-            x = self.neat_dropout[adapter_name](x.to(down.dtype))
+            x = x.to(down.dtype)
+            if self.training:  # (dropout modules follow the layer's mode: in eval they are the identity)
+                x = self.neat_dropout[adapter_name](x)
         return self.kind.update(self.base_layer, x, down, up, cfg.scaling)
+
+    def factors(self, adapter_name: str, W0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up), d_in x r and d_out x r, with dW = s * up @ down^T, from W0 (default: the current base weight).
+
+        In eval mode without autograd the pair is computed once per adapter and reused (unmerged inference at
+        LoRA's cost) while nothing H depends on changed (`CachedFactors`). Under torch.compile the cache is
+        bypassed (data pointers break graphs): the graph recomputes H, an extra ~r/N of the frozen layer's cost for
+        N tokens.
+        """
+        cached = W0 is None and not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling())
+        if cached:
+            hit = self._cache.get(adapter_name)
+            tensors = self._h_inputs(adapter_name)
+            if hit is not None and hit.valid(tensors):
+                return hit.down, hit.up
+        self.require_whole_weights(adapter_name)  # H reads all of W0: a shard would give wrong numbers, not an error
+        cfg = self.adapter_configs[adapter_name]
+        adapter = (self.neat_A[adapter_name].weight, self.neat_B[adapter_name].weight,
+                   [m.weight for m in self.neat_encoders[adapter_name]],
+                   [m.weight for m in self.neat_decoders[adapter_name]],
+                   get_activation(cfg.act_fn), cfg.axis, cfg.normalize_weight)
+        if W0 is None and self.kind.recompute_weight and torch.is_grad_enabled():
+            # Keep the (small) stored weight for backward and dequantize again there, not the fp32 W0.
+            return torch.utils.checkpoint.checkpoint(lambda: low_rank_factors(self.base_weight(), *adapter),
+                                                     use_reentrant=False)
+        down, up = low_rank_factors(self.base_weight() if W0 is None else W0, *adapter)
+        if cached:
+            self._cache[adapter_name] = CachedFactors(tensors, down, up)
+        return down, up
+
+    def _h_inputs(self, adapter_name: str) -> list[torch.Tensor]:
+        """Every tensor H is computed from: W0's storage, then the adapter's weights in tensors.CONTAINERS' order.
+
+        Read through the modules' own dicts rather than nn.Module.__getattr__: a cached forward (every decoding
+        step) calls this to check its fingerprint, and attribute lookups on modules are Python calls.
+        """
+        modules = self._modules
+        tensors = [t for _, t, _ in self.kind.stored_weights(modules["base_layer"], self.d_out, self.d_in)]
+        for container in CONTAINERS:
+            module = modules[f"neat_{container}"]._modules[adapter_name]
+            for linear in (module._modules.values() if isinstance(module, nn.ModuleList) else (module,)):
+                tensors.append(linear._parameters["weight"])
+        return tensors
+
+    def require_whole_weights(self, adapter_name: str) -> None:
+        """Raise a ShardingError if W0 or this adapter's weights are sharded/partitioned right now: H needs all of
+        W0, and a fragment would give wrong numbers rather than an error (see shards.py)."""
+        adapter = [(spec.module_key(adapter_name), param, spec.shape)
+                   for spec, param in self.adapter_tensor_items(adapter_name)]
+        require_whole(self.layer_name, self.kind.stored_weights(self.base_layer, self.d_out, self.d_in) + adapter)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def train(self, mode: bool = True):
+        self.clear_cache()
+        return super().train(mode)
+
+    def __getstate__(self):
+        # H is derived data (and its fingerprint holds weak references, which cannot be pickled): copies start empty.
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.half()/.float() swap weights via `param.data = ...`, which keeps the version counter: the
+        # new storage may land at the old address, so drop H rather than trust the key.
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
 
     def _looked_up_rows_output(self, adapter_name: str, ids: torch.Tensor) -> torch.Tensor:
         cfg = self.adapter_configs[adapter_name]
@@ -306,6 +286,28 @@ class NeatLayer(nn.Module):
             if name != BASE_ONLY and name in self.adapter_configs:
                 result[rows] = result[rows] + self.adapter_output(name, x[rows]).to(result.dtype)
         return result
+
+    # --- the materialised update (merging, export) -----------------------------------------------------
+    def pristine_weight(self) -> torch.Tensor:
+        """W0 in linear layout as it was before any merge (merged weights hold adapter updates)."""
+        if self._snapshot is None:
+            return self.base_weight()
+        return self.kind.snapshot_weight(self.base_layer, self._snapshot)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The materialised update in the base layer's stored layout, computed from the pristine W0."""
+        down, up = self.factors(adapter_name, self.pristine_weight())
+        return self.kind.to_stored(self.base_layer, delta_weight(down, up, self.adapter_configs[adapter_name].scaling))
+
+    def lora_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """peft LoRA tensors (keys relative to this layer) computing exactly this adapter's update:
+        dW = s * up @ down^T = lora_B @ lora_A with lora_A = down^T, lora_B = s * up (LoRA scaling 1)."""
+        problem = self.kind.lora_problem(self.base_layer)
+        if problem is not None:
+            raise ValueError(f"Cannot write layer {self.layer_name!r} as a LoRA: {problem}.")
+        with torch.no_grad():
+            down, up = self.factors(adapter_name, self.pristine_weight())
+            return self.kind.lora_tensors(self.base_layer, down, up, self.adapter_configs[adapter_name].scaling)
 
     # --- merging ---------------------------------------------------------------------------------------
     @property

@@ -25,7 +25,8 @@ from .formats import (
     validate_adapter_tensors,
     write_adapter,
 )
-from .layers import BASE_ONLY, ModulesToSave, NeatLayer, check_mixed_batch, check_supported, per_sample_adapters
+from .kinds import check_supported
+from .layers import BASE_ONLY, ModulesToSave, NeatLayer, check_mixed_batch, per_sample_adapters
 from .quantized import (
     QuantizedLinearKind,
     dequantize_model,
@@ -55,7 +56,7 @@ def linear_layout_shape(module: nn.Module) -> tuple[int, int]:
     return check_supported("?", module).shape(module)
 
 
-def tensor_specs(module: nn.Module, config: NeatConfig) -> list[AdapterTensor]:
+def tensor_specs(module: nn.Module, config: NeatConfig) -> tuple[AdapterTensor, ...]:
     """The tensors NEAT adds to `module` under `config` (tensors.py)."""
     return adapter_tensors(config.r, config.depth, config.axis, *linear_layout_shape(module))
 
@@ -125,7 +126,7 @@ class NeatModel(nn.Module):
         self.active_adapters: list[str] = []
         self._unloaded = False
         self.add_adapter(adapter_name, config)
-        prepare_model(model)  # quantized bases: see quantized.py
+        prepare_model(model)  # quantized bases: see quantized.py and kinds/quantized.py
         self.set_adapter(adapter_name)
         if _checkpointing_enabled(model):  # enabled before wrapping
             self._enable_input_require_grads()

@@ -7,7 +7,8 @@ from typing import Optional, Union
 from torch import nn
 
 from .config import NeatConfig
-from .layers import ModulesToSave, NeatLayer, check_supported, kind_of
+from .kinds import check_supported, kind_of
+from .layers import ModulesToSave, NeatLayer
 from .patterns import layers_pattern_regex, modules_to_save_regex, target_regex
 
 # Defaults when target_modules is None, by transformers `config.model_type` (attention query and value).

@@ -14,6 +14,7 @@ Files written as peft_type "NEAT" carry the prefix `neat_` instead of `peanut_` 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,12 +43,13 @@ class AdapterTensor:
         return f"{FILE_PREFIX}{path}.{prefix}{self.container}{index}.weight"
 
 
-def adapter_tensors(r: int, depth: int, axis: str, d_out: int, d_in: int) -> list[AdapterTensor]:
+@functools.lru_cache(maxsize=1024)  # layers ask on every forward; the answer is immutable
+def adapter_tensors(r: int, depth: int, axis: str, d_out: int, d_in: int) -> tuple[AdapterTensor, ...]:
     """Every tensor of an adapter with rank r and `depth` residual pairs on a d_out x d_in weight, in order."""
     m = d_out if axis == "out" else d_in
-    return [
+    return (
         AdapterTensor("A", None, (r, m)),
         AdapterTensor("B", None, (m, r)),
         *(AdapterTensor("encoders", i, (r, r)) for i in range(depth)),
         *(AdapterTensor("decoders", i, (r, r)) for i in range(depth)),
-    ]
+    )

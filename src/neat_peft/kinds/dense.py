@@ -1,4 +1,4 @@
-"""How NEAT sees each type of frozen layer: one class per layer kind.
+"""How NEAT sees each type of frozen layer: the interface (`LayerKind`) and the dense kinds.
 
 Every kind reduces its layer to the same two things: W0 in nn.Linear layout (d_out x d_in), exactly as the layer
 computes with it, and a way to add the rank-r update s * up @ down^T to the layer's output without building it
@@ -11,7 +11,7 @@ computes with it, and a way to add the rank-r update s * up @ down^T to the laye
   conv2d      c_out x c_in x kh x kw   weight.flatten(1)           conv(x, down^T as r kernels), then 1x1 conv, s * up
 
 Merging goes through `snapshot` / `assign_weight` / `restore`, so a kind whose storage is not a plain float tensor
-(quantized.py) can requantize on merge and give back its exact original storage on unmerge.
+(kinds/quantized.py) can requantize on merge and give back its exact original storage on unmerge.
 """
 
 from __future__ import annotations
@@ -23,18 +23,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .shards import full_shape
+from ..shards import full_shape
 
 
 class LayerKind:
-    """The interface NeatLayer uses; the base class implements it for a weight stored as a float tensor."""
+    """The interface NeatLayer uses; the base class implements it for a weight stored as a float tensor.
 
+    Its members, by concern (a kind overrides only what differs for its layer type):
+
+      recognising   name, matches, check, prepare, dense, prepares_whole_model
+      reading W0    shape, weight, stored_weights, and the layout helpers linear_shape / to_linear / to_stored /
+                    stored_shape they are built from
+      forward       update, reads_ids, recompute_weight
+      merging       snapshot, restore, snapshot_weight, assign_weight, weight_dtype
+      export        lora_tensors, lora_problem, lora_fan_in_fan_out, peanut_compatible
+    """
+
+    # --- recognising the layer -----------------------------------------------------------------------------
     name = "?"
-    reads_ids = False          # the input is token ids (no dropout; the network can run on looked-up rows only)
-    peanut_compatible = False  # peft 0.21's PEANuT computes an adapter on this kind identically
-    dense = False              # a Linear-like matmul layer: "all-linear" selects it
-    lora_fan_in_fan_out = False
-    recompute_weight = False   # compute H under checkpointing, so autograd keeps the stored weight, not W0
+    dense = False                 # a Linear-like matmul layer: "all-linear" selects it
+    prepares_whole_model = False  # `prepare` runs on every layer of this kind in the model, adapted or not
 
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -45,20 +53,7 @@ class LayerKind:
     def prepare(self, module: nn.Module) -> None:
         """Called once when NEAT wraps the layer."""
 
-    # --- layouts (a plain float weight) ------------------------------------------------------------------
-    def linear_shape(self, stored: tuple[int, ...]) -> tuple[int, int]:
-        return stored[0], stored[1]
-
-    def to_linear(self, module: nn.Module, stored: torch.Tensor) -> torch.Tensor:
-        return stored
-
-    def to_stored(self, module: nn.Module, W: torch.Tensor) -> torch.Tensor:
-        return W
-
-    def stored_shape(self, module: nn.Module, d_out: int, d_in: int) -> tuple[int, ...]:
-        return d_out, d_in
-
-    # --- what NeatLayer calls ----------------------------------------------------------------------------
+    # --- reading W0 (a plain float weight; layouts in the module docstring's table) -------------------------
     def shape(self, module: nn.Module) -> tuple[int, int]:
         """(d_out, d_in) of the whole W0, also for a DeepSpeed ZeRO-3 partitioned weight."""
         return self.linear_shape(full_shape(module.weight))
@@ -71,11 +66,28 @@ class LayerKind:
         """(name, tensor, whole shape) of the stored tensors W0 is read from (checked to be whole, not shards)."""
         return [("base_layer.weight", module.weight, self.stored_shape(module, d_out, d_in))]
 
+    def linear_shape(self, stored: tuple[int, ...]) -> tuple[int, int]:
+        return stored[0], stored[1]
+
+    def to_linear(self, module: nn.Module, stored: torch.Tensor) -> torch.Tensor:
+        return stored
+
+    def to_stored(self, module: nn.Module, W: torch.Tensor) -> torch.Tensor:
+        return W
+
+    def stored_shape(self, module: nn.Module, d_out: int, d_in: int) -> tuple[int, ...]:
+        return d_out, d_in
+
+    # --- the forward ---------------------------------------------------------------------------------------
+    reads_ids = False          # the input is token ids (no dropout; the network can run on looked-up rows only)
+    recompute_weight = False   # compute H under checkpointing, so autograd keeps the stored weight, not W0
+
     def update(self, module: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
                s: float) -> torch.Tensor:
         """The factored update s * x @ down @ up^T in this layer's geometry (down: d_in x r, up: d_out x r)."""
         raise NotImplementedError
 
+    # --- merging -------------------------------------------------------------------------------------------
     def weight_dtype(self, module: nn.Module) -> torch.dtype:
         """The dtype a merged weight is rounded to."""
         return module.weight.dtype
@@ -96,6 +108,10 @@ class LayerKind:
         """Make the layer compute with W (linear layout), rounded once to the layer's dtype."""
         with torch.no_grad():
             module.weight.copy_(self.to_stored(module, W).to(module.weight.dtype))
+
+    # --- export (peft's LoRA and PEANuT) -------------------------------------------------------------------
+    lora_fan_in_fan_out = False
+    peanut_compatible = False  # peft 0.21's PEANuT computes an adapter on this kind identically
 
     def lora_tensors(self, module: nn.Module, down: torch.Tensor, up: torch.Tensor, s: float) -> dict:
         """peft LoRA tensors (keys relative to the layer) with lora_B @ lora_A = s * up @ down^T, LoRA scaling 1."""
