@@ -90,6 +90,7 @@ class NeatLayer(nn.Module):
         self.disabled = False
         self._snapshot = None  # the base weight as it was before the first merge (kinds.LayerKind.snapshot)
         self._cache: dict[str, CachedFactors] = {}  # adapter name -> its (down, up) in eval mode, see `factors`
+        self._last_call_mixed = False  # the last forward had adapter_names: see _check_not_a_routing_lost_rerun
 
     # Models read `.weight` / `.bias` of their layers directly (T5 casts to `wo.weight.dtype`, HF ties
     # embeddings): answer with the base layer's, as peft's tuner layers do.
@@ -171,6 +172,7 @@ class NeatLayer(nn.Module):
         nothing; a merged adapter is in the weight already, so after a partial merge the active adapters that are
         not merged are still added here (peft drops them; that is a silently wrong output).
         """
+        self._check_not_a_routing_lost_rerun(adapter_names)
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
@@ -181,6 +183,26 @@ class NeatLayer(nn.Module):
             if name in self.adapter_configs and name not in self.merged_adapters:
                 result = result + self.adapter_output(name, x).to(result.dtype)
         return result
+
+    def _check_not_a_routing_lost_rerun(self, adapter_names: Optional[list[str]]) -> None:
+        """Refuse activation checkpointing's rerun of a mixed batch, which would route every sample wrongly.
+
+        The names come from hooks that live for one call (per_sample_adapters); torch.utils.checkpoint reruns the
+        block during backward, after they are gone. A forward without names that runs inside backward right after a
+        forward with names is that rerun: without this, wrong gradients (use_reentrant=True) or torch's opaque
+        CheckpointError (use_reentrant=False).
+        """
+        if adapter_names is not None:
+            self._last_call_mixed = True
+        elif self._last_call_mixed:
+            if torch._C._current_graph_task_id() != -1:  # -1: not inside a backward pass
+                raise ValueError(
+                    f"Layer {self.layer_name!r} is being recomputed by activation checkpointing (torch.utils."
+                    "checkpoint) for a batch that was run with `adapter_names`: the per-sample routing does not "
+                    "survive the recomputation, so the gradients would be wrong. Don't checkpoint mixed-adapter "
+                    "batches: run them without checkpointing, or under torch.no_grad() for inference, or train "
+                    "each adapter on its own batches.")
+            self._last_call_mixed = False
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """s * (x @ down) @ up^T for one adapter, in the base layer's geometry (kinds/dense.py); x: (..., d_in)."""
@@ -417,7 +439,8 @@ def check_mixed_batch(adapter_names: list[str], known: Iterable[str], layers: li
     block's forward during backward, after the hooks are gone, so a checkpointed mixed batch would be recomputed
     without its routing (silently wrong gradients, or torch's CheckpointError). transformers checkpoints only in
     training mode, hence mixed batches are for inference and refused in training mode, as peft does. Don't wrap an
-    eval-mode mixed batch in torch.utils.checkpoint by hand either.
+    eval-mode mixed batch in torch.utils.checkpoint by hand: the layers refuse the rerun in backward
+    (NeatLayer._check_not_a_routing_lost_rerun).
     """
     unknown = sorted(set(adapter_names) - set(known) - {BASE_ONLY})
     if unknown:
