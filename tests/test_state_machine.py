@@ -1,0 +1,254 @@
+"""A stateful property test: seeded random walks over NeatModel's public API, checked against a reference.
+
+The model: Embedding -> Linear -> tanh -> transformers' Conv1D, fp32. Each walk adds / sets / deletes adapters,
+merges (all, some, safe), unmerges, enters disable_adapter, switches train()/eval(), changes adapter weights in place
+(an optimizer step), saves and loads (into this model under a new name and into a fresh model), and runs mixed-adapter
+batches. The walk keeps its own account of what the API promises -- which adapters exist (with a copy of their
+tensors), which are active, merged, the mode -- and after every step compares the model's output, with and without
+autograd, to a reference computed from scratch: the pristine base layers (a deep copy taken before wrapping) with
+W0 + sum of dW over the adapters that should count, dW materialised by neat_testing's formula (written from the
+paper, not from neat_peft.functional). A step the API refuses must raise a ValueError and change nothing.
+
+CI runs a few short walks with fixed seeds (seconds). NEAT_PROPERTY_LONG=<seconds> runs random walks for that long
+and prints how many steps it ran.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import tempfile
+import time
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from neat_testing import adapter_tensors, assert_state_equal, reference_delta_weight, state_snapshot
+from neat_peft import BASE_ONLY, NeatConfig, NeatModel, get_neat_model
+
+LAYERS = ["embed", "fc", "proj"]
+VOCAB, BATCH, SEQ = 11, 4, 3
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 6)
+        self.fc = nn.Linear(6, 5)
+        self.proj = Conv1D(4, 5)  # weight stored d_in x d_out
+        nn.init.normal_(self.proj.weight, std=0.4)
+        nn.init.normal_(self.proj.bias, std=0.4)
+
+    def forward(self, ids):
+        return self.proj(torch.tanh(self.fc(self.embed(ids))))
+
+
+def linear_w0(name, layer):
+    """W0 in nn.Linear layout (d_out x d_in) from a pristine layer's stored weight."""
+    return layer.weight.detach() if name == "fc" else layer.weight.detach().t()
+
+
+def reference_forward(pristine: Net, ids, deltas_per_sample):
+    """The base network with W0 + sum(dW) per layer; deltas_per_sample[i]: {layer: dW (linear layout)} for sample i."""
+    outs = []
+    for i in range(ids.shape[0]):
+        W = {n: linear_w0(n, getattr(pristine, n)) + deltas_per_sample[i].get(n, 0) for n in LAYERS}
+        h = F.embedding(ids[i:i + 1], W["embed"].t())
+        h = torch.tanh(F.linear(h, W["fc"], pristine.fc.bias))
+        outs.append(h @ W["proj"].t() + pristine.proj.bias)
+    return torch.cat(outs)
+
+
+class Walk:
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+        torch.manual_seed(seed)
+        self.pristine = Net()
+        self.model = get_neat_model(copy.deepcopy(self.pristine), self.random_config())
+        self.adapters: dict[str, dict] = {}  # name -> {"config", "tensors": {layer: (A, B, encs, decs)}}
+        self.record("default")
+        self.active = ["default"]
+        self.merged: list[str] = []
+        self.training = True
+        self.count = 0
+        self.ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+        self.tmp = tempfile.TemporaryDirectory()
+        self.log: list[str] = []
+
+    # --- the walk's own account --------------------------------------------------------------------
+    def random_config(self) -> NeatConfig:
+        r = self.rng
+        return NeatConfig(r=r.randint(1, 3), depth=r.randint(0, 1), axis=r.choice(["out", "in"]),
+                          act_fn=r.choice(["tanh", "relu", "sin"]), scaling=r.choice([0.5, 1.0, 2.0]),
+                          target_modules=r.sample(LAYERS, r.randint(1, 3)), init_weights=False)
+
+    def record(self, name, model=None):
+        """Copy the adapter's tensors as they are now (the walk's own copy from then on)."""
+        model = model or self.model
+        tensors = {}
+        for layer_name in LAYERS:
+            layer = getattr(model.base_model, layer_name)
+            if hasattr(layer, "adapter_configs") and name in layer.adapter_configs:
+                A, B, encs, decs = adapter_tensors(layer, name)
+                tensors[layer_name] = (A.detach().clone(), B.detach().clone(), [e.detach().clone() for e in encs],
+                                       [d.detach().clone() for d in decs])
+        self.adapters[name] = {"config": model.peft_config[name], "tensors": tensors}
+
+    def deltas(self, names) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            cfg = self.adapters[name]["config"]
+            for layer_name, (A, B, encs, decs) in self.adapters[name]["tensors"].items():
+                W0 = linear_w0(layer_name, getattr(self.pristine, layer_name))
+                dW = reference_delta_weight(W0, A, B, encs, decs, cfg.act_fn, cfg.axis, cfg.scaling)
+                out[layer_name] = out.get(layer_name, 0) + dW
+        return out
+
+    def expected(self, per_sample=None, disabled=False):
+        if disabled:
+            sets = [[]] * BATCH
+        elif per_sample is not None:
+            sets = [[] if n == BASE_ONLY else [n] for n in per_sample]
+        else:
+            sets = [list(dict.fromkeys([*self.merged, *self.active]))] * BATCH
+        with torch.no_grad():
+            return reference_forward(self.pristine, self.ids, [self.deltas(s) for s in sets])
+
+    def check(self, what, **kwargs):
+        expected = self.expected(**kwargs)
+        call = {"adapter_names": kwargs["per_sample"]} if kwargs.get("per_sample") else {}
+        assert self.model.training == self.training, f"{what}: mode"
+        assert list(self.model.active_adapters) == self.active, f"{what}: active adapters"
+        with torch.no_grad():
+            torch.testing.assert_close(self.model(self.ids, **call), expected, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"{what} (no_grad): {m}\nsteps: {self.log}")
+        torch.testing.assert_close(self.model(self.ids, **call).detach(), expected, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{what} (autograd): {m}\nsteps: {self.log}")
+
+    def refused(self, step, match):
+        """The API must refuse this step with a clear ValueError and change nothing."""
+        before = state_snapshot(self.model)
+        with pytest.raises(ValueError, match=match):
+            step()
+        assert_state_equal(self.model, before)
+
+    # --- the steps ------------------------------------------------------------------------------------
+    def step(self):
+        r = self.rng
+        names = list(self.adapters)
+        action = r.choice(["add", "set", "delete", "merge_all", "merge_some", "unmerge", "disable", "mode", "train_step",
+                           "save_load_same", "save_load_fresh", "mixed"])
+        self.log.append(action)
+        if action == "add" and len(names) < 4:
+            name = f"a{self.count}"
+            self.count += 1
+            self.model.add_adapter(name, self.random_config())
+            self.record(name)
+        elif action == "set":
+            chosen = r.sample(names, r.randint(1, len(names)))
+            self.log[-1] += f"{chosen}"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "merged; unmerging them" is expected
+                self.model.set_adapter(chosen)
+            if self.merged and sorted(self.merged) != sorted(chosen):
+                self.merged = []
+            self.active = chosen
+        elif action == "delete":
+            name = r.choice(names)
+            self.log[-1] += f"({name})"
+            if len(names) == 1:
+                return self.refused(lambda: self.model.delete_adapter(name), "only adapter")
+            if name in self.merged:
+                return self.refused(lambda: self.model.delete_adapter(name), "merged")
+            self.model.delete_adapter(name)
+            del self.adapters[name]
+            self.active = [n for n in self.active if n != name] or [next(iter(self.adapters))]
+        elif action == "merge_all":
+            self.model.merge_adapter(safe_merge=r.random() < 0.5)
+            self.merged += [n for n in self.active if n not in self.merged]
+        elif action == "merge_some":
+            chosen = r.sample(names, r.randint(1, len(names)))
+            self.log[-1] += f"{chosen}"
+            self.model.merge_adapter(chosen, safe_merge=r.random() < 0.5)
+            self.merged += [n for n in chosen if n not in self.merged]
+        elif action == "unmerge":
+            self.model.unmerge_adapter()
+            self.merged = []
+        elif action == "disable":
+            before = state_snapshot(self.model)
+            with self.model.disable_adapter():
+                self.check("inside disable_adapter", disabled=True)
+            assert_state_equal(self.model, before)
+        elif action == "mode":
+            self.training = r.random() < 0.5
+            self.model.train(self.training)
+        elif action == "train_step" and not self.merged:
+            name = r.choice(names)
+            self.log[-1] += f"({name})"
+            with torch.no_grad():  # an optimizer step: in place, bumps the version counters
+                for layer_name in self.adapters[name]["tensors"]:
+                    layer = getattr(self.model.base_model, layer_name)
+                    layer.neat_B[name].weight.add_(0.1)
+                    layer.neat_A[name].weight.mul_(1.1)
+            self.record(name)
+        elif action == "save_load_same" and len(names) < 4:
+            name = r.choice(names)
+            new = f"a{self.count}"
+            self.count += 1
+            self.log[-1] += f"({name}->{new})"
+            directory = os.path.join(self.tmp.name, new)
+            self.model.save_pretrained(directory, selected_adapters=[name])
+            self.model.load_adapter(os.path.join(directory, "" if name == "default" else name), new)
+            self.adapters[new] = {"config": self.model.peft_config[new], "tensors": self.adapters[name]["tensors"]}
+        elif action == "save_load_fresh":
+            name = r.choice(names)
+            self.log[-1] += f"({name})"
+            directory = os.path.join(self.tmp.name, f"fresh{self.count}")
+            self.count += 1
+            self.model.save_pretrained(directory, selected_adapters=[name])
+            fresh = NeatModel.from_pretrained(copy.deepcopy(self.pristine),
+                                              os.path.join(directory, "" if name == "default" else name))
+            with torch.no_grad():
+                expected = reference_forward(self.pristine, self.ids, [self.deltas([name])] * BATCH)
+                torch.testing.assert_close(fresh(self.ids), expected, rtol=1e-4, atol=1e-4,
+                                           msg=lambda m: f"fresh load of {name}: {m}\nsteps: {self.log}")
+        elif action == "mixed":
+            per_sample = [r.choice([*names, BASE_ONLY]) for _ in range(BATCH)]
+            self.log[-1] += f"{per_sample}"
+            if self.training:
+                return self.refused(lambda: self.model(self.ids, adapter_names=per_sample), "training mode")
+            if self.merged:
+                return self.refused(lambda: self.model(self.ids, adapter_names=per_sample), "merged")
+            self.check("mixed batch", per_sample=per_sample)
+        self.check(self.log[-1])
+
+
+def walk(seed, steps):
+    w = Walk(seed)
+    try:
+        w.check("start")
+        for _ in range(steps):
+            w.step()
+    finally:
+        w.tmp.cleanup()
+    return steps
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_walk(seed):
+    walk(seed, 25)
+
+
+@pytest.mark.skipif(not os.environ.get("NEAT_PROPERTY_LONG"), reason="long mode: NEAT_PROPERTY_LONG=<seconds>")
+def test_random_walks_long_mode():
+    deadline = time.monotonic() + float(os.environ["NEAT_PROPERTY_LONG"])
+    seed, steps = 1000, 0
+    while time.monotonic() < deadline:
+        steps += walk(seed, 40)
+        seed += 1
+    print(f"\nlong mode: {seed - 1000} walks, {steps} steps, all matched the reference")
