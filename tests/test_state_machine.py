@@ -2,8 +2,8 @@
 
 The model: Embedding -> Linear -> tanh -> transformers' Conv1D, fp32. Each walk adds / sets / deletes adapters,
 merges (all, some, safe), unmerges, enters disable_adapter, switches train()/eval(), changes adapter weights in place
-(an optimizer step), saves and loads (into this model under a new name and into a fresh model), and runs mixed-adapter
-batches. The walk keeps its own account of what the API promises -- which adapters exist (with a copy of their
+(an optimizer step), saves and loads (into this model under a new name and into a fresh model), runs mixed-adapter
+batches and bf16 autocast, exports LoRA (read back by peft), and ends with merge_and_unload or unload. The walk keeps its own account of what the API promises -- which adapters exist (with a copy of their
 tensors), which are active, merged, the mode -- and after every step compares the model's output, with and without
 autograd, to a reference computed from scratch: the pristine base layers (a deep copy taken before wrapping) with
 W0 + sum of dW over the adapters that should count, dW materialised by neat_testing's formula (written from the
@@ -142,7 +142,7 @@ class Walk:
         r = self.rng
         names = list(self.adapters)
         action = r.choice(["add", "set", "delete", "merge_all", "merge_some", "unmerge", "disable", "mode", "train_step",
-                           "save_load_same", "save_load_fresh", "mixed"])
+                           "save_load_same", "save_load_fresh", "mixed", "autocast", "export_lora"])
         self.log.append(action)
         if action == "add" and len(names) < 4:
             name = f"a{self.count}"
@@ -165,9 +165,13 @@ class Walk:
                 return self.refused(lambda: self.model.delete_adapter(name), "only adapter")
             if name in self.merged:
                 return self.refused(lambda: self.model.delete_adapter(name), "merged")
-            self.model.delete_adapter(name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.model.delete_adapter(name)
             del self.adapters[name]
             self.active = [n for n in self.active if n != name] or [next(iter(self.adapters))]
+            if self.merged and sorted(self.merged) != sorted(self.active):  # set_adapter's rule, which delete uses
+                self.merged = []
         elif action == "merge_all":
             self.model.merge_adapter(safe_merge=r.random() < 0.5)
             self.merged += [n for n in self.active if n not in self.merged]
@@ -225,7 +229,35 @@ class Walk:
             if self.merged:
                 return self.refused(lambda: self.model(self.ids, adapter_names=per_sample), "merged")
             self.check("mixed batch", per_sample=per_sample)
+        elif action == "autocast":  # bf16 compute, then (self.check below) fp32 again: no stale half-precision H
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                torch.testing.assert_close(self.model(self.ids).float(), self.expected(), rtol=0.05, atol=0.05,
+                                           msg=lambda m: f"under autocast: {m}\nsteps: {self.log}")
+        elif action == "export_lora":  # the LoRA file, read by peft itself into a fresh base, computes dW exactly
+            from peft import PeftModel
+
+            name = r.choice(names)
+            self.log[-1] += f"({name})"
+            directory = os.path.join(self.tmp.name, f"lora{self.count}")
+            self.count += 1
+            self.model.export_lora(directory, name)
+            lora = PeftModel.from_pretrained(copy.deepcopy(self.pristine), directory).eval()
+            with torch.no_grad():
+                expected = reference_forward(self.pristine, self.ids, [self.deltas([name])] * BATCH)
+                torch.testing.assert_close(lora(self.ids), expected, rtol=1e-4, atol=1e-4,
+                                           msg=lambda m: f"exported LoRA of {name}: {m}\nsteps: {self.log}")
         self.check(self.log[-1])
+
+    def finish(self):
+        """The walk's last step: the plain model left behind computes what the API promised."""
+        merge = self.rng.random() < 0.5
+        self.log.append("merge_and_unload" if merge else "unload")
+        expected = self.expected() if merge else self.expected(disabled=True)
+        plain = self.model.merge_and_unload() if merge else self.model.unload()
+        assert not any(type(m).__module__.startswith("neat_peft") for m in plain.modules()), "NEAT layers left"
+        with torch.no_grad():
+            torch.testing.assert_close(plain(self.ids), expected, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"{self.log[-1]}: {m}\nsteps: {self.log}")
 
 
 def walk(seed, steps):
@@ -234,6 +266,7 @@ def walk(seed, steps):
         w.check("start")
         for _ in range(steps):
             w.step()
+        w.finish()
     finally:
         w.tmp.cleanup()
     return steps
