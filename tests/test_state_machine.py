@@ -1,9 +1,10 @@
 """A stateful property test: seeded random walks over NeatModel's public API, checked against a reference.
 
-The model: Embedding -> Linear -> tanh -> transformers' Conv1D, in fp32, fp16 or bf16. Each walk adds / sets / deletes
-adapters, merges (all, some, safe), unmerges, enters disable_adapter, switches train()/eval(), changes adapter weights
-in place (an optimizer step), saves and loads (into this model under a new name and into a fresh model), runs
-mixed-adapter batches and bf16 autocast, exports LoRA (read back by peft), and ends with merge_and_unload or unload.
+The model: Embedding -> Linear -> tanh -> transformers' Conv1D -> Conv2d, in fp32, fp16 or bf16. Each walk adds /
+sets / deletes adapters, merges (all, some, safe), unmerges, enters disable_adapter, switches train()/eval(), changes
+adapter weights in place (an optimizer step), saves and loads (into this model under a new name and into a fresh
+model), runs mixed-adapter batches and bf16 autocast, exports LoRA (read back by peft), and ends with
+merge_and_unload or unload.
 The walk keeps its own account of what the API promises -- which adapters exist (with a copy of their tensors),
 which are active, merged, the mode -- and after every step compares the model's output, with and without autograd,
 to a reference computed from scratch in fp32: the pristine base layers (a deep copy taken before wrapping) with
@@ -32,7 +33,7 @@ from transformers.pytorch_utils import Conv1D
 from neat_testing import adapter_tensors, assert_state_equal, reference_delta_weight, state_snapshot
 from neat_peft import BASE_ONLY, NeatConfig, NeatModel, get_neat_model
 
-LAYERS = ["embed", "fc", "proj"]
+LAYERS = ["embed", "fc", "proj", "conv"]
 VOCAB, BATCH, SEQ = 11, 4, 3
 
 
@@ -44,14 +45,17 @@ class Net(nn.Module):
         self.proj = Conv1D(4, 5)  # weight stored d_in x d_out
         nn.init.normal_(self.proj.weight, std=0.4)
         nn.init.normal_(self.proj.bias, std=0.4)
+        self.conv = nn.Conv2d(1, 2, kernel_size=2)  # over the (seq x 4) map of each sample
 
     def forward(self, ids):
-        return self.proj(torch.tanh(self.fc(self.embed(ids))))
+        return self.conv(self.proj(torch.tanh(self.fc(self.embed(ids)))).unsqueeze(1))
 
 
 def linear_w0(name, layer):
     """W0 in nn.Linear layout (d_out x d_in) from a pristine layer's stored weight, in fp32 (the reference's dtype)."""
     weight = layer.weight.detach().float()
+    if name == "conv":
+        return weight.reshape(weight.shape[0], -1)  # the kernel as d_out x (d_in * kh * kw)
     return weight if name == "fc" else weight.t()
 
 
@@ -62,7 +66,8 @@ def reference_forward(pristine: Net, ids, deltas_per_sample):
         W = {n: linear_w0(n, getattr(pristine, n)) + deltas_per_sample[i].get(n, 0) for n in LAYERS}
         h = F.embedding(ids[i:i + 1], W["embed"].t())
         h = torch.tanh(F.linear(h, W["fc"], pristine.fc.bias.float()))
-        outs.append(h @ W["proj"].t() + pristine.proj.bias.float())
+        h = h @ W["proj"].t() + pristine.proj.bias.float()
+        outs.append(F.conv2d(h.unsqueeze(1), W["conv"].reshape(pristine.conv.weight.shape), pristine.conv.bias.float()))
     return torch.cat(outs)
 
 
@@ -239,10 +244,11 @@ class Walk:
                 return self.refused(lambda: self.model(self.ids, adapter_names=per_sample), "merged")
             self.check("mixed batch", per_sample=per_sample)
         elif action == "autocast":  # bf16 compute, then (self.check below) fp32 again: no stale half-precision H
+            expected, loose = self.expected(), max(self.tol, 0.05)  # the reference outside autocast: fp32
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                loose = max(self.tol, 0.05)
-                torch.testing.assert_close(self.model(self.ids).float(), self.expected(), rtol=loose, atol=loose,
-                                           msg=lambda m: f"under autocast: {m}\nsteps: {self.log}")
+                out = self.model(self.ids).float()
+            torch.testing.assert_close(out, expected, rtol=loose, atol=loose,
+                                       msg=lambda m: f"under autocast: {m}\nsteps: {self.log}")
         elif action == "export_lora":  # the LoRA file, read by peft itself into a fresh base, computes dW exactly
             from peft import PeftModel
 
