@@ -79,3 +79,21 @@ def test_mixed_batches_still_refused_after_a_partial_merge():
         model.base_model.fc1(torch.randn(2, 6), adapter_names=["other", BASE_ONLY])
     model.unmerge_adapter()
     model(torch.randn(2, 6), adapter_names=["other", BASE_ONLY])  # fine again once unmerged
+
+
+def test_deleting_an_inactive_adapter_keeps_the_merges():
+    """Found by the state-machine walk: delete_adapter re-activated through set_adapter even when the deleted adapter
+    was not active, and set_adapter's rule (unmerge when the merged set differs from the new active set) then undid
+    an unrelated merge."""
+    torch.manual_seed(0)
+    model = two_adapters(TinyMLP(), ["fc1", "fc2"])
+    model.add_adapter("spare", NeatConfig(r=1, target_modules=["fc1"], init_weights=False))
+    model.set_adapter(["default"])
+    model.merge_adapter(["default", "other"])
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        before = model(x)
+        model.delete_adapter("spare")
+        assert model.base_model.fc1.merged_adapters == ["default", "other"]
+        assert model.active_adapters == ["default"]
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)

@@ -183,9 +183,10 @@ class Walk:
                 warnings.simplefilter("ignore")
                 self.model.delete_adapter(name)
             del self.adapters[name]
-            self.active = [n for n in self.active if n != name] or [next(iter(self.adapters))]
-            if self.merged and sorted(self.merged) != sorted(self.active):  # set_adapter's rule, which delete uses
-                self.merged = []
+            if name in self.active:  # re-activates through set_adapter, which unmerges if the merged set differs
+                self.active = [n for n in self.active if n != name] or [next(iter(self.adapters))]
+                if self.merged and sorted(self.merged) != sorted(self.active):
+                    self.merged = []
         elif action == "merge_all":
             self.model.merge_adapter(safe_merge=r.random() < 0.5)
             self.merged += [n for n in self.active if n not in self.merged]
@@ -244,7 +245,9 @@ class Walk:
                 return self.refused(lambda: self.model(self.ids, adapter_names=per_sample), "merged")
             self.check("mixed batch", per_sample=per_sample)
         elif action == "autocast":  # bf16 compute, then (self.check below) fp32 again: no stale half-precision H
-            expected, loose = self.expected(), max(self.tol, 0.05)  # the reference outside autocast: fp32
+            expected = self.expected()  # the reference outside autocast: fp32
+            # bf16 rounding through four layers and up to four adapters grows with the outputs' scale
+            loose = max(self.tol, 0.05, 0.03 * expected.abs().max().item())
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                 out = self.model(self.ids).float()
             torch.testing.assert_close(out, expected, rtol=loose, atol=loose,
