@@ -563,3 +563,30 @@ def test_dequantize_merge_with_safe_merge_refuses_a_broken_adapter(llama_dir):
     with pytest.raises(ValueError, match="NaN/inf"):
         quantized.merged_float_linear(layer, safe_merge=True)
     assert q_neat.base_model.get_submodule(path) is layer and not layer.merged
+
+
+@pytest.mark.parametrize("backend", ["bnb-nf4", "hqq4"])
+def test_partial_merge_keeps_the_other_adapters_h_from_the_pristine_weight(backend, llama_dir):
+    """After merging one adapter into a quantized layer (requantized W0 + dW), another active adapter's H still comes
+    from the pristine W0, in eval (the cache) and in training (the recompute-in-backward path): the same factors as
+    before the merge, so the output is the merged weight plus that adapter's unchanged update."""
+    q_neat, _, _ = neat_pair(backend, llama_dir)
+    torch.manual_seed(2)
+    q_neat.add_adapter("other", neat_config(axis="in", depth=1))
+    q_neat.set_adapter(["default", "other"])
+    layer = q_neat.base_model.get_submodule("model.layers.1.self_attn.v_proj")
+    with torch.no_grad():
+        before = [t.clone() for t in layer.factors("other")]
+    q_neat.merge_adapter(["default"])
+    assert layer.merged_adapters == ["default"]
+    for training in (False, True):
+        q_neat.train(training)
+        with torch.set_grad_enabled(training):
+            after = layer.factors("other")
+        for a, b in zip(after, before):
+            torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        q_neat.eval()
+        delta = layer(x) - layer.base_layer(x)
+        torch.testing.assert_close(delta, layer.adapter_output("other", x), rtol=1e-5, atol=1e-6)

@@ -90,6 +90,7 @@ class NeatLayer(nn.Module):
         self.disabled = False
         self._snapshot = None  # the base weight as it was before the first merge (kinds.LayerKind.snapshot)
         self._cache: dict[str, CachedFactors] = {}  # adapter name -> its (down, up) in eval mode, see `factors`
+        self._last_call_mixed = False  # the last forward had adapter_names: see _check_not_a_routing_lost_rerun
 
     # Models read `.weight` / `.bias` of their layers directly (T5 casts to `wo.weight.dtype`, HF ties
     # embeddings): answer with the base layer's, as peft's tuner layers do.
@@ -167,17 +168,41 @@ class NeatLayer(nn.Module):
         """y = base_layer(x) + the sum of the active adapters' s * (x @ down) @ up^T (see the class docstring).
 
         adapter_names: one adapter name per sample (BASE_ONLY for none), handed in per call by
-        `per_sample_adapters`; merged or disabled adapters add nothing here (a merged one is in the weight).
+        `per_sample_adapters` (refused while anything is merged: check_mixed_batch). Disabled adapters add
+        nothing; a merged adapter is in the weight already, so after a partial merge the active adapters that are
+        not merged are still added here (peft drops them; that is a silently wrong output).
         """
+        self._check_not_a_routing_lost_rerun(adapter_names)
         result = self.base_layer(x, *args, **kwargs)
-        if self.disabled or self.merged_adapters:
+        if self.disabled:
             return result
         if adapter_names is not None:
             return self._mixed_batch_forward(x, result, adapter_names)
         for name in self.active_adapters:
-            if name in self.adapter_configs:  # an adapter of the model may skip this layer
+            # an adapter of the model may skip this layer
+            if name in self.adapter_configs and name not in self.merged_adapters:
                 result = result + self.adapter_output(name, x).to(result.dtype)
         return result
+
+    def _check_not_a_routing_lost_rerun(self, adapter_names: Optional[list[str]]) -> None:
+        """Refuse activation checkpointing's rerun of a mixed batch, which would route every sample wrongly.
+
+        The names come from hooks that live for one call (per_sample_adapters); torch.utils.checkpoint reruns the
+        block during backward, after they are gone. A forward without names that runs inside backward right after a
+        forward with names is that rerun: without this, wrong gradients (use_reentrant=True) or torch's opaque
+        CheckpointError (use_reentrant=False).
+        """
+        if adapter_names is not None:
+            self._last_call_mixed = True
+        elif self._last_call_mixed:
+            if torch._C._current_graph_task_id() != -1:  # -1: not inside a backward pass
+                raise ValueError(
+                    f"Layer {self.layer_name!r} is being recomputed by activation checkpointing (torch.utils."
+                    "checkpoint) for a batch that was run with `adapter_names`: the per-sample routing does not "
+                    "survive the recomputation, so the gradients would be wrong. Don't checkpoint mixed-adapter "
+                    "batches: run them without checkpointing, or under torch.no_grad() for inference, or train "
+                    "each adapter on its own batches.")
+            self._last_call_mixed = False
 
     def adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """s * (x @ down) @ up^T for one adapter, in the base layer's geometry (kinds/dense.py); x: (..., d_in)."""
@@ -193,7 +218,8 @@ class NeatLayer(nn.Module):
         return self.kind.update(self.base_layer, x, down, up, cfg.scaling)
 
     def factors(self, adapter_name: str, W0: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down, up), d_in x r and d_out x r, with dW = s * up @ down^T, from W0 (default: the current base weight).
+        """(down, up), d_in x r and d_out x r, with dW = s * up @ down^T, from W0 (default: the pristine base weight,
+        which is the current one unless other adapters are merged into it).
 
         In eval mode without autograd the pair is computed once per adapter and reused (unmerged inference at
         LoRA's cost) while nothing H depends on changed (`CachedFactors`). Under torch.compile the cache is
@@ -214,9 +240,9 @@ class NeatLayer(nn.Module):
                    get_activation(cfg.act_fn), cfg.axis, cfg.normalize_weight)
         if W0 is None and self.kind.recompute_weight and torch.is_grad_enabled():
             # Keep the (small) stored weight for backward and dequantize again there, not the fp32 W0.
-            return torch.utils.checkpoint.checkpoint(lambda: low_rank_factors(self.base_weight(), *adapter),
+            return torch.utils.checkpoint.checkpoint(lambda: low_rank_factors(self.pristine_weight(), *adapter),
                                                      use_reentrant=False)
-        down, up = low_rank_factors(self.base_weight() if W0 is None else W0, *adapter)
+        down, up = low_rank_factors(self.pristine_weight() if W0 is None else W0, *adapter)
         if cached:
             self._cache[adapter_name] = CachedFactors(tensors, down, up)
         return down, up
@@ -266,9 +292,11 @@ class NeatLayer(nn.Module):
         self.require_whole_weights(adapter_name)
         unique_ids, inverse = torch.unique(ids, return_inverse=True)
         A = self.neat_A[adapter_name].weight
-        rows = self.base_layer.weight[unique_ids].to(A.dtype)
+        table = self.base_layer.weight if self._snapshot is None else \
+            self.kind.to_stored(self.base_layer, self.pristine_weight())  # H reads W0, not a merged weight
+        rows = table[unique_ids].to(A.dtype)
         if cfg.normalize_weight:  # the same constant as for the whole matrix
-            rows = rows / rms(self.base_layer.weight.to(A.dtype))
+            rows = rows / rms(table.to(A.dtype))
         h = weight_network(
             rows, A,
             [m.weight for m in self.neat_encoders[adapter_name]],
@@ -278,6 +306,9 @@ class NeatLayer(nn.Module):
         return torch.nn.functional.linear(h * cfg.scaling, self.neat_B[adapter_name].weight)[inverse]
 
     def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
+        if self.merged_adapters:  # a merged adapter is in every sample's weight: no per-sample choice is left
+            raise ValueError(f"Cannot pass `adapter_names` to layer {self.layer_name!r}: adapters "
+                             f"{self.merged_adapters} are merged; call unmerge_adapter() first.")
         if len(names) != x.shape[0]:
             raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
                              f"{len(names)} and {x.shape[0]} respectively.")
@@ -408,7 +439,8 @@ def check_mixed_batch(adapter_names: list[str], known: Iterable[str], layers: li
     block's forward during backward, after the hooks are gone, so a checkpointed mixed batch would be recomputed
     without its routing (silently wrong gradients, or torch's CheckpointError). transformers checkpoints only in
     training mode, hence mixed batches are for inference and refused in training mode, as peft does. Don't wrap an
-    eval-mode mixed batch in torch.utils.checkpoint by hand either.
+    eval-mode mixed batch in torch.utils.checkpoint by hand: the layers refuse the rerun in backward
+    (NeatLayer._check_not_a_routing_lost_rerun).
     """
     unknown = sorted(set(adapter_names) - set(known) - {BASE_ONLY})
     if unknown:

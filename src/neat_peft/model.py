@@ -220,6 +220,8 @@ class NeatModel(nn.Module):
             if adapter_name in getattr(module, "adapter_configs", getattr(module, "copies", {})):
                 module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
+        if adapter_name not in self.active_adapters:  # the active set is unchanged: keep it, and keep any merges
+            return
         remaining = [n for n in self.active_adapters if n != adapter_name] or [next(iter(self.peft_config))]
         self.set_adapter(remaining)
 

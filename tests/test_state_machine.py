@@ -1,0 +1,313 @@
+"""A stateful property test: seeded random walks over NeatModel's public API, checked against a reference.
+
+The model: Embedding -> Linear -> tanh -> transformers' Conv1D -> Conv2d, in fp32, fp16 or bf16. Each walk adds /
+sets / deletes adapters, merges (all, some, safe), unmerges, enters disable_adapter, switches train()/eval(), changes
+adapter weights in place (an optimizer step), saves and loads (into this model under a new name and into a fresh
+model), runs mixed-adapter batches and bf16 autocast, exports LoRA (read back by peft), and ends with
+merge_and_unload or unload.
+The walk keeps its own account of what the API promises -- which adapters exist (with a copy of their tensors),
+which are active, merged, the mode -- and after every step compares the model's output, with and without autograd,
+to a reference computed from scratch in fp32: the pristine base layers (a deep copy taken before wrapping) with
+W0 + sum of dW over the adapters that should count, dW materialised by neat_testing's formula (written from the
+paper, not from neat_peft.functional). A step the API refuses must raise a ValueError and change nothing.
+
+CI runs a few short walks with fixed seeds (seconds). NEAT_PROPERTY_LONG=<seconds> runs random walks for that long
+and prints how many steps it ran.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import tempfile
+import time
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from neat_testing import adapter_tensors, assert_state_equal, reference_delta_weight, state_snapshot
+from neat_peft import BASE_ONLY, NeatConfig, NeatModel, get_neat_model
+
+LAYERS = ["embed", "fc", "proj", "conv"]
+VOCAB, BATCH, SEQ = 11, 4, 3
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 6)
+        self.fc = nn.Linear(6, 5)
+        self.proj = Conv1D(4, 5)  # weight stored d_in x d_out
+        nn.init.normal_(self.proj.weight, std=0.4)
+        nn.init.normal_(self.proj.bias, std=0.4)
+        self.conv = nn.Conv2d(1, 2, kernel_size=2)  # over the (seq x 4) map of each sample
+
+    def forward(self, ids):
+        return self.conv(self.proj(torch.tanh(self.fc(self.embed(ids)))).unsqueeze(1))
+
+
+def linear_w0(name, layer):
+    """W0 in nn.Linear layout (d_out x d_in) from a pristine layer's stored weight, in fp32 (the reference's dtype)."""
+    weight = layer.weight.detach().float()
+    if name == "conv":
+        return weight.reshape(weight.shape[0], -1)  # the kernel as d_out x (d_in * kh * kw)
+    return weight if name == "fc" else weight.t()
+
+
+def reference_forward(pristine: Net, ids, deltas_per_sample):
+    """The base network with W0 + sum(dW) per layer; deltas_per_sample[i]: {layer: dW (linear layout)} for sample i."""
+    outs = []
+    for i in range(ids.shape[0]):
+        W = {n: linear_w0(n, getattr(pristine, n)) + deltas_per_sample[i].get(n, 0) for n in LAYERS}
+        h = F.embedding(ids[i:i + 1], W["embed"].t())
+        h = torch.tanh(F.linear(h, W["fc"], pristine.fc.bias.float()))
+        h = h @ W["proj"].t() + pristine.proj.bias.float()
+        outs.append(F.conv2d(h.unsqueeze(1), W["conv"].reshape(pristine.conv.weight.shape), pristine.conv.bias.float()))
+    return torch.cat(outs)
+
+
+# fp32 walks check to 1e-4; half-precision bases (adapters stay fp32, the base computes in fp16/bf16) against the
+# fp32 reference to their rounding, which still sees any adapter missing or counted twice (differences ~0.1-1).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+class Walk:
+    def __init__(self, seed: int, dtype: torch.dtype = torch.float32):
+        self.rng = random.Random(seed)
+        torch.manual_seed(seed)
+        self.tol = TOLERANCE[dtype]
+        self.pristine = Net().to(dtype)
+        self.model = get_neat_model(copy.deepcopy(self.pristine), self.random_config())
+        self.adapters: dict[str, dict] = {}  # name -> {"config", "tensors": {layer: (A, B, encs, decs)}}
+        self.record("default")
+        self.active = ["default"]
+        self.merged: list[str] = []
+        self.training = True
+        self.count = 0
+        self.ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+        self.tmp = tempfile.TemporaryDirectory()
+        self.log: list[str] = []
+
+    # --- the walk's own account --------------------------------------------------------------------
+    def random_config(self) -> NeatConfig:
+        r = self.rng
+        return NeatConfig(r=r.randint(1, 3), depth=r.randint(0, 1), axis=r.choice(["out", "in"]),
+                          act_fn=r.choice(["tanh", "relu", "sin"]), scaling=r.choice([0.5, 1.0, 2.0]),
+                          target_modules=r.sample(LAYERS, r.randint(1, 3)), init_weights=False)
+
+    def record(self, name, model=None):
+        """Copy the adapter's tensors as they are now (the walk's own copy from then on)."""
+        model = model or self.model
+        tensors = {}
+        for layer_name in LAYERS:
+            layer = getattr(model.base_model, layer_name)
+            if hasattr(layer, "adapter_configs") and name in layer.adapter_configs:
+                A, B, encs, decs = adapter_tensors(layer, name)
+                tensors[layer_name] = (A.detach().clone(), B.detach().clone(), [e.detach().clone() for e in encs],
+                                       [d.detach().clone() for d in decs])
+        self.adapters[name] = {"config": model.peft_config[name], "tensors": tensors}
+
+    def deltas(self, names) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            cfg = self.adapters[name]["config"]
+            for layer_name, (A, B, encs, decs) in self.adapters[name]["tensors"].items():
+                W0 = linear_w0(layer_name, getattr(self.pristine, layer_name))
+                dW = reference_delta_weight(W0, A, B, encs, decs, cfg.act_fn, cfg.axis, cfg.scaling)
+                out[layer_name] = out.get(layer_name, 0) + dW
+        return out
+
+    def expected(self, per_sample=None, disabled=False):
+        if disabled:
+            sets = [[]] * BATCH
+        elif per_sample is not None:
+            sets = [[] if n == BASE_ONLY else [n] for n in per_sample]
+        else:
+            sets = [list(dict.fromkeys([*self.merged, *self.active]))] * BATCH
+        with torch.no_grad():
+            return reference_forward(self.pristine, self.ids, [self.deltas(s) for s in sets])
+
+    def check(self, what, **kwargs):
+        expected = self.expected(**kwargs)
+        tol = self.tol * max(1.0, expected.abs().max().item())  # half-precision rounding grows with the outputs
+        call = {"adapter_names": kwargs["per_sample"]} if kwargs.get("per_sample") else {}
+        assert self.model.training == self.training, f"{what}: mode"
+        assert list(self.model.active_adapters) == self.active, f"{what}: active adapters"
+        with torch.no_grad():
+            torch.testing.assert_close(self.model(self.ids, **call).float(), expected, rtol=self.tol, atol=tol,
+                                       msg=lambda m: f"{what} (no_grad): {m}\nsteps: {self.log}")
+        torch.testing.assert_close(self.model(self.ids, **call).detach().float(), expected,
+                                   rtol=self.tol, atol=tol,
+                                   msg=lambda m: f"{what} (autograd): {m}\nsteps: {self.log}")
+
+    def refused(self, step, match):
+        """The API must refuse this step with a clear ValueError and change nothing."""
+        before = state_snapshot(self.model)
+        with pytest.raises(ValueError, match=match):
+            step()
+        assert_state_equal(self.model, before)
+
+    # --- the steps ------------------------------------------------------------------------------------
+    def step(self):
+        r = self.rng
+        names = list(self.adapters)
+        action = r.choice(["add", "set", "delete", "merge_all", "merge_some", "unmerge", "disable", "mode",
+                           "train_step", "save_load_same", "save_load_fresh", "mixed", "autocast", "export_lora"])
+        self.log.append(action)
+        if action == "add" and len(names) < 4:
+            name = f"a{self.count}"
+            self.count += 1
+            self.model.add_adapter(name, self.random_config())
+            self.record(name)
+        elif action == "set":
+            chosen = r.sample(names, r.randint(1, len(names)))
+            self.log[-1] += f"{chosen}"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "merged; unmerging them" is expected
+                self.model.set_adapter(chosen)
+            if self.merged and sorted(self.merged) != sorted(chosen):
+                self.merged = []
+            self.active = chosen
+        elif action == "delete":
+            name = r.choice(names)
+            self.log[-1] += f"({name})"
+            if len(names) == 1:
+                return self.refused(lambda: self.model.delete_adapter(name), "only adapter")
+            if name in self.merged:
+                return self.refused(lambda: self.model.delete_adapter(name), "merged")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.model.delete_adapter(name)
+            del self.adapters[name]
+            if name in self.active:  # re-activates through set_adapter, which unmerges if the merged set differs
+                self.active = [n for n in self.active if n != name] or [next(iter(self.adapters))]
+                if self.merged and sorted(self.merged) != sorted(self.active):
+                    self.merged = []
+        elif action == "merge_all":
+            self.model.merge_adapter(safe_merge=r.random() < 0.5)
+            self.merged += [n for n in self.active if n not in self.merged]
+        elif action == "merge_some":
+            chosen = r.sample(names, r.randint(1, len(names)))
+            self.log[-1] += f"{chosen}"
+            self.model.merge_adapter(chosen, safe_merge=r.random() < 0.5)
+            self.merged += [n for n in chosen if n not in self.merged]
+        elif action == "unmerge":
+            self.model.unmerge_adapter()
+            self.merged = []
+        elif action == "disable":
+            before = state_snapshot(self.model)
+            with self.model.disable_adapter():
+                self.check("inside disable_adapter", disabled=True)
+            assert_state_equal(self.model, before)
+        elif action == "mode":
+            self.training = r.random() < 0.5
+            self.model.train(self.training)
+        elif action == "train_step" and not self.merged:
+            name = r.choice(names)
+            self.log[-1] += f"({name})"
+            with torch.no_grad():  # an optimizer step: in place, bumps the version counters
+                for layer_name in self.adapters[name]["tensors"]:
+                    layer = getattr(self.model.base_model, layer_name)
+                    layer.neat_B[name].weight.add_(0.1)
+                    layer.neat_A[name].weight.mul_(1.1)
+            self.record(name)
+        elif action == "save_load_same" and len(names) < 4:
+            name = r.choice(names)
+            new = f"a{self.count}"
+            self.count += 1
+            self.log[-1] += f"({name}->{new})"
+            directory = os.path.join(self.tmp.name, new)
+            self.model.save_pretrained(directory, selected_adapters=[name])
+            self.model.load_adapter(os.path.join(directory, "" if name == "default" else name), new)
+            self.adapters[new] = {"config": self.model.peft_config[new], "tensors": self.adapters[name]["tensors"]}
+        elif action == "save_load_fresh":
+            name = r.choice(names)
+            self.log[-1] += f"({name})"
+            directory = os.path.join(self.tmp.name, f"fresh{self.count}")
+            self.count += 1
+            self.model.save_pretrained(directory, selected_adapters=[name])
+            fresh = NeatModel.from_pretrained(copy.deepcopy(self.pristine),
+                                              os.path.join(directory, "" if name == "default" else name))
+            with torch.no_grad():
+                expected = reference_forward(self.pristine, self.ids, [self.deltas([name])] * BATCH)
+                torch.testing.assert_close(fresh(self.ids).float(), expected, rtol=self.tol, atol=self.tol,
+                                           msg=lambda m: f"fresh load of {name}: {m}\nsteps: {self.log}")
+        elif action == "mixed":
+            per_sample = [r.choice([*names, BASE_ONLY]) for _ in range(BATCH)]
+            self.log[-1] += f"{per_sample}"
+            if self.training:
+                return self.refused(lambda: self.model(self.ids, adapter_names=per_sample), "training mode")
+            if self.merged:
+                return self.refused(lambda: self.model(self.ids, adapter_names=per_sample), "merged")
+            self.check("mixed batch", per_sample=per_sample)
+        elif action == "autocast":  # bf16 compute, then (self.check below) fp32 again: no stale half-precision H
+            expected = self.expected()  # the reference outside autocast: fp32
+            # bf16 rounding through four layers and up to four adapters grows with the outputs' scale
+            loose = max(self.tol, 0.05, 0.03 * expected.abs().max().item())
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                out = self.model(self.ids).float()
+            torch.testing.assert_close(out, expected, rtol=loose, atol=loose,
+                                       msg=lambda m: f"under autocast: {m}\nsteps: {self.log}")
+        elif action == "export_lora":  # the LoRA file, read by peft itself into a fresh base, computes dW exactly
+            from peft import PeftModel
+
+            name = r.choice(names)
+            self.log[-1] += f"({name})"
+            directory = os.path.join(self.tmp.name, f"lora{self.count}")
+            self.count += 1
+            self.model.export_lora(directory, name)
+            lora = PeftModel.from_pretrained(copy.deepcopy(self.pristine), directory).eval()
+            with torch.no_grad():
+                expected = reference_forward(self.pristine, self.ids, [self.deltas([name])] * BATCH)
+                torch.testing.assert_close(lora(self.ids).float(), expected, rtol=self.tol, atol=self.tol,
+                                           msg=lambda m: f"exported LoRA of {name}: {m}\nsteps: {self.log}")
+        self.check(self.log[-1])
+
+    def finish(self):
+        """The walk's last step: the plain model left behind computes what the API promised."""
+        merge = self.rng.random() < 0.5
+        self.log.append("merge_and_unload" if merge else "unload")
+        expected = self.expected() if merge else self.expected(disabled=True)
+        plain = self.model.merge_and_unload() if merge else self.model.unload()
+        assert not any(type(m).__module__.startswith("neat_peft") for m in plain.modules()), "NEAT layers left"
+        with torch.no_grad():
+            torch.testing.assert_close(plain(self.ids).float(), expected, rtol=self.tol, atol=self.tol,
+                                       msg=lambda m: f"{self.log[-1]}: {m}\nsteps: {self.log}")
+
+
+def walk(seed, steps, dtype=torch.float32):
+    w = Walk(seed, dtype)
+    try:
+        w.check("start")
+        for _ in range(steps):
+            w.step()
+        w.finish()
+    finally:
+        w.tmp.cleanup()
+    return steps
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_walk(seed):
+    walk(seed, 25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(2))
+def test_random_walk_half_precision_base(seed, dtype):
+    walk(100 + seed, 25, dtype)
+
+
+@pytest.mark.skipif(not os.environ.get("NEAT_PROPERTY_LONG"), reason="long mode: NEAT_PROPERTY_LONG=<seconds>")
+def test_random_walks_long_mode():
+    deadline = time.monotonic() + float(os.environ["NEAT_PROPERTY_LONG"])
+    seed, steps = 1000, 0
+    while time.monotonic() < deadline:
+        steps += walk(seed, 40, [torch.float32, torch.float32, torch.float16, torch.bfloat16][seed % 4])
+        seed += 1
+    print(f"\nlong mode: {seed - 1000} walks, {steps} steps, all matched the reference")
