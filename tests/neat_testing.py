@@ -197,6 +197,13 @@ def structure(module):
     return [(n, type(m).__name__) for n, m in module.named_modules()]
 
 
+def tagged_adapter(seed: int, size: int = 64):
+    """A (config dict, tensors by file key) pair for formats.write_adapter whose every value tells which it is."""
+    g = torch.Generator().manual_seed(seed)
+    config = {"peft_type": "NEAT", "r": 4, "scaling": float(seed), "target_modules": [f"layer{seed}"]}
+    return config, {f"base_model.model.m{i}.neat_A.weight": torch.randn(size, size, generator=g) for i in range(4)}
+
+
 def dir_snapshot(path):
     """{relative file name: bytes} of a directory tree (to check files were left untouched)."""
     out = {}
