@@ -11,7 +11,8 @@ call k (CI: every k once, and k together with k+1; long mode adds random sets of
   - nothing is left but the adapter's files, unless a cleanup call was the one that failed; then the next save
     removes what is left;
   - every load of the reader thread, during all of it, saw one complete version.
-Long mode: NEAT_PROPERTY_LONG=<cases per writer>, e.g. `NEAT_PROPERTY_LONG=400 pytest -s tests/test_file_faults.py`.
+Long mode: NEAT_PROPERTY_LONG=<seconds> (shared with test_state_machine), split among the writers, adds random cases:
+`NEAT_PROPERTY_LONG=240 pytest -s tests/test_file_faults.py` prints how many cases each writer ran.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import copy
 import errno
 import fnmatch
+import itertools
 import os
 import pathlib
 import random
@@ -43,7 +45,7 @@ from neat_peft.formats import CONFIG_NAME, STAGING_PREFIX, WEIGHTS_NAME, read_ad
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="names fsync'd files via /proc")]
-LONG = int(os.environ.get("NEAT_PROPERTY_LONG", "0"))
+LONG = float(os.environ.get("NEAT_PROPERTY_LONG", "0"))
 CLEANUP_FUNCTIONS = {"rmtree", "_rmtree_safe_fd", "_rmtree_unsafe"}
 
 
@@ -359,13 +361,18 @@ def test_every_fault_of_a_save_leaves_one_complete_version(tmp_path, monkeypatch
     # (before=None) fails in the same calls: CI tries it on the one-directory writers.
     firsts = (0,) if name == "save_pretrained" and not LONG else (0, None)
     cases = [(before, {k}) for k in range(n) for before in firsts] + [(0, {k, k + 1}) for k in range(n)]
-    rng = random.Random(0)
-    for _ in range(LONG):
-        cases.append((rng.choice([0, 1, None]), set(rng.sample(range(n + 4), rng.randint(1, 3)))))
+    deadline, rng = time.monotonic() + LONG / len(WRITERS), random.Random(0)
+
+    def random_cases():  # long mode: 1-3 failing calls anywhere, over any starting state
+        while time.monotonic() < deadline:
+            yield rng.choice([0, 1, None]), set(rng.sample(range(n + 4), rng.randint(1, 3)))
+
     reader = Reader(writer, target)
     reader.start()
+    count = 0
     try:
-        for before, fail_at in cases:
+        for before, fail_at in itertools.chain(cases, random_cases()):
+            count += 1
             reader.case = (before, fail_at)
             if before is None:
                 _remove(target)
@@ -377,7 +384,7 @@ def test_every_fault_of_a_save_leaves_one_complete_version(tmp_path, monkeypatch
     assert not reader.errors, reader.errors
     assert reader.loads > 0
     if LONG:
-        print(f"\n{name}: {len(cases)} fault cases ({n} calls in a clean save), {reader.loads} concurrent loads")
+        print(f"\n{name}: {count} fault cases ({n} calls in a clean save), {reader.loads} concurrent loads")
 
 
 def _remove(directory: Path):

@@ -89,6 +89,7 @@ class Walk:
         self.merged: list[str] = []
         self.training = True
         self.count = 0
+        self.gradients = 0  # gradients checked
         self.ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
         self.tmp = tempfile.TemporaryDirectory()
         self.log: list[str] = []
@@ -108,19 +109,26 @@ class Walk:
             layer = getattr(model.base_model, layer_name)
             if hasattr(layer, "adapter_configs") and name in layer.adapter_configs:
                 A, B, encs, decs = adapter_tensors(layer, name)
-                tensors[layer_name] = (A.detach().clone(), B.detach().clone(), [e.detach().clone() for e in encs],
-                                       [d.detach().clone() for d in decs])
+                copy_ = lambda t: t.detach().float().clone()  # noqa: E731 - the reference computes in fp32
+                tensors[layer_name] = (copy_(A), copy_(B), [copy_(e) for e in encs], [copy_(d) for d in decs])
         self.adapters[name] = {"config": model.peft_config[name], "tensors": tensors}
 
-    def deltas(self, names) -> dict[str, torch.Tensor]:
+    def deltas(self, names, leaf=None) -> dict[str, torch.Tensor]:
+        """{layer: sum of dW}; leaf=(adapter, layer, (A, B, encs, decs)) replaces those tensors (for gradients)."""
         out: dict[str, torch.Tensor] = {}
         for name in names:
             cfg = self.adapters[name]["config"]
             for layer_name, (A, B, encs, decs) in self.adapters[name]["tensors"].items():
+                if leaf is not None and leaf[:2] == (name, layer_name):
+                    A, B, encs, decs = leaf[2]
                 W0 = linear_w0(layer_name, getattr(self.pristine, layer_name))
                 dW = reference_delta_weight(W0, A, B, encs, decs, cfg.act_fn, cfg.axis, cfg.scaling)
                 out[layer_name] = out.get(layer_name, 0) + dW
         return out
+
+    def counted(self) -> list[str]:
+        """The adapters whose updates the output holds: the merged ones and the active ones."""
+        return list(dict.fromkeys([*self.merged, *self.active]))
 
     def expected(self, per_sample=None, disabled=False):
         if disabled:
@@ -128,9 +136,37 @@ class Walk:
         elif per_sample is not None:
             sets = [[] if n == BASE_ONLY else [n] for n in per_sample]
         else:
-            sets = [list(dict.fromkeys([*self.merged, *self.active]))] * BATCH
+            sets = [self.counted()] * BATCH
         with torch.no_grad():
             return reference_forward(self.pristine, self.ids, [self.deltas(s) for s in sets])
+
+    def check_gradient(self, what, out):
+        """One adapter tensor's gradient of sum(out * weights) against autograd through the reference formula.
+        The tensor: A or B of an active, unmerged adapter on a random layer (the merged ones have no gradient)."""
+        trainable = [(n, layer) for n in self.active if n not in self.merged
+                     for layer in self.adapters[n]["tensors"]]
+        if not trainable:
+            return
+        name, layer_name = self.rng.choice(trainable)
+        role = self.rng.choice(["A", "B"])
+        param = getattr(getattr(self.model.base_model, layer_name), f"neat_{role}")[name].weight
+        assert param.requires_grad, f"{what}: {name}.{layer_name}.{role} of an active adapter is frozen"
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(len(self.log)))
+        self.model.zero_grad(set_to_none=True)
+        (out.float() * weights).sum().backward()
+        self.gradients += 1
+        A, B, encs, decs = self.adapters[name]["tensors"][layer_name]
+        A, B = A.clone(), B.clone()
+        leaf = (A if role == "A" else B).requires_grad_()
+        deltas = self.deltas(self.counted(), leaf=(name, layer_name, (A, B, encs, decs)))
+        reference = reference_forward(self.pristine, self.ids, [deltas] * BATCH)
+        (expected,) = torch.autograd.grad((reference * weights).sum(), leaf)
+        assert param.grad is not None, f"{what}: no gradient for {name}.{layer_name}.{role}\nsteps: {self.log}"
+        tol = self.tol * max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(param.grad.float(), expected, rtol=self.tol, atol=tol,
+                                   msg=lambda m: f"{what}: gradient of {name}.{layer_name}.{role}: {m}\n"
+                                                 f"steps: {self.log}")
+        self.model.zero_grad(set_to_none=True)
 
     def check(self, what, **kwargs):
         expected = self.expected(**kwargs)
@@ -141,9 +177,11 @@ class Walk:
         with torch.no_grad():
             torch.testing.assert_close(self.model(self.ids, **call).float(), expected, rtol=self.tol, atol=tol,
                                        msg=lambda m: f"{what} (no_grad): {m}\nsteps: {self.log}")
-        torch.testing.assert_close(self.model(self.ids, **call).detach().float(), expected,
-                                   rtol=self.tol, atol=tol,
+        out = self.model(self.ids, **call)
+        torch.testing.assert_close(out.detach().float(), expected, rtol=self.tol, atol=tol,
                                    msg=lambda m: f"{what} (autograd): {m}\nsteps: {self.log}")
+        if not call and out.requires_grad:
+            self.check_gradient(what, out)
 
     def refused(self, step, match):
         """The API must refuse this step with a clear ValueError and change nothing."""
@@ -157,7 +195,8 @@ class Walk:
         r = self.rng
         names = list(self.adapters)
         action = r.choice(["add", "set", "delete", "merge_all", "merge_some", "unmerge", "disable", "mode",
-                           "train_step", "save_load_same", "save_load_fresh", "mixed", "autocast", "export_lora"])
+                           "train_step", "save_load_same", "save_load_fresh", "mixed", "autocast", "export_lora",
+                           "cast"])
         self.log.append(action)
         if action == "add" and len(names) < 4:
             name = f"a{self.count}"
@@ -253,6 +292,16 @@ class Walk:
                 out = self.model(self.ids).float()
             torch.testing.assert_close(out, expected, rtol=loose, atol=loose,
                                        msg=lambda m: f"under autocast: {m}\nsteps: {self.log}")
+        elif action == "cast":  # the whole model, adapters included; the reference's W0 and tensors round alike
+            dtype, how = r.choice([(torch.float32, "float"), (torch.float32, "to"), (torch.float16, "half"),
+                                   (torch.float16, "to"), (torch.bfloat16, "bfloat16"), (torch.bfloat16, "to")])
+            self.log[-1] += f"({how}:{dtype})"
+            self.model = self.model.to(dtype) if how == "to" else getattr(self.model, how)()
+            assert all(p.dtype == dtype for p in self.model.parameters()), f"{self.log[-1]}: a parameter kept its dtype"
+            self.pristine = self.pristine.to(dtype)
+            for name in list(self.adapters):
+                self.record(name)
+            self.tol = max(self.tol, TOLERANCE[dtype])  # what a round trip through half precision lost stays lost
         elif action == "export_lora":  # the LoRA file, read by peft itself into a fresh base, computes dW exactly
             from peft import PeftModel
 
@@ -280,7 +329,7 @@ class Walk:
                                        msg=lambda m: f"{self.log[-1]}: {m}\nsteps: {self.log}")
 
 
-def walk(seed, steps, dtype=torch.float32):
+def walk(seed, steps, dtype=torch.float32) -> Walk:
     w = Walk(seed, dtype)
     try:
         w.check("start")
@@ -289,25 +338,25 @@ def walk(seed, steps, dtype=torch.float32):
         w.finish()
     finally:
         w.tmp.cleanup()
-    return steps
+    return w
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_walk(seed):
-    walk(seed, 25)
+    assert walk(seed, 25).gradients > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("seed", range(2))
 def test_random_walk_half_precision_base(seed, dtype):
-    walk(100 + seed, 25, dtype)
+    assert walk(100 + seed, 25, dtype).gradients > 0
 
 
 @pytest.mark.skipif(not os.environ.get("NEAT_PROPERTY_LONG"), reason="long mode: NEAT_PROPERTY_LONG=<seconds>")
 def test_random_walks_long_mode():
     deadline = time.monotonic() + float(os.environ["NEAT_PROPERTY_LONG"])
-    seed, steps = 1000, 0
+    seed, steps, gradients = 1000, 0, 0
     while time.monotonic() < deadline:
-        steps += walk(seed, 40, [torch.float32, torch.float32, torch.float16, torch.bfloat16][seed % 4])
-        seed += 1
-    print(f"\nlong mode: {seed - 1000} walks, {steps} steps, all matched the reference")
+        w = walk(seed, 40, [torch.float32, torch.float32, torch.float16, torch.bfloat16][seed % 4])
+        steps, gradients, seed = steps + len(w.log), gradients + w.gradients, seed + 1
+    print(f"\nlong mode: {seed - 1000} walks, {steps} steps, {gradients} gradients, all matched the reference")
