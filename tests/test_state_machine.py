@@ -18,6 +18,7 @@ and prints how many steps it ran.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import random
 import tempfile
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from neat_testing import adapter_tensors, assert_state_equal, reference_delta_weight, state_snapshot
+from neat_testing import adapter_tensors, assert_state_equal, probed_weight, reference_delta_weight, state_snapshot
 from neat_peft import BASE_ONLY, NeatConfig, NeatModel, get_neat_model
 
 LAYERS = ["embed", "fc", "proj", "conv"]
@@ -81,8 +82,8 @@ class Walk:
         self.rng = random.Random(seed)
         torch.manual_seed(seed)
         self.tol = TOLERANCE[dtype]
-        self.pristine = Net().to(dtype)
-        self.model = get_neat_model(copy.deepcopy(self.pristine), self.random_config())
+        self.pristine = self.reference_base(dtype)
+        self.model = get_neat_model(self.fresh_base(), self.random_config())
         self.adapters: dict[str, dict] = {}  # name -> {"config", "tensors": {layer: (A, B, encs, decs)}}
         self.record("default")
         self.active = ["default"]
@@ -93,6 +94,18 @@ class Walk:
         self.ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
         self.tmp = tempfile.TemporaryDirectory()
         self.log: list[str] = []
+
+    MERGE_AND_UNLOAD: dict = {}
+    ACTIONS = ["add", "set", "delete", "merge_all", "merge_some", "unmerge", "disable", "mode", "train_step",
+               "save_load_same", "save_load_fresh", "mixed", "autocast", "export_lora", "cast"]
+
+    def reference_base(self, dtype) -> Net:
+        """The pristine base the reference computes with (W0 and biases, read in fp32)."""
+        return Net().to(dtype)
+
+    def fresh_base(self) -> nn.Module:
+        """A new copy of the base to wrap (at the start, and for loads into a fresh model)."""
+        return copy.deepcopy(self.pristine)
 
     # --- the walk's own account --------------------------------------------------------------------
     def random_config(self) -> NeatConfig:
@@ -194,9 +207,7 @@ class Walk:
     def step(self):
         r = self.rng
         names = list(self.adapters)
-        action = r.choice(["add", "set", "delete", "merge_all", "merge_some", "unmerge", "disable", "mode",
-                           "train_step", "save_load_same", "save_load_fresh", "mixed", "autocast", "export_lora",
-                           "cast"])
+        action = r.choice(self.ACTIONS)
         self.log.append(action)
         if action == "add" and len(names) < 4:
             name = f"a{self.count}"
@@ -270,7 +281,7 @@ class Walk:
             directory = os.path.join(self.tmp.name, f"fresh{self.count}")
             self.count += 1
             self.model.save_pretrained(directory, selected_adapters=[name])
-            fresh = NeatModel.from_pretrained(copy.deepcopy(self.pristine),
+            fresh = NeatModel.from_pretrained(self.fresh_base(),
                                               os.path.join(directory, "" if name == "default" else name))
             with torch.no_grad():
                 expected = reference_forward(self.pristine, self.ids, [self.deltas([name])] * BATCH)
@@ -310,7 +321,7 @@ class Walk:
             directory = os.path.join(self.tmp.name, f"lora{self.count}")
             self.count += 1
             self.model.export_lora(directory, name)
-            lora = PeftModel.from_pretrained(copy.deepcopy(self.pristine), directory).eval()
+            lora = PeftModel.from_pretrained(self.fresh_base(), directory).eval()
             with torch.no_grad():
                 expected = reference_forward(self.pristine, self.ids, [self.deltas([name])] * BATCH)
                 torch.testing.assert_close(lora(self.ids).float(), expected, rtol=self.tol, atol=self.tol,
@@ -322,15 +333,45 @@ class Walk:
         merge = self.rng.random() < 0.5
         self.log.append("merge_and_unload" if merge else "unload")
         expected = self.expected() if merge else self.expected(disabled=True)
-        plain = self.model.merge_and_unload() if merge else self.model.unload()
+        plain = self.model.merge_and_unload(**self.MERGE_AND_UNLOAD) if merge else self.model.unload()
         assert not any(type(m).__module__.startswith("neat_peft") for m in plain.modules()), "NEAT layers left"
         with torch.no_grad():
             torch.testing.assert_close(plain(self.ids).float(), expected, rtol=self.tol, atol=self.tol,
                                        msg=lambda m: f"{self.log[-1]}: {m}\nsteps: {self.log}")
 
 
-def walk(seed, steps, dtype=torch.float32) -> Walk:
-    w = Walk(seed, dtype)
+class QuantizedWalk(Walk):
+    """The same walk with `fc` a bitsandbytes nf4 Linear4bit (fp32 compute, on CPU). The reference is the fp32 twin:
+    the float Net whose fc weight is the W0 the 4-bit layer's forward computes with, read off by probing it with the
+    identity (neat_testing.probed_weight), not through neat_peft's dequantization. Merges (which requantize
+    W0 + dW: no float reference reproduces the rounding; tests/test_quantized.py bounds it) and casts are left out.
+    """
+
+    ACTIONS = [a for a in Walk.ACTIONS if a not in ("merge_all", "merge_some", "unmerge", "cast")]
+    MERGE_AND_UNLOAD = {"dequantize": True}  # a float model holding W0 + dW: the reference exactly
+
+    def reference_base(self, dtype) -> Net:
+        import bitsandbytes as bnb
+
+        net = Net()
+        fc = bnb.nn.Linear4bit(6, 5, compute_dtype=torch.float32, quant_type="nf4")
+        fc.weight = bnb.nn.Params4bit(net.fc.weight.detach().clone(), requires_grad=False, quant_type="nf4")
+        fc.bias = nn.Parameter(net.fc.bias.detach().clone(), requires_grad=False)
+        fc = fc.to("cpu")  # quantizes
+        fc.support_avx512bf16_for_cpu = False  # the probe below reads the layout NEAT keeps (docs/quantized.md)
+        twin = copy.deepcopy(net)
+        with torch.no_grad():
+            twin.fc.weight.copy_(probed_weight(fc, 6))
+        net.fc = fc
+        self.quantized = net
+        return twin
+
+    def fresh_base(self) -> nn.Module:
+        return copy.deepcopy(self.quantized)
+
+
+def walk(seed, steps, dtype=torch.float32, kind=Walk) -> Walk:
+    w = kind(seed, dtype)
     try:
         w.check("start")
         for _ in range(steps):
@@ -352,11 +393,19 @@ def test_random_walk_half_precision_base(seed, dtype):
     assert walk(100 + seed, 25, dtype).gradients > 0
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_random_walk_4bit_base(seed):
+    pytest.importorskip("bitsandbytes")
+    w = walk(200 + seed, 25, kind=QuantizedWalk)
+    assert w.gradients > 0 and not any(s.startswith(("merge_all", "merge_some", "cast")) for s in w.log)
+
+
 @pytest.mark.skipif(not os.environ.get("NEAT_PROPERTY_LONG"), reason="long mode: NEAT_PROPERTY_LONG=<seconds>")
 def test_random_walks_long_mode():
     deadline = time.monotonic() + float(os.environ["NEAT_PROPERTY_LONG"])
     seed, steps, gradients = 1000, 0, 0
     while time.monotonic() < deadline:
-        w = walk(seed, 40, [torch.float32, torch.float32, torch.float16, torch.bfloat16][seed % 4])
+        kind = QuantizedWalk if seed % 5 == 4 and importlib.util.find_spec("bitsandbytes") else Walk
+        w = walk(seed, 40, [torch.float32, torch.float32, torch.float16, torch.bfloat16, torch.float32][seed % 5], kind)
         steps, gradients, seed = steps + len(w.log), gradients + w.gradients, seed + 1
     print(f"\nlong mode: {seed - 1000} walks, {steps} steps, {gradients} gradients, all matched the reference")
