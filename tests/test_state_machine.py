@@ -1,4 +1,5 @@
-"""A stateful property test: seeded random walks over NeatModel's public API, checked against a reference.
+"""A stateful property test: seeded random walks over NeatModel's public API (and peft's, with NEAT registered),
+checked against a reference.
 
 The model: Embedding -> Linear -> tanh -> transformers' Conv1D -> Conv2d, in fp32, fp16 or bf16. Each walk adds /
 sets / deletes adapters, merges (all, some, safe), unmerges, enters disable_adapter, switches train()/eval(), changes
@@ -83,7 +84,7 @@ class Walk:
         torch.manual_seed(seed)
         self.tol = TOLERANCE[dtype]
         self.pristine = self.reference_base(dtype)
-        self.model = get_neat_model(self.fresh_base(), self.random_config())
+        self.model = self.wrap(self.fresh_base(), self.random_config())
         self.adapters: dict[str, dict] = {}  # name -> {"config", "tensors": {layer: (A, B, encs, decs)}}
         self.record("default")
         self.active = ["default"]
@@ -96,6 +97,11 @@ class Walk:
         self.log: list[str] = []
 
     MERGE_AND_UNLOAD: dict = {}
+    LOAD_ADAPTER_KEEPS_MODE = True
+    ADD_UNMERGES = False
+    DISABLE_UNMERGES = False
+    SET_UNMERGES = False  # only when the merged set differs from the new active set
+    DELETES_ACTIVE = True  # re-activating another adapter, refusing the last one
     ACTIONS = ["add", "set", "delete", "merge_all", "merge_some", "unmerge", "disable", "mode", "train_step",
                "save_load_same", "save_load_fresh", "mixed", "autocast", "export_lora", "cast"]
 
@@ -106,6 +112,19 @@ class Walk:
     def fresh_base(self) -> nn.Module:
         """A new copy of the base to wrap (at the start, and for loads into a fresh model)."""
         return copy.deepcopy(self.pristine)
+
+    # the API under test: NeatModel's (PeftWalk: peft's, with NEAT registered as a peft method)
+    def wrap(self, base, config):
+        return get_neat_model(base, config)
+
+    def load_fresh(self, base, directory):
+        return NeatModel.from_pretrained(base, directory)
+
+    def choose_active(self, names) -> list[str]:
+        return self.rng.sample(names, self.rng.randint(1, len(names)))
+
+    def activate(self, chosen: list[str]) -> None:
+        self.model.set_adapter(chosen)
 
     # --- the walk's own account --------------------------------------------------------------------
     def random_config(self) -> NeatConfig:
@@ -155,15 +174,16 @@ class Walk:
 
     def check_gradient(self, what, out):
         """One adapter tensor's gradient of sum(out * weights) against autograd through the reference formula.
-        The tensor: A or B of an active, unmerged adapter on a random layer (the merged ones have no gradient)."""
-        trainable = [(n, layer) for n in self.active if n not in self.merged
-                     for layer in self.adapters[n]["tensors"]]
+        The tensor: A or B of an active, unmerged, trainable adapter on a random layer (merged ones have no gradient,
+        and one loaded with is_trainable=False is frozen)."""
+        trainable = [(n, layer) for n in self.active if n not in self.merged  # loaded for inference: frozen
+                     and not self.model.peft_config[n].inference_mode for layer in self.adapters[n]["tensors"]]
         if not trainable:
             return
         name, layer_name = self.rng.choice(trainable)
         role = self.rng.choice(["A", "B"])
         param = getattr(getattr(self.model.base_model, layer_name), f"neat_{role}")[name].weight
-        assert param.requires_grad, f"{what}: {name}.{layer_name}.{role} of an active adapter is frozen"
+        assert param.requires_grad, f"{what}: {name}.{layer_name}.{role} of an active adapter is frozen\nsteps: {self.log}"
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(len(self.log)))
         self.model.zero_grad(set_to_none=True)
         (out.float() * weights).sum().backward()
@@ -212,20 +232,26 @@ class Walk:
         if action == "add" and len(names) < 4:
             name = f"a{self.count}"
             self.count += 1
-            self.model.add_adapter(name, self.random_config())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # peft: "Unmerging the model first"
+                self.model.add_adapter(name, self.random_config())
             self.record(name)
+            if self.ADD_UNMERGES:
+                self.merged = []
         elif action == "set":
-            chosen = r.sample(names, r.randint(1, len(names)))
+            chosen = self.choose_active(names)
             self.log[-1] += f"{chosen}"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "merged; unmerging them" is expected
-                self.model.set_adapter(chosen)
-            if self.merged and sorted(self.merged) != sorted(chosen):
+                self.activate(chosen)
+            if self.merged and (self.SET_UNMERGES or sorted(self.merged) != sorted(chosen)):
                 self.merged = []
             self.active = chosen
         elif action == "delete":
             name = r.choice(names)
             self.log[-1] += f"({name})"
+            if not self.DELETES_ACTIVE and (len(names) == 1 or name in self.active):
+                return
             if len(names) == 1:
                 return self.refused(lambda: self.model.delete_adapter(name), "only adapter")
             if name in self.merged:
@@ -253,7 +279,10 @@ class Walk:
             before = state_snapshot(self.model)
             with self.model.disable_adapter():
                 self.check("inside disable_adapter", disabled=True)
-            assert_state_equal(self.model, before)
+            if self.DISABLE_UNMERGES:
+                self.merged = []
+            else:
+                assert_state_equal(self.model, before)
         elif action == "mode":
             self.training = r.random() < 0.5
             self.model.train(self.training)
@@ -274,6 +303,9 @@ class Walk:
             directory = os.path.join(self.tmp.name, new)
             self.model.save_pretrained(directory, selected_adapters=[name])
             self.model.load_adapter(os.path.join(directory, "" if name == "default" else name), new)
+            self.training = self.training and self.LOAD_ADAPTER_KEEPS_MODE
+            if self.ADD_UNMERGES:  # load_adapter adds the adapter first
+                self.merged = []
             self.adapters[new] = {"config": self.model.peft_config[new], "tensors": self.adapters[name]["tensors"]}
         elif action == "save_load_fresh":
             name = r.choice(names)
@@ -281,7 +313,7 @@ class Walk:
             directory = os.path.join(self.tmp.name, f"fresh{self.count}")
             self.count += 1
             self.model.save_pretrained(directory, selected_adapters=[name])
-            fresh = NeatModel.from_pretrained(self.fresh_base(),
+            fresh = self.load_fresh(self.fresh_base(),
                                               os.path.join(directory, "" if name == "default" else name))
             with torch.no_grad():
                 expected = reference_forward(self.pristine, self.ids, [self.deltas([name])] * BATCH)
@@ -370,6 +402,38 @@ class QuantizedWalk(Walk):
         return copy.deepcopy(self.quantized)
 
 
+class PeftWalk(Walk):
+    """The same walk through peft's API: get_peft_model(base, NeatConfig), PeftModel.add_adapter / set_adapter (one
+    name: peft's PeftModel takes one) / delete_adapter / merge_adapter / unmerge_adapter / disable_adapter /
+    save_pretrained / load_adapter, PeftModel.from_pretrained, merge_and_unload / unload. export_lora is the core's
+    (peft's plugin converts with convert_to_lora, tested in test_peft_plugin.py)."""
+
+    ACTIONS = [a for a in Walk.ACTIONS if a != "export_lora"]
+    LOAD_ADAPTER_KEEPS_MODE = False  # peft's load_adapter(is_trainable=False) switches the model to eval mode
+    ADD_UNMERGES = True  # peft's add_adapter unmerges every layer first (with a warning); the core keeps merges
+    DISABLE_UNMERGES = True  # peft's rule: a forward with adapters disabled unmerges (the core puts merges back)
+    SET_UNMERGES = True  # peft's set_adapter unmerges whenever something is merged
+    # peft deletes the last adapter, and picks the next active one per layer (among the adapters on that layer):
+    # not walked; the core's rule is.
+    DELETES_ACTIVE = False
+
+    def wrap(self, base, config):
+        import peft
+
+        return peft.get_peft_model(base, config)
+
+    def load_fresh(self, base, directory):
+        import peft
+
+        return peft.PeftModel.from_pretrained(base, directory)
+
+    def choose_active(self, names) -> list[str]:
+        return [self.rng.choice(names)]
+
+    def activate(self, chosen: list[str]) -> None:
+        self.model.set_adapter(chosen[0])
+
+
 def walk(seed, steps, dtype=torch.float32, kind=Walk) -> Walk:
     w = kind(seed, dtype)
     try:
@@ -400,12 +464,22 @@ def test_random_walk_4bit_base(seed):
     assert w.gradients > 0 and not any(s.startswith(("merge_all", "merge_some", "cast")) for s in w.log)
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_random_walk_through_peft(seed):
+    pytest.importorskip("peft")
+    assert walk(300 + seed, 25, kind=PeftWalk).gradients > 0
+
+
 @pytest.mark.skipif(not os.environ.get("NEAT_PROPERTY_LONG"), reason="long mode: NEAT_PROPERTY_LONG=<seconds>")
 def test_random_walks_long_mode():
     deadline = time.monotonic() + float(os.environ["NEAT_PROPERTY_LONG"])
-    seed, steps, gradients = 1000, 0, 0
+    seed, steps, gradients, kinds = 1000, 0, 0, {}
     while time.monotonic() < deadline:
-        kind = QuantizedWalk if seed % 5 == 4 and importlib.util.find_spec("bitsandbytes") else Walk
-        w = walk(seed, 40, [torch.float32, torch.float32, torch.float16, torch.bfloat16, torch.float32][seed % 5], kind)
+        kind, dtype = [(Walk, torch.float32), (Walk, torch.float32), (Walk, torch.float16), (Walk, torch.bfloat16),
+                       (QuantizedWalk, torch.float32), (PeftWalk, torch.float32)][seed % 6]
+        if kind is QuantizedWalk and not importlib.util.find_spec("bitsandbytes"):
+            kind = Walk
+        w = walk(seed, 40, dtype, kind)
+        kinds[kind.__name__] = kinds.get(kind.__name__, 0) + 1
         steps, gradients, seed = steps + len(w.log), gradients + w.gradients, seed + 1
-    print(f"\nlong mode: {seed - 1000} walks, {steps} steps, {gradients} gradients, all matched the reference")
+    print(f"\nlong mode: {seed - 1000} walks ({kinds}), {steps} steps, {gradients} gradients, all matched the reference")
