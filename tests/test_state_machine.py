@@ -101,7 +101,8 @@ class Walk:
     ADD_UNMERGES = False
     DISABLE_UNMERGES = False
     SET_UNMERGES = False  # only when the merged set differs from the new active set
-    DELETES_ACTIVE = True  # re-activating another adapter, refusing the last one
+    UNLOAD_KEEPS_MERGES = False
+    PEFT_DELETE = False  # the core: re-activates the remaining active ones (or the first), refuses the last one
     ACTIONS = ["add", "set", "delete", "merge_all", "merge_some", "unmerge", "disable", "mode", "train_step",
                "save_load_same", "save_load_fresh", "mixed", "autocast", "export_lora", "cast"]
 
@@ -166,7 +167,7 @@ class Walk:
         if disabled:
             sets = [[]] * BATCH
         elif per_sample is not None:
-            sets = [[] if n == BASE_ONLY else [n] for n in per_sample]
+            sets = [[] if n == BASE_ONLY else n if isinstance(n, list) else [n] for n in per_sample]
         else:
             sets = [self.counted()] * BATCH
         with torch.no_grad():
@@ -250,7 +251,7 @@ class Walk:
         elif action == "delete":
             name = r.choice(names)
             self.log[-1] += f"({name})"
-            if not self.DELETES_ACTIVE and (len(names) == 1 or name in self.active):
+            if self.PEFT_DELETE and len(names) == 1:  # peft deletes the last adapter too: the walk would end
                 return
             if len(names) == 1:
                 return self.refused(lambda: self.model.delete_adapter(name), "only adapter")
@@ -260,7 +261,11 @@ class Walk:
                 warnings.simplefilter("ignore")
                 self.model.delete_adapter(name)
             del self.adapters[name]
-            if name in self.active:  # re-activates through set_adapter, which unmerges if the merged set differs
+            if name in self.active and self.PEFT_DELETE:
+                # peft picks the next active adapter itself (among those on the first adapted layer); the output
+                # checks that every layer follows that choice
+                self.active = list(self.model.active_adapters)
+            elif name in self.active:  # re-activates through set_adapter, which unmerges if the merged set differs
                 self.active = [n for n in self.active if n != name] or [next(iter(self.adapters))]
                 if self.merged and sorted(self.merged) != sorted(self.active):
                     self.merged = []
@@ -364,7 +369,12 @@ class Walk:
         """The walk's last step: the plain model left behind computes what the API promised."""
         merge = self.rng.random() < 0.5
         self.log.append("merge_and_unload" if merge else "unload")
-        expected = self.expected() if merge else self.expected(disabled=True)
+        if merge:
+            expected = self.expected()
+        elif self.UNLOAD_KEEPS_MERGES:
+            expected = self.expected(per_sample=[self.merged] * BATCH)
+        else:
+            expected = self.expected(disabled=True)
         plain = self.model.merge_and_unload(**self.MERGE_AND_UNLOAD) if merge else self.model.unload()
         assert not any(type(m).__module__.startswith("neat_peft") for m in plain.modules()), "NEAT layers left"
         with torch.no_grad():
@@ -406,16 +416,16 @@ class PeftWalk(Walk):
     """The same walk through peft's API: get_peft_model(base, NeatConfig), PeftModel.add_adapter / set_adapter (one
     name: peft's PeftModel takes one) / delete_adapter / merge_adapter / unmerge_adapter / disable_adapter /
     save_pretrained / load_adapter, PeftModel.from_pretrained, merge_and_unload / unload. export_lora is the core's
-    (peft's plugin converts with convert_to_lora, tested in test_peft_plugin.py)."""
+    (peft's plugin converts with convert_to_lora, tested in test_peft_plugin.py). peft's own rules, where they differ
+    from the core's, are walked as peft states them (the class attributes below)."""
 
     ACTIONS = [a for a in Walk.ACTIONS if a != "export_lora"]
     LOAD_ADAPTER_KEEPS_MODE = False  # peft's load_adapter(is_trainable=False) switches the model to eval mode
     ADD_UNMERGES = True  # peft's add_adapter unmerges every layer first (with a warning); the core keeps merges
     DISABLE_UNMERGES = True  # peft's rule: a forward with adapters disabled unmerges (the core puts merges back)
     SET_UNMERGES = True  # peft's set_adapter unmerges whenever something is merged
-    # peft deletes the last adapter, and picks the next active one per layer (among the adapters on that layer):
-    # not walked; the core's rule is.
-    DELETES_ACTIVE = False
+    PEFT_DELETE = True
+    UNLOAD_KEEPS_MERGES = True  # peft's unload() drops the modules without unmerging (LoRA alike); the core unmerges
 
     def wrap(self, base, config):
         import peft
