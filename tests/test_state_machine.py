@@ -4,13 +4,15 @@ checked against a reference.
 The model: Embedding -> Linear -> tanh -> transformers' Conv1D -> Conv2d, in fp32, fp16 or bf16. Each walk adds /
 sets / deletes adapters, merges (all, some, safe), unmerges, enters disable_adapter, switches train()/eval(), changes
 adapter weights in place (an optimizer step), saves and loads (into this model under a new name and into a fresh
-model), runs mixed-adapter batches and bf16 autocast, exports LoRA (read back by peft), and ends with
-merge_and_unload or unload.
+model), runs mixed-adapter batches and bf16 autocast, exports LoRA (read back by peft), casts the whole model
+(.to(dtype), .half(), .bfloat16(), .float()), and ends with merge_and_unload or unload. QuantizedWalk runs it on a
+bitsandbytes nf4 layer (reference: the probed fp32 twin), PeftWalk through peft's API.
 The walk keeps its own account of what the API promises -- which adapters exist (with a copy of their tensors),
 which are active, merged, the mode -- and after every step compares the model's output, with and without autograd,
 to a reference computed from scratch in fp32: the pristine base layers (a deep copy taken before wrapping) with
 W0 + sum of dW over the adapters that should count, dW materialised by neat_testing's formula (written from the
-paper, not from neat_peft.functional). A step the API refuses must raise a ValueError and change nothing.
+paper, not from neat_peft.functional); with autograd, one A/B gradient too, against autograd through that formula.
+A step the API refuses must raise a ValueError and change nothing.
 
 CI runs a few short walks with fixed seeds (seconds). NEAT_PROPERTY_LONG=<seconds> runs random walks for that long
 and prints how many steps it ran.
