@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -195,6 +196,23 @@ def assert_state_equal(module, snapshot):
 def structure(module):
     """Names and types of every submodule (to check nothing was wrapped or replaced)."""
     return [(n, type(m).__name__) for n, m in module.named_modules()]
+
+
+def probed_weight(module: nn.Module, d_in: int) -> torch.Tensor:
+    """W0 (d_out x d_in) as the layer's forward computes with it: layer(I) - layer(0), transposed. The probe
+    requires grad, so it runs the training kernels (and never triggers bitsandbytes' eval-time repacking)."""
+    eye = torch.eye(d_in, requires_grad=True)
+    zero = torch.zeros(1, d_in, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized layers warn about fp32 inputs
+        return (module(eye) - module(zero)).detach().t().contiguous()
+
+
+def tagged_adapter(seed: int, size: int = 64):
+    """A (config dict, tensors by file key) pair for formats.write_adapter whose every value tells which it is."""
+    g = torch.Generator().manual_seed(seed)
+    config = {"peft_type": "NEAT", "r": 4, "scaling": float(seed), "target_modules": [f"layer{seed}"]}
+    return config, {f"base_model.model.m{i}.neat_A.weight": torch.randn(size, size, generator=g) for i in range(4)}
 
 
 def dir_snapshot(path):

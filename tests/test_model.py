@@ -153,6 +153,20 @@ def test_disable_adapter_unmerged_and_merged():
     torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cast", ["half", "bfloat16"])
+def test_disable_adapter_after_a_cast_puts_the_merged_weights_back_bit_for_bit(cast):
+    """Found by the state machine: merged, then .half(), then disable_adapter re-merged from the half-precision
+    adapters, which rounds differently from the merged weights .half() had rounded: the block changed them."""
+    model = encoder_model()
+    model.merge_adapter()
+    model = getattr(model, cast)()
+    merged_weights = state_snapshot(model)
+    with model.disable_adapter():
+        assert not any(layer.merged for _, layer in model.neat_layers())
+    assert all(layer.merged for _, layer in model.neat_layers())
+    assert_state_equal(model, merged_weights)
+
+
 def test_mixed_adapter_batch_equals_per_sample_runs():
     model = encoder_model()
     model.add_adapter("b", NeatConfig(r=3, axis="in", act_fn="gelu", target_modules=["value", "embed", "ffn"],

@@ -8,6 +8,7 @@ import copy
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -360,6 +361,30 @@ def test_merging_two_adapters_uses_the_pristine_weight_and_unmerge_restores_it()
         clean = name.replace(".base_layer", "")
         if clean in pristine:
             assert torch.equal(p, pristine[clean]), name
+
+
+@pytest.mark.parametrize("default_targets, c_targets, expected", [(["head", "conv1d"], ["emb"], "c"),
+                                                                   (["emb"], ["conv2d"], "b")])
+def test_deleting_the_active_adapter_activates_one_adapter_on_every_layer(default_targets, c_targets, expected):
+    """Found by the state machine (PeftWalk). peft let each layer pick its own next adapter among those it holds and
+    reported the first layer's pick: in the first case `head` went on computing "b" while the model said "c"; in the
+    second the first layer (emb) had nothing left, and the model kept the deleted name (KeyError at the forward)."""
+    torch.manual_seed(0)
+    model = get_peft_model(FourKinds(), NeatConfig(r=2, target_modules=default_targets, init_weights=False))
+    model.add_adapter("b", NeatConfig(r=2, target_modules=["head", "conv1d"], init_weights=False))
+    model.add_adapter("c", NeatConfig(r=2, target_modules=c_targets, init_weights=False))
+    model.set_adapter("default")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: "Adapter default was active which is now deleted"
+        model.delete_adapter("default")
+    assert model.active_adapters == [expected]
+    layers = {name: m.active_adapters for name, m in model.named_modules() if isinstance(m, NeatPeftLayer)}
+    assert all(active == [expected] for active in layers.values()), layers
+    alone = copy.deepcopy(model)
+    for module in alone.modules():  # the reference: that adapter alone, on its layers, and nothing else
+        if isinstance(module, NeatPeftLayer) and expected not in module.adapter_configs:
+            module.enable_adapters(False)
+    torch.testing.assert_close(model(IDS), alone(IDS), rtol=0, atol=0)
 
 
 def test_safe_merge_refuses_non_finite_weights_and_changes_nothing():

@@ -28,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from neat_peft import NeatConfig, NeatModel, get_neat_model, quantized  # noqa: E402
+from neat_testing import probed_weight  # noqa: E402
 
 BACKENDS = ["bnb-nf4", "bnb-fp4-dq", "bnb-int8", "torchao-int8", "hqq4", "quanto-int8", "quanto-int4"]
 BACKEND_PACKAGE = {"bnb": "bitsandbytes", "torchao": "torchao", "hqq": "hqq.core.quantize", "quanto": "optimum.quanto"}
@@ -101,16 +102,6 @@ def quantized_llama(backend: str, directory, keep_cpu_repacking: bool = False) -
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
     return model.train()
-
-
-def probed_weight(module: nn.Module, d_in: int) -> torch.Tensor:
-    """W0 (d_out x d_in) as the layer's forward computes with it: layer(I) - layer(0), transposed. The probe
-    requires grad, so it runs the training kernels (and never triggers bitsandbytes' eval-time repacking)."""
-    eye = torch.eye(d_in, requires_grad=True)
-    zero = torch.zeros(1, d_in, requires_grad=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return (module(eye) - module(zero)).detach().t().contiguous()
 
 
 def quantized_paths(model: nn.Module) -> dict[str, nn.Module]:

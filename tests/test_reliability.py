@@ -16,18 +16,12 @@ from hypothesis import strategies as st
 
 import neat_peft.formats as formats
 from neat_testing import TinyEncoder, dir_snapshot
+from neat_testing import tagged_adapter as adapter
 from neat_peft import NeatConfig, NeatModel, get_neat_model
 from neat_peft.formats import CONFIG_NAME, STAGING_PREFIX, WEIGHTS_NAME, read_adapter, rebind_adapter, write_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="kills forked saving processes (POSIX only)")
-
-
-def adapter(seed: int, size: int = 64):
-    """A (config dict, tensors) pair whose every value tells which adapter it is."""
-    g = torch.Generator().manual_seed(seed)
-    config = {"peft_type": "NEAT", "r": 4, "scaling": float(seed), "target_modules": [f"layer{seed}"]}
-    return config, {f"base_model.model.m{i}.neat_A.weight": torch.randn(size, size, generator=g) for i in range(4)}
 
 
 def which(directory, pairs) -> int:

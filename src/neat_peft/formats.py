@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
@@ -45,7 +47,9 @@ CONFIG_HASH_KEY = "neat_peft.config_sha256"
 # Fields that describe an adapter without changing what it computes: a user may edit them by hand.
 DESCRIPTIVE_FIELDS = ("base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version",
                       "auto_mapping", "neat_peft")
-_UNLOCKED_READ_ATTEMPTS = 20  # without file locks, a reader retries while a save is between its two renames
+# A reader that finds a pair from two saves retries: a save may be between its two renames, unlocked (no file locks
+# there, or the save could not take its lock).
+_UNLOCKED_READ_ATTEMPTS = 20
 
 
 def rename_key_prefix(tensors: dict[str, torch.Tensor], old: str, new: str) -> dict[str, torch.Tensor]:
@@ -86,19 +90,41 @@ def config_to_json(config_dict: dict[str, Any], peft_compatible: bool, version: 
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp) on a temporary file beside `path`, fsync it, then rename it over `path` (one file; an
-    adapter's config and weights are replaced together by write_adapter)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """Call write(tmp) on a temporary file beside `path`, fsync it, rename it over `path`, then fsync the folder
+    (so the rename survives a power cut). One file; an adapter's config and weights are replaced together by
+    write_adapter. An OSError is raised again naming `path` and saying whether `path` was replaced."""
+    replaced = False
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            replaced = True
+        except BaseException:
+            with contextlib.suppress(OSError):  # a failing cleanup must not hide why the write failed
+                os.remove(tmp)
+            raise
+        _fsync(path.parent)
+    except OSError as e:
+        state = ("it holds the new content, which may not survive a power cut" if replaced
+                 else "it was left as it was")
+        raise _failed(e, f"Could not write {str(path)!r}", state) from e
+
+
+def _failed(error: BaseException, what: str, state: str) -> OSError:
+    """`error` (an OSError, or safetensors' error on a full disk) as an OSError saying what failed, on which file
+    (fsync's errors name none) and what is on disk now; errno is kept (e.g. ENOSPC, a PermissionError stays one)."""
+    code = getattr(error, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)", str(error))
+        code = int(found.group(1)) if found else None
+    reason = str(error) if not isinstance(error, OSError) or error.strerror is None else (
+        error.strerror + "".join(f" ({f!r})" for f in (error.filename, error.filename2) if f is not None))
+    message = f"{what}: {reason}. {state[0].upper()}{state[1:]}."
+    return OSError(code, message) if code is not None else OSError(message)
 
 
 def write_adapter(directory: str | os.PathLike, config_json: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -114,7 +140,8 @@ def write_adapter(directory: str | os.PathLike, config_json: dict[str, Any], ten
     config (the new adapter) and the next save renames it into place. If the second rename raises, the old
     weights are put back and the save raises: the old adapter is left. The next save removes what a killed
     save left (entries named STAGING_PREFIX*). Other files and subdirectories (e.g. the other adapters
-    save_pretrained writes into `directory/<name>`) are never touched.
+    save_pretrained writes into `directory/<name>`) are never touched. An OSError (or safetensors' error on
+    a full disk) is raised as an OSError naming `directory` and saying which adapter the directory holds now.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -125,20 +152,29 @@ def write_adapter(directory: str | os.PathLike, config_json: dict[str, Any], ten
         if (directory / name).exists() and not (directory / name).is_file():
             raise ValueError(f"Cannot save the adapter into {str(directory)!r}: {name} there is not a regular file "
                              "(a directory?). Move it away or save elsewhere.")
-    directory.mkdir(parents=True, exist_ok=True)
-    with _locked(directory, exclusive=True):
-        _finish_or_clean(directory, weights_name)
-        stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
-        try:
-            save_file(contiguous, stage / weights_name, metadata={"format": "pt", CONFIG_HASH_KEY: config_hash(text)})
-            (stage / CONFIG_NAME).write_bytes(text)
-            for path in (stage / weights_name, stage / CONFIG_NAME, stage):
-                _fsync(path)
-            _swap_in(directory, stage, weights_name)
-        finally:
-            if _staged_config(stage, *_live_state(directory, weights_name)) is None:  # else needed to finish
-                shutil.rmtree(stage, ignore_errors=True)
-        _fsync(directory)
+    state = "nothing in it was changed"  # what the directory holds if the save fails now
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with _locked(directory, exclusive=True):
+            _finish_or_clean(directory, weights_name)
+            stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+            try:
+                save_file(contiguous, stage / weights_name,
+                          metadata={"format": "pt", CONFIG_HASH_KEY: config_hash(text)})
+                (stage / CONFIG_NAME).write_bytes(text)
+                for path in (stage / weights_name, stage / CONFIG_NAME, stage):
+                    _fsync(path)
+                _swap_in(directory, stage, weights_name)
+                state = "the new adapter is in place, but may not survive a power cut: save again"
+            finally:
+                if _staged_config(stage, *_live_state(directory, weights_name)) is None:  # else needed to finish
+                    shutil.rmtree(stage, ignore_errors=True)
+                else:  # _swap_in could not put the old weights back
+                    state = ("the new weights are in place with the new config staged beside them: loads read the "
+                             "new adapter, and the next save into this directory completes it")
+            _fsync(directory)
+    except (OSError, SafetensorError) as e:
+        raise _failed(e, f"Could not save the adapter into {str(directory)!r}", state) from e
 
 
 def config_hash(config_text: bytes) -> Optional[str]:
@@ -165,10 +201,11 @@ def _swap_in(directory: Path, stage: Path, weights_name: str) -> None:
     try:
         os.replace(stage / CONFIG_NAME, directory / CONFIG_NAME)
     except BaseException:
-        if backup.exists():
-            os.replace(backup, live)
-        elif not existed:
-            live.unlink()
+        with contextlib.suppress(OSError):  # if this fails too, the staged config completes the save on load
+            if backup.exists():
+                os.replace(backup, live)
+            elif not existed:
+                live.unlink()
         raise
 
 
@@ -218,21 +255,20 @@ def _staged_config(stage: Path, wanted: Optional[str], live: Optional[str]) -> O
 
 @contextlib.contextmanager
 def _locked(directory: Path, exclusive: bool):
-    """flock on the directory itself (no lock file left behind). Yields whether a lock is held: not on Windows
-    (no fcntl) or on file systems without locks, where readers retry instead (see _read_pair)."""
+    """flock on the directory itself (no lock file left behind), where one can be had: not on Windows (no fcntl),
+    on file systems without locks, or when the directory cannot be opened; readers retry there (see _read_pair)."""
     try:
         import fcntl
         fd = os.open(directory, os.O_RDONLY)
     except (ImportError, OSError):
-        yield False
+        fd = None
+    if fd is None:  # (outside the except: the caller's errors are not raised "while handling" this one)
+        yield
         return
     try:
-        try:
+        with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            locked = True
-        except OSError:
-            locked = False
-        yield locked
+        yield
     finally:
         os.close(fd)  # releases the lock
 
@@ -240,8 +276,10 @@ def _locked(directory: Path, exclusive: bool):
 def _fsync(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a directory on Windows cannot be opened: its renames are durable without this
-        return
+    except OSError:
+        if os.name == "nt" and path.is_dir():  # a directory on Windows cannot be opened: its renames are durable
+            return
+        raise
     try:
         os.fsync(fd)
     finally:
@@ -291,7 +329,7 @@ def _read_pair(directory: Path, weights_name: str, readable_types: Optional[Iter
         raise FileNotFoundError(f"Adapter directory {str(directory)!r} does not exist.")
     config_path, weights_path = directory / CONFIG_NAME, directory / weights_name
     for _ in range(_UNLOCKED_READ_ATTEMPTS):
-        with _locked(directory, exclusive=False) as locked:
+        with _locked(directory, exclusive=False):
             config, weights = _read_or_none(config_path), _read_or_none(weights_path)
             wanted = _saved_config_hash(weights) if weights is not None else None
             live = config_hash(config) if config is not None else None
@@ -302,9 +340,7 @@ def _read_pair(directory: Path, weights_name: str, readable_types: Optional[Iter
                 raw = _read_or_none(staged) if staged is not None else None
                 if raw is not None:
                     return staged, _parse_config(directory, staged, raw, readable_types), weights_path, weights
-        if locked:
-            break
-        time.sleep(0.01)  # no lock: a save may be between its two renames
+        time.sleep(0.01)  # a save without the lock (see _UNLOCKED_READ_ATTEMPTS) may be between its two renames
     data = _parse_config(directory, config_path, config, readable_types)
     if data.get("peft_type") in READABLE_TYPES:  # a wrong field value says more than "not saved together"
         try:

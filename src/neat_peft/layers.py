@@ -380,6 +380,22 @@ class NeatLayer(nn.Module):
         self.merged_adapters.clear()
         self.clear_cache()
 
+    @contextlib.contextmanager
+    def merges_taken_out(self) -> Iterator[None]:
+        """Inside: the pristine weight, nothing merged. After: the merged weight as it was, bit for bit (merging
+        again would recompute it, which rounds differently once the model was cast, e.g. by .half())."""
+        if self._snapshot is None:
+            yield
+            return
+        merged_weight, snapshot, names = self.kind.snapshot(self.base_layer), self._snapshot, list(self.merged_adapters)
+        self.unmerge()
+        try:
+            yield
+        finally:
+            self.kind.restore(self.base_layer, merged_weight)
+            self._snapshot, self.merged_adapters[:] = snapshot, names
+            self.clear_cache()
+
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}: r={c.r}, depth={c.depth}, axis={c.axis}" for n, c in self.adapter_configs.items())
         return f"kind={self.kind.name}, d_in={self.d_in}, d_out={self.d_out}, adapters=[{adapters}]"

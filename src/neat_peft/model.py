@@ -241,23 +241,19 @@ class NeatModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the base model alone inside this block (merged adapters are taken out and put back)."""
+        """Run the base model alone inside this block (merged adapters are taken out, and put back bit for bit)."""
         self._check_live()
-        merged = {path: list(layer.merged_adapters) for path, layer in self.neat_layers() if layer.merged}
-        for path, layer in self.neat_layers():
-            if path in merged:
-                layer.unmerge()
         modules = [m for _, m in [*self.neat_layers(), *self._saved_modules()]]
-        for m in modules:
-            m.disabled = True
-        try:
-            yield
-        finally:
+        with contextlib.ExitStack() as merges:
+            for _, layer in self.neat_layers():
+                merges.enter_context(layer.merges_taken_out())
             for m in modules:
-                m.disabled = False
-            for path, layer in self.neat_layers():
-                if path in merged:
-                    layer.merge(merged[path])
+                m.disabled = True
+            try:
+                yield
+            finally:
+                for m in modules:
+                    m.disabled = False
 
     # --- gradient checkpointing (transformers models) -------------------------------------------------
     def gradient_checkpointing_enable(self, *args, **kwargs):

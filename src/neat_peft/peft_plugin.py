@@ -263,6 +263,19 @@ class NeatPeftModel(BaseTuner):
         prepare_model(model)  # quantized bases: see quantized.py
         return result
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        was_active = adapter_name in self.active_adapters
+        super().delete_adapter(adapter_name)
+        if was_active and self.peft_config:
+            # peft lets every layer pick its next adapter among those it holds and the model take the first layer's
+            # pick (peft's LoRA alike): layers without it went on computing another adapter, and a first layer left
+            # with none made PeftModel keep the deleted name (KeyError at the next forward). One pick for all: the
+            # first layer's, else the first adapter left.
+            self.active_adapter = self.active_adapters or [next(iter(self.peft_config))]
+            for module in self.model.modules():
+                if isinstance(module, NeatPeftLayer):
+                    module.set_adapter(self.active_adapters)
+
     @staticmethod
     def _check_target_module_exists(peft_config, key):
         # The core's matcher (peft's rules, targets.py), so a config selects the same modules in both front-ends.
