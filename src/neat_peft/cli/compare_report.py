@@ -60,8 +60,10 @@ def summary(data: dict[str, Any]) -> str:
         lines.append(f"{row['method']:<10} {cell:<20} {row['n']:>5} {test:>22} "
                      f"{row['trainable'] if row['trainable'] is not None else '–':>12}")
     for c in comparisons(data):
-        lines.append(f"{c['a']} vs {c['b']}: " + stats.verdict(c["result"], c["a"], c["b"], 1.0, "",
-                                                                data["lower_is_better"]))
+        r = c["result"]
+        lines.append(f"{c['a']} vs {c['b']}: {c['status']}" + ("" if r is None else
+                     f" (difference {r['mean']:+.4f}, 95% interval [{r['low']:+.4f}, {r['high']:+.4f}], width "
+                     f"{r['width']:.4f}, {r['n']} paired seeds)"))
     return "\n".join(lines)
 
 
