@@ -54,6 +54,12 @@ def test_verdict_only_where_the_interval_excludes_zero():
     assert stats.verdict_status(None) == stats.PENDING
 
 
+def test_plateau_rule():
+    assert stats.plateaued([0.5, 0.7, 0.8, 0.8, 0.805, 0.8], 0.01) is True
+    assert stats.plateaued([0.5, 0.6, 0.65, 0.7, 0.75, 0.8], 0.01) is False
+    assert stats.plateaued([0.5, 0.7], 0.01) is None
+
+
 # --- the plan ---------------------------------------------------------------------------------------------------
 def _record(job: Job, validation, status="ok", test=None):
     return {"key": job.key, "method": job.method, "lr": job.lr, "scaling": job.scaling, "seed": job.seed,

@@ -20,7 +20,7 @@ from typing import Any, Optional
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import stats  # noqa: E402
+from neat_peft.cli import compare_stats as stats  # noqa: E402
 from protocol import LONGER, STUDY, Job, Protocol  # noqa: E402
 from study import estimate  # noqa: E402
 
@@ -35,6 +35,10 @@ def fmt_ms(values: list[float]) -> str:
     """Mean ± sample std in percent; one value alone (no spread to show) as itself."""
     m, s = stats.mean_std(values)
     return "–" if math.isnan(m) else f"{100 * m:.1f}" if len(values) == 1 else f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def accuracies(record: dict[str, Any]) -> list[float]:
+    return [c["accuracy"] for c in record["validation_curve"] if "accuracy" in c]
 
 
 def cell_text(lr: float, s: Optional[float]) -> str:
@@ -112,7 +116,7 @@ def main_table(v: View, task: str) -> str:
         runs = [r for r in all_runs if r["status"] == "ok"]
         diverged = len(all_runs) - len(runs)
         chosen = v.chosen(task, m.name)
-        flat = [x for x in (stats.plateaued(r["validation_curve"], v.data["protocol"]["plateau_points"])
+        flat = [x for x in (stats.plateaued(accuracies(r), v.data["protocol"]["plateau_points"])
                             for r in runs) if x is not None]
         params = f"{runs[0]['trainable_params']:,}" if runs else "–"
         wall = stats.mean_std([r["wall_seconds"] / 60 for r in runs])[0]
@@ -310,7 +314,7 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
     points = v.data["protocol"]["plateau_points"]
 
     def flat(r):
-        return {True: "yes", False: "no", None: "–"}[stats.plateaued(r["validation_curve"], points)]
+        return {True: "yes", False: "no", None: "–"}[stats.plateaued(accuracies(r), points)]
 
     factors = sorted({int(r["task"].partition(LONGER)[2]) for r in checks})
     out = ["### Budget check: the chosen cells trained longer (seed 0)\n",

@@ -15,7 +15,7 @@ For each method:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from .errors import CliError
@@ -135,7 +135,8 @@ class Plan:
     lower_is_better: bool = False
     extend: tuple[str, ...] = AXES  # the axes the edge rule extends (the quality study: lr only)
     budget_factor: Optional[int] = None
-    _cache: dict = field(default_factory=dict, repr=False)
+    key_prefix: str = ""  # records are keyed prefix + Job.key (the quality study: "task/")
+    score_key: Optional[str] = None  # the validation value is record["validation"][score_key] (the study: accuracy)
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> "Plan":
@@ -151,16 +152,19 @@ class Plan:
         """A finished run's tuning score (higher wins): its final validation value; -inf when it diverged."""
         if record is None:
             return None
-        if record["status"] != "ok" or record.get("validation") is None:
+        value = record.get("validation")
+        if self.score_key is not None and value is not None:
+            value = value.get(self.score_key)
+        if record["status"] != "ok" or value is None:
             return -math.inf
-        return -record["validation"] if self.lower_is_better else record["validation"]
+        return -value if self.lower_is_better else value
 
     def best(self, records: dict[str, dict], method: str, cells: list, partial: bool = False):
         """The best of `cells` at seed 0 (the first on ties; a diverged run never wins over a finished one). None
         while a cell has no result, unless `partial` (then the best of those finished, if any)."""
         best, best_score = None, -math.inf
         for lr, s in cells:
-            score = self.score(records.get(Job(method, lr, s, 0, "tune").key))
+            score = self.score(records.get(self.key_prefix + Job(method, lr, s, 0, "tune").key))
             if score is None:
                 if partial:
                     continue
