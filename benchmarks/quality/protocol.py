@@ -24,8 +24,8 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Optional
 
+from benchmarks.quality.tasks import TASKS as DATA
 from neat_peft.cli.compare_plan import Plan
-from tasks import TASKS as DATA
 
 GRID_LR = (3e-4, 1e-3, 3e-3, 1e-2)
 # Full fine-tuning moves every weight: its grid is the usual range for fine-tuning a BERT-size model, a decade and

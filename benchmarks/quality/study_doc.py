@@ -1,6 +1,6 @@
 """docs/RESULTS.md from the study's JSON: every figure in it is read from a file, none is typed.
 
-    python benchmarks/quality/study_doc.py [--results benchmarks/quality/results] [--doc docs/RESULTS.md]
+    python -m benchmarks.quality.study_doc [--results benchmarks/quality/results] [--doc docs/RESULTS.md]
 
 Reads RESULTS/study.json (study.py run) and RESULTS/pilot.json (study.py pilot, optional); writes the
 document and its plots (DOC's folder/results/*.png). Cells of the study without results are listed as pending:
@@ -17,14 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from benchmarks.quality.protocol import LONGER, STUDY, Job, Protocol
+from benchmarks.quality.study import estimate
+from neat_peft.cli import compare_stats as stats
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-from neat_peft.cli import compare_stats as stats  # noqa: E402
-from protocol import LONGER, STUDY, Job, Protocol  # noqa: E402
-from study import estimate  # noqa: E402
-
-RESUME = "nice -n 19 python benchmarks/quality/study.py run   # --workers auto: the pilot's decision"
+RESUME = "nice -n 19 python -m benchmarks.quality.study run   # --workers auto: the pilot's decision"
 
 
 def pct(x: float) -> str:
@@ -318,7 +317,7 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
 
     factors = sorted({int(r["task"].partition(LONGER)[2]) for r in checks})
     out = ["### Budget check: the chosen cells trained longer (seed 0)\n",
-           "; ".join(f"`python benchmarks/quality/study.py check --task {task} --factor {f}`" for f in factors)
+           "; ".join(f"`python -m benchmarks.quality.study check --task {task} --factor {f}`" for f in factors)
            + ": the same cells at seed 0 on that many times the training examples for the same epochs (so that many "
            "times the steps). Not part of the statistics above; it shows whether the fixed budget decided the "
            "comparison. The longer run draws its larger training subset with the same seed, so the two methods "
@@ -376,7 +375,7 @@ def pairing_line(v: View, task: str) -> str:
 
 def small_norm_section(small: dict[str, Any]) -> str:
     """The synthetic normalize_weight measurement (small_norm.py), independent of the study's runs."""
-    import small_norm
+    from benchmarks.quality import small_norm
 
     s, steps = small["setup"], str(small["setup"]["steps"])
     final: dict[str, dict[str, float]] = {}
@@ -568,7 +567,7 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
                    f"{sum(r['cpu_seconds'] for r in checks) / 3600:.1f} CPU-core-hours.\n")
     out.append("Resume (skips every finished run; the JSON is rewritten after each run):\n")
     out.append("```bash\n" + RESUME
-               + "\npython benchmarks/quality/study_doc.py        # this file\n```\n")
+               + "\npython -m benchmarks.quality.study_doc        # this file\n```\n")
 
     for task in v.proto.tasks:
         done, total = task_status(v, task)
