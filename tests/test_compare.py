@@ -18,7 +18,7 @@ import pytest
 from cli_helpers import ROOT, cli, have, make_tiny_bert
 from neat_peft.cli import compare_stats as stats
 from neat_peft.cli.compare_plan import Job, Plan, load_grid, next_value
-from neat_peft.cli.compare_report import comparisons
+from neat_peft.cli.compare_report import at_edge, comparisons
 from neat_peft.cli.errors import CliError
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -91,6 +91,7 @@ def test_edge_rule_extends_every_tuned_axis_and_stops_after_edge_steps():
     assert plan.grid(records, "neat")[-1] == (1e-2, 3.0)  # lr used its one step: now the s axis
     finish()
     assert len(plan.grid(records, "neat")) == 6 and plan.choose(records, "neat") == (1e-2, 3.0)
+    assert at_edge(plan, records, "neat")  # the steps ran out with the best still at the edge: the report says so
     # Only lr extended (the quality study's rule): no s cell is added.
     assert (1e-2, 3.0) not in Plan(["neat"], plan.grids, 1, 1, extend=("lr",)).grid(records, "neat")
 
@@ -101,7 +102,8 @@ def test_a_diverged_cell_never_wins_and_lower_is_better_flips_the_choice():
     records = {jobs[0].key: _record(jobs[0], 0.4), jobs[1].key: _record(jobs[1], 0.3),
                jobs[2].key: _record(jobs[2], None, "diverged")}
     assert Plan(["lora"], grids, 1, 0).choose(records, "lora") == (1e-3, None)
-    assert Plan(["lora"], grids, 1, 0, lower_is_better=True).choose(records, "lora") == (3e-3, None)
+    inside = Plan(["lora"], grids, 1, 0, lower_is_better=True)
+    assert inside.choose(records, "lora") == (3e-3, None) and not at_edge(inside, records, "lora")
 
 
 def test_seeds_run_at_the_chosen_cell_and_the_report_pairs_them():

@@ -67,6 +67,18 @@ def summary(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def at_edge(plan: Plan, records: dict[str, dict], method: str) -> bool:
+    """The chosen cell sits at an edge of a tuned axis of the (extended) grid: the edge rule ran out of steps."""
+    chosen, cells = plan.choose(records, method), plan.grid(records, method)
+    if chosen is None:
+        return False
+    for i in range(2):
+        values = sorted({c[i] for c in cells if c[i] is not None})
+        if len(values) >= 2 and chosen[i] in (values[0], values[-1]):
+            return True
+    return False
+
+
 def tuning_table(data: dict[str, Any], method: str) -> str:
     plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
     base = set(map(tuple, plan.base_cells(method)))
@@ -78,6 +90,9 @@ def tuning_table(data: dict[str, Any], method: str) -> str:
         notes = ["chosen"] if (lr, s) == chosen else []
         if (lr, s) not in base:
             notes.append("added by the edge rule")
+        if (lr, s) == chosen and at_edge(plan, records, method):
+            notes.append(f"**at the grid's edge after {plan.edge_steps} edge step(s)**: a better value may lie "
+                         "beyond (more --grid edge_steps)")
         lines.append(f"| {cell_text(lr, s)} | {value} | {rec['key'] if rec else ''} | {', '.join(notes)} |")
     return "\n".join(lines)
 
