@@ -449,11 +449,10 @@ def drive(study: Compare, plan: Plan, runner: Runner, workers: int, pilot_data: 
                 bar.set_postfix_str(f"eta {duration(left)} (pilot, corrected by the runs so far)")
             else:
                 time.sleep(0.2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # main.py says how to continue
         for r in running.values():
             runner.stop(r)
         bar.close()
-        raise CliError("compare interrupted: the finished runs are kept in compare.json; run the same command "
-                       "again to continue (a run cut short is redone).") from None
+        raise
     bar.close()
     return failed

@@ -27,8 +27,12 @@ def _train(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from .compare import run_compare
 
-    run_compare(args.config, args.overrides, args.output_dir, args.methods, args.seeds, args.grid, args.workers,
-                args.budget_check, args.dry_run)
+    try:
+        run_compare(args.config, args.overrides, args.output_dir, args.methods, args.seeds, args.grid, args.workers,
+                    args.budget_check, args.dry_run)
+    except KeyboardInterrupt:  # not train's message: a compare continues with the same command, not --resume
+        raise CliError("compare interrupted: the runs it finished are kept in compare.json; run the same command "
+                       "again to continue (a run cut short is redone).") from None
 
 
 def _eval(args: argparse.Namespace) -> None:
