@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import os
 import resource
@@ -36,6 +35,7 @@ from typing import Any, Callable, Optional
 
 from benchmarks.machine import load_average, machine_info, versions
 from benchmarks.quality.protocol import LONGER, QUICK, STUDY, Job, Protocol
+from neat_peft.cli.compare import split_digest
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -61,14 +61,6 @@ def slug(key: str) -> str:
 
 
 # --- one run (in its own process) ----------------------------------------------------------------------------
-def split_digest(run_dir: Path) -> str:
-    """sha256 over the run's train/validation/test files: equal digests = the very same examples (pairing)."""
-    h = hashlib.sha256()
-    for part in ("train", "validation", "test"):
-        h.update((run_dir / "split" / f"{part}.jsonl").read_bytes())
-    return h.hexdigest()[:16]
-
-
 def run_one(proto: Protocol, job: Job, out: Path, extra: list[str]) -> dict[str, Any]:
     """Train `job` with the CLI in this process and return its record."""
     from neat_peft.cli.main import main as cli_main

@@ -234,8 +234,11 @@ def test_value(test: dict[str, Any], primary: str) -> Optional[float]:
 def split_digest(run_dir: Path) -> str:
     """sha256 over the run's split files: equal digests = the very same examples (the pairing, checked)."""
     h = hashlib.sha256()
-    for path in sorted((run_dir / "split").glob("*.jsonl")):
-        h.update(path.read_bytes())
+    files = [run_dir / "split" / f"{part}.jsonl" for part in ("train", "validation", "test")]
+    files += sorted(p for p in (run_dir / "split").glob("*.jsonl") if p not in files)  # tasks with more eval sets
+    for path in files:
+        if path.is_file():
+            h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
