@@ -17,6 +17,7 @@ import pytest
 
 from cli_helpers import ROOT, cli, have, make_tiny_bert
 from neat_peft.cli import compare_stats as stats
+from neat_peft.cli.compare import check_continuation
 from neat_peft.cli.compare_plan import Job, Plan, load_grid, next_value
 from neat_peft.cli.compare_report import at_edge, comparisons
 from neat_peft.cli.errors import CliError
@@ -230,7 +231,10 @@ def test_compare_end_to_end_killed_by_sigkill_then_resumed(tmp_path):
     assert {"report.md", "params.png", "curves.png"} <= {p.name for p in out.iterdir()}
     assert f"| neat − lora |" in (out / "report.md").read_text()
 
-    # Continuing with another setup is refused, naming what differs; nothing changes.
-    before = data_path.read_bytes()
-    third = subprocess.run([*command, "train.batch_size=4"], env=env, capture_output=True, text=True, timeout=300)
-    assert third.returncode == 2 and "train.batch_size" in third.stderr and data_path.read_bytes() == before
+    # Continuing with another setup is refused, naming what differs (checked before anything is written).
+    changed = {**data, "recipe": {**data["recipe"], "train.batch_size": 4}}
+    with pytest.raises(CliError, match="train.batch_size"):
+        check_continuation(data, changed, out)
+    with pytest.raises(CliError, match="grids"):
+        check_continuation(data, {**data, "grids": {**data["grids"], "lora": {"lr": [0.1]}}}, out)
+    check_continuation(data, {**data, "seeds": 5}, out)  # more seeds continue the same compare

@@ -243,20 +243,26 @@ def split_digest(run_dir: Path) -> str:
 
 
 # --- pilot and estimate --------------------------------------------------------------------------------------
-def pilot(runner: Runner, plan: Plan, steps: int) -> dict[str, Any]:
-    """One short timed run per method (PILOT_STEPS steps, one validation) in a temporary folder, removed after:
-    seconds per step, per validation and outside training (start-up, test, saving)."""
+def pilot(runner: Runner, plan: Plan, steps: int, workers: int) -> dict[str, Any]:
+    """One short timed run per method (PILOT_STEPS steps, one validation), `workers` at once as the compare will
+    run them, in a temporary folder removed after: seconds per step, per validation and outside training
+    (start-up, test, saving)."""
     pilot_steps = max(1, min(PILOT_STEPS, steps))
     extra = [f"train.max_steps={pilot_steps}", f"train.eval_every={pilot_steps}", f"train.log_every={pilot_steps}",
              f"train.save_every={pilot_steps + 1}"]
     out: dict[str, Any] = {"steps": pilot_steps, "methods": {}, "created": now()}
     scratch = Path(tempfile.mkdtemp(prefix="neat-peft-compare-pilot-"))
     try:
-        for method in plan.methods:
-            running = runner.start(Job(method, *plan.base_cells(method)[0], 0, "pilot"), scratch / method, extra)
-            while not runner.poll(running):
-                time.sleep(0.2)
-            rec = runner.result(running)
+        records = []
+        for i in range(0, len(plan.methods), workers):
+            batch = [runner.start(Job(m, *plan.base_cells(m)[0], 0, "pilot"), scratch / m, extra)
+                     for m in plan.methods[i:i + workers]]
+            waiting = list(batch)
+            while waiting:
+                waiting = [r for r in waiting if not runner.poll(r)]
+                time.sleep(0.2 if waiting else 0)
+            records += [runner.result(r) for r in batch]
+        for method, rec in zip(plan.methods, records):
             if rec["status"] != "ok":
                 raise CliError(f"The timed pilot run of {method} failed (exit code {rec['exit_code']}), so the "
                                f"compare's runs would fail too; nothing was started. Its command: "
@@ -367,7 +373,7 @@ def run_compare(config_path: Optional[str], overrides: list[str], output_dir: Op
     pilot_data = old.get("pilot") if old else None
     if pilot_data is None or set(pilot_data["methods"]) != set(methods):
         print(f"timing a pilot ({min(PILOT_STEPS, steps)} steps per method) ...", flush=True)
-        pilot_data = pilot(runner, plan, steps)
+        pilot_data = pilot(runner, plan, steps, workers)
     est = estimate(plan, records, pilot_data, steps, eval_every, workers)
     print(f"estimate: {est['runs'] - est['done']} of {est['runs']} runs to do, about "
           f"{duration(est['remaining_run_seconds'])} of run time, {duration(est['remaining_wall_seconds'])} with "
