@@ -20,6 +20,7 @@ from typing import Any, Optional
 from benchmarks.quality.protocol import LONGER, STUDY, Job, Protocol
 from benchmarks.quality.study import estimate
 from neat_peft.cli import compare_stats as stats
+from neat_peft.cli.compare_report import cell_text
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,10 +39,6 @@ def fmt_ms(values: list[float]) -> str:
 
 def accuracies(record: dict[str, Any]) -> list[float]:
     return [c["accuracy"] for c in record["validation_curve"] if "accuracy" in c]
-
-
-def cell_text(lr: float, s: Optional[float]) -> str:
-    return f"lr {lr:g}" + ("" if s is None else f", s {s:g}")
 
 
 class View:
