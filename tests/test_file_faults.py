@@ -415,3 +415,31 @@ def test_a_locking_reader_retries_when_a_save_could_not_lock(tmp_path, monkeypat
     monkeypatch.setattr(formats, "_read_or_none", read_then_save)
     config, tensors = read_adapter(tmp_path)
     assert saved and config == new[0] and all(torch.equal(tensors[k], v) for k, v in new[1].items())
+
+
+# --- file modes -----------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_atomic_writes_create_files_by_the_umask_and_keep_a_replaced_files_mode(tmp_path):
+    """A temporary file from mkstemp is 0600: renamed into place it would make every run file and compare.json
+    private. Written files get what open(path, "w") gives: the umask for a new file, the old mode for a replaced one."""
+    old_mask = os.umask(0o022)
+    try:
+        new = tmp_path / "metrics.json"
+        atomic_write_text(new, "{}")
+        assert new.stat().st_mode & 0o777 == 0o644
+        mine = tmp_path / "notes.json"
+        mine.write_text("old")
+        mine.chmod(0o640)
+        atomic_write_text(mine, "new")
+        assert mine.read_text() == "new" and mine.stat().st_mode & 0o777 == 0o640
+        os.umask(0o077)
+        private = tmp_path / "private.json"
+        atomic_write_text(private, "{}")
+        assert private.stat().st_mode & 0o777 == 0o600
+        os.umask(0o022)
+        model = get_neat_model(TinyEncoder(), NeatConfig(r=2, target_modules=["query"]))
+        model.save_pretrained(str(tmp_path / "adapter"))
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "adapter").rglob("*") if p.is_file()}
+        assert modes and set(modes.values()) == {0o644}, modes
+    finally:
+        os.umask(old_mask)

@@ -95,9 +95,13 @@ def atomic_write(path: Path, write) -> None:
     write_adapter. An OSError is raised again naming `path` and saying whether `path` was replaced."""
     replaced = False
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        # Not mkstemp: its files are 0600, so every file written this way would turn private. Created like
+        # open(path, "w") would: a new file by the umask, a replaced one keeping its mode.
+        tmp = str(path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         try:
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
             write(tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -162,6 +166,8 @@ def write_adapter(directory: str | os.PathLike, config_json: dict[str, Any], ten
                 save_file(contiguous, stage / weights_name,
                           metadata={"format": "pt", CONFIG_HASH_KEY: config_hash(text)})
                 (stage / CONFIG_NAME).write_bytes(text)
+                # safetensors writes 0600; give the weights the mode the umask gave the config, as any file gets
+                os.chmod(stage / weights_name, stat.S_IMODE(os.stat(stage / CONFIG_NAME).st_mode))
                 for path in (stage / weights_name, stage / CONFIG_NAME, stage):
                     _fsync(path)
                 _swap_in(directory, stage, weights_name)
