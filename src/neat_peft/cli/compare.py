@@ -4,7 +4,8 @@ Each method is tuned on validation at seed 0 over its grid (compare_plan.py), th
 paired seeds, and scored on test; compare_stats.py gives the paired intervals and compare_report.py the report.
 Every run is one `neat-peft train` in its own process, so its time and peak memory are its own.
 
-The output folder holds only what compare writes: OUTPUT_NAMES. OUT/compare.json is written atomically after every
+The output folder holds only what compare writes: OUTPUT_NAMES (and the temporary files of writes killed midway,
+which the next compare removes under its lock). OUT/compare.json is written atomically after every
 finished run; the same command again continues (a finished run is never redone; a run cut short is redone whole,
 through `train --overwrite`, which removes only what that run wrote). A lock keeps two compares off one folder.
 """
@@ -29,6 +30,7 @@ from typing import Any, Optional
 
 from . import compare_report, recipe, rundir, tasks
 from .compare_plan import Job, Plan, load_grid
+from ..formats import leftovers
 from .errors import CliError
 
 SCHEMA = 1
@@ -113,12 +115,13 @@ def check_output(out: Path) -> Optional[dict[str, Any]]:
     if not out.is_dir():
         return None
     names = sorted(p.name for p in out.iterdir())
-    foreign = [n for n in names if n not in OUTPUT_NAMES]
+    ours = {*OUTPUT_NAMES, *(p.name for n in OUTPUT_NAMES for p in leftovers(out, n))}  # + a killed write's temp
+    foreign = [n for n in names if n not in ours]
     if foreign:
         raise CliError(f"-o '{out}' holds {', '.join(foreign[:5])}, which neat-peft compare did not write; it only "
                        "writes into a new or empty folder, or continues its own. Nothing was changed; choose "
                        "another -o.")
-    if not names or names == [LOCK_FILE]:
+    if not ({DATA_FILE, RUNS} & set(names)):
         return None
     try:
         data = json.loads((out / DATA_FILE).read_text(encoding="utf-8"))
@@ -383,6 +386,9 @@ def run_compare(config_path: Optional[str], overrides: list[str], output_dir: Op
 
     out.mkdir(parents=True, exist_ok=True)
     with exclusive(out / LOCK_FILE):
+        for name in OUTPUT_NAMES:  # no compare writes here but this one: a temporary file left is a killed write's
+            for tmp in leftovers(out, name):
+                tmp.unlink()
         data = old or {**setup, "created": now(), "invocations": [], "runs": [], "errors": []}
         data.update(seeds=seeds, budget_check=budget_check, pilot=pilot_data, versions=versions(),
                     machine={"cores": os.cpu_count(), "platform": platform.platform(), "threads_per_run": threads})

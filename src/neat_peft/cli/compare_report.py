@@ -173,6 +173,8 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
         import matplotlib.pyplot as plt
     except ImportError:
         return ()
+    from ..formats import atomic_write  # a killed compare leaves the old figure or the new one, never half of one
+
     plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
     metric = data["primary_metric"]
     written = []
@@ -185,7 +187,7 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     ax.set_ylabel(f"test {metric} (mean ± sd over seeds)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "params.png", dpi=110)
+    atomic_write(out / "params.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     written.append("params.png")
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -199,7 +201,7 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     ax.set_title("seed 0, chosen cells")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
+    atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     written.append("curves.png")
     return tuple(written)

@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..formats import atomic_write
+from ..formats import atomic_write, leftovers
 from .errors import CliError
 
 MARKER = "neat-peft-run.json"
@@ -99,7 +99,7 @@ def discard(run_dir: Path) -> None:
         return
     for name in marker["written"]:
         _remove(run_dir / name)
-        for tmp in run_dir.glob(f".{name}.*.tmp"):
+        for tmp in leftovers(run_dir, name):
             _remove(tmp)
     _write_marker(run_dir, [])
 
