@@ -134,3 +134,11 @@ def test_causal_lm_scores_greedy_label_answers(tmp_path, capsys):
     assert metrics["majority_baseline"]["label"] == majority
     assert metrics["majority_baseline"]["accuracy"] == pytest.approx(
         sum(t == majority for t in test_truth) / len(test_truth))
+    # compare's record of the run carries the answers (without the per-example predictions)
+    from neat_peft.cli.compare import Runner
+
+    record = Runner(None, [], config, "loss", None).result({"record": {"exit_code": 0}, "run_dir": run})
+    assert record["answers"]["test"] == {k: metrics["test"][k] for k in ("accuracy", "macro_f1", "examples",
+                                                                           "answer_histogram")}
+    assert record["answers"]["majority_baseline"] == metrics["majority_baseline"]
+    assert record["test_value"] == metrics["test"]["loss"] and "predictions" not in record["test"]
