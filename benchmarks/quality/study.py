@@ -44,6 +44,7 @@ SCHEMA = 1
 DEFAULT_OUT = HERE / "results"
 DIVERGED = "the loss became NaN or infinite"  # the CLI's message for a non-finite loss
 PILOT_STEPS = 12
+ANSWER_TOKENS = 4  # greedy tokens per answer of a generation task: a one-word label
 
 
 def now() -> str:
@@ -69,7 +70,8 @@ def run_one(proto: Protocol, job: Job, out: Path, extra: list[str]) -> dict[str,
     data = task.prepare(out / "data") if task.prepare is not None else None
     run_dir = out / "runs" / slug(job.key)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    argv = ["train", *job.overrides(method, task.overrides(data)), *extra, "--output-dir", str(run_dir),
+    answers = ["eval.generate_answers=true", f"eval.max_new_tokens={ANSWER_TOKENS}"] if task.generation else []
+    argv = ["train", *job.overrides(method, task.overrides(data)), *answers, *extra, "--output-dir", str(run_dir),
             "--overwrite"]
     record: dict[str, Any] = {**asdict(job), "key": job.key, "family": method.family, "r": method.r,
                               "command": "neat-peft " + " ".join(argv), "started": now(),
@@ -107,16 +109,16 @@ def run_one(proto: Protocol, job: Job, out: Path, extra: list[str]) -> dict[str,
             "targets"), train_seconds=metrics["train_seconds"], steps=metrics["steps"],
         train_loss=[{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         data_used=metrics["data"].get("used"), split_sha256=split_digest(run_dir))
-    if task.generation:
+    if task.generation:  # the CLI scored greedy answers on validation and test (eval.generate_answers)
         curve = [{"step": h["step"], "loss": h["eval_loss"], "seconds": h.get("eval_runtime")}
                  for h in history if "eval_loss" in h]
-        generation_start = time.perf_counter()
-        scores = generation_accuracy(run_dir)
-        record.update(validation={**scores["validation"], "loss": curve[-1]["loss"] if curve else None},
-                      validation_curve=curve, test={**scores["test"], "loss": metrics["test"]["loss"]},
-                      majority_baseline=scores["majority_baseline"],
-                      generation_seconds=time.perf_counter() - generation_start)
-        measured()
+        scored = {part: {k: metrics[part][k] for k in ("accuracy", "macro_f1", "examples", "answer_histogram")}
+                  for part in ("validation", "test")}
+        for part in scored.values():
+            part["answers"] = dict(list(part["answer_histogram"].items())[:5])
+        record.update(validation={**scored["validation"], "loss": curve[-1]["loss"] if curve else None},
+                      validation_curve=curve, test={**scored["test"], "loss": metrics["test"]["loss"]},
+                      majority_baseline={k: metrics["majority_baseline"][k] for k in ("accuracy", "label")})
         return record
     curve = [{"step": h["step"], "accuracy": h["eval_accuracy"], "macro_f1": h["eval_macro_f1"],
               "loss": h["eval_loss"], "seconds": h.get("eval_runtime")} for h in history if "eval_accuracy" in h]
@@ -124,63 +126,6 @@ def run_one(proto: Protocol, job: Job, out: Path, extra: list[str]) -> dict[str,
                   test={k: metrics["test"][k] for k in ("accuracy", "macro_f1", "examples")},
                   majority_baseline={k: metrics["majority_baseline"][k] for k in ("accuracy", "macro_f1", "label")})
     return record
-
-
-def first_word(text: str) -> str:
-    """The answer as scored: its first word, lowercased, without surrounding punctuation."""
-    words = text.strip().split()
-    return words[0].strip(".,;:!?\"'()*").lower() if words else ""
-
-
-def macro_f1(answers: list[str], truth: list[str]) -> float:
-    """Macro-F1 over the labels (the distinct reference answers): an answer that is no label is wrong for every
-    label (a false negative of its reference, a false positive of none)."""
-    scores = []
-    for label in sorted(set(truth)):
-        tp = sum(a == label and t == label for a, t in zip(answers, truth))
-        fp = sum(a == label and t != label for a, t in zip(answers, truth))
-        fn = sum(a != label and t == label for a, t in zip(answers, truth))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(scores) / len(scores)
-
-
-def generation_accuracy(run_dir: Path, max_new_tokens: int = 4, batch_size: int = 16) -> dict[str, Any]:
-    """Greedy decoding of every validation and test prompt of a finished causal-LM run; an answer is correct
-    when its first word is the reference response. Also the majority class (the training split's most frequent
-    response) scored the same way."""
-    from collections import Counter
-
-    import torch
-    from neat_peft.cli import features, models
-    from neat_peft.cli.commands import open_run
-
-    path, config, splits = open_run(str(run_dir))
-    tokenizer = models.load_tokenizer(config)
-    model = models.load_trained(path, config, splits.labels)
-    majority = Counter(r["response"].strip().lower() for r in splits.rows["train"]).most_common(1)[0][0]
-    out: dict[str, Any] = {}
-    tokenizer.padding_side = "left"  # batched decoding: every prompt ends where generation starts
-    with torch.no_grad():
-        for part in ("validation", "test"):
-            answers = []
-            rows = splits.rows[part]
-            for i in range(0, len(rows), batch_size):
-                texts = [features.prompt_text(tokenizer, r["prompt"]) for r in rows[i:i + batch_size]]
-                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-                ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                     max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-                answers += [first_word(tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True))
-                            for row in ids]
-            truth = [r["response"].strip().lower() for r in splits.rows[part]]
-            out[part] = {"accuracy": sum(a == t for a, t in zip(answers, truth)) / len(truth),
-                         "macro_f1": macro_f1(answers, truth), "examples": len(truth),
-                         "answers": dict(Counter(answers).most_common(5)),
-                         "answer_histogram": dict(Counter(answers).most_common())}
-            if part == "test":
-                out["majority_baseline"] = {"accuracy": sum(t == majority for t in truth) / len(truth),
-                                            "label": majority}
-    return out
 
 
 def worker_main(args: argparse.Namespace) -> int:

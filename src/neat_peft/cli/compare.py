@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import compare_report, recipe, rundir, tasks
-from .compare_plan import Job, Plan, load_grid
+from .compare_plan import AXES, Job, Plan, load_grid
 from ..formats import leftovers
 from .errors import CliError
 
@@ -39,8 +39,11 @@ DATA_FILE, LOCK_FILE, RUNS = "compare.json", "compare.lock", "runs"
 OUTPUT_NAMES = (DATA_FILE, LOCK_FILE, RUNS, *compare_report.FILES)
 DIVERGED = "the loss became NaN or infinite"  # train's message for a non-finite loss
 PILOT_STEPS = 10
+ANSWER_KEYS = ("accuracy", "macro_f1", "examples", "answer_histogram")  # a run's generated answers, recorded
 # Keys that differ between the runs of one compare by design: everything else must match to continue a compare.
 PER_RUN_KEYS = ("output.dir", "train.seed", "train.lr", "train.head_lr", "method.name", "method.scaling")
+# compare.json keys a compare written before they existed holds implicitly.
+SETUP_DEFAULTS = {"variants": {}, "pairs": None, "extend": list(AXES)}
 
 
 def now() -> str:
@@ -66,12 +69,9 @@ def versions() -> dict[str, Optional[str]]:
 
 # --- checking the input, before anything is written ---------------------------------------------------------
 def check_arguments(methods: list[str], seeds: int, workers: int, budget_check: Optional[int]) -> None:
-    unknown = [m for m in methods if m not in recipe.METHODS]
-    if unknown:
-        raise CliError(f"--methods: unknown method {unknown[0]!r}; choose among {', '.join(recipe.METHODS)}.")
     if len(set(methods)) != len(methods) or len(methods) < 2:
         raise CliError(f"--methods needs at least two different methods (the first is compared with each other "
-                       f"one), got {' '.join(methods)}.")
+                       f"one, unless the grid file states its pairs), got {' '.join(methods)}.")
     if seeds < 1:
         raise CliError(f"--seeds must be at least 1 (2 or more give a paired interval), got {seeds}.")
     if workers < 1:
@@ -85,11 +85,12 @@ def method_configs(config_path: Optional[str], overrides: list[str], plan: Plan)
     method.match_lora_r with LoRA) here, before any run starts, with the key named."""
     out = {}
     for method in plan.methods:
-        job = Job(method, *plan.base_cells(method)[0], 0, "tune")
+        job = plan.job(method, *plan.base_cells(method)[0], 0, "tune")
         try:
             out[method] = recipe.resolve(config_path, [*overrides, *job.overrides()])
         except CliError as e:
-            raise CliError(f"The recipe cannot run method {method}: {e}") from None
+            where = f" (its overrides in the grid file: {' '.join(job.extra)})" if job.extra else ""
+            raise CliError(f"The recipe cannot run method {method}{where}: {e}") from None
     return out
 
 
@@ -137,7 +138,8 @@ def check_continuation(old: dict[str, Any], new: dict[str, Any], out: Path) -> N
     """A compare continues only with the same recipe, methods, grids and edge rule (seeds may grow)."""
     differ = [k for k in sorted(set(old["recipe"]) | set(new["recipe"]))
               if old["recipe"].get(k) != new["recipe"].get(k)]
-    differ += [k for k in ("methods", "grids", "edge_steps") if old[k] != new[k]]
+    differ += [k for k in ("methods", "grids", "edge_steps", "variants", "pairs", "extend")
+               if old.get(k, SETUP_DEFAULTS.get(k)) != new.get(k, SETUP_DEFAULTS.get(k))]
     if differ:
         raise CliError(f"'{out}' holds a compare run with another setup (differs: {', '.join(differ[:6])}); its "
                        "runs would not be comparable with new ones. Nothing was changed; repeat that compare's "
@@ -221,10 +223,18 @@ class Runner:
             eval_seconds=sum(h.get("eval_runtime", 0.0) for h in history if any(k.startswith("eval_") for k in h)),
             evaluations=sum(1 for h in history if f"eval_{self.primary}" in h),
             train_loss=[{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
-            test=metrics["test"], test_value=test_value(metrics["test"], self.primary),
+            test=without_predictions(metrics["test"]), test_value=test_value(metrics["test"], self.primary),
             baseline=metrics.get("majority_baseline") or metrics.get("base_model"),
             data_used=metrics["data"].get("used"), split_sha256=split_digest(run_dir))
+        if "answer_histogram" in metrics["test"]:  # causal-lm with eval.generate_answers
+            record["answers"] = {part: {k: metrics[part][k] for k in ANSWER_KEYS} for part in ("validation", "test")}
+            record["answers"]["majority_baseline"] = metrics["majority_baseline"]
         return record
+
+
+def without_predictions(test: dict[str, Any]) -> dict[str, Any]:
+    """The test metrics without the per-example predictions of generated answers (they stay in metrics.json)."""
+    return {k: without_predictions(v) if isinstance(v, dict) else v for k, v in test.items() if k != "predictions"}
 
 
 def test_value(test: dict[str, Any], primary: str) -> Optional[float]:
@@ -258,7 +268,7 @@ def pilot(runner: Runner, plan: Plan, steps: int, workers: int) -> dict[str, Any
     try:
         records = []
         for i in range(0, len(plan.methods), workers):
-            batch = [runner.start(Job(m, *plan.base_cells(m)[0], 0, "pilot"), scratch / m, extra)
+            batch = [runner.start(plan.job(m, *plan.base_cells(m)[0], 0, "pilot"), scratch / m, extra)
                      for m in plan.methods[i:i + workers]]
             waiting = list(batch)
             while waiting:
@@ -347,11 +357,15 @@ class Compare:
 def run_compare(config_path: Optional[str], overrides: list[str], output_dir: Optional[str], methods: list[str],
                 seeds: int, grid: str, workers: int, budget_check: Optional[int], dry_run: bool) -> dict[str, Any]:
     """The whole `compare` command. Every input is checked before OUT is touched."""
+    grid_spec = load_grid(grid, methods)
+    methods = grid_spec.methods
     check_arguments(methods, seeds, workers, budget_check)
-    grids, edge_steps = load_grid(grid, methods)
     base = recipe.resolve(config_path, overrides)
     task = tasks.for_config(base)
-    plan = Plan(methods, grids, seeds, edge_steps, task.lower_is_better, budget_factor=budget_check)
+    edge_steps = grid_spec.edge_steps
+    plan = Plan(methods, grid_spec.grids, seeds, edge_steps, task.lower_is_better,
+                extend=grid_spec.extend, budget_factor=budget_check, variants=grid_spec.variants,
+                pairs=grid_spec.pairs)
     method_configs(config_path, overrides, plan)
     out = Path(output_dir or f"runs/compare-{base['task']}")
     old = check_output(out)
@@ -362,7 +376,9 @@ def run_compare(config_path: Optional[str], overrides: list[str], output_dir: Op
     setup = {"schema": SCHEMA, "kind": KIND, "recipe": {k: v for k, v in base.items() if k not in PER_RUN_KEYS},
              "recipe_file": config_path, "overrides": overrides, "task": base["task"], "model": base["model.name"],
              "data_source": base["data.source"], "data_used": splits.info["used"], "methods": methods,
-             "grids": json.loads(json.dumps(grids)), "edge_steps": edge_steps, "seeds": seeds,
+             "grids": json.loads(json.dumps(plan.grids)), "edge_steps": edge_steps, "seeds": seeds,
+             **({"variants": plan.variants} if plan.variants else {}), **({"pairs": plan.pairs} if plan.pairs else {}),
+             **({"extend": list(plan.extend)} if plan.extend != AXES else {}),
              "budget_check": budget_check, "primary_metric": task.primary_metric,
              "lower_is_better": task.lower_is_better, "steps_per_run": steps}
     if old is not None:
@@ -413,12 +429,18 @@ def run_compare(config_path: Optional[str], overrides: list[str], output_dir: Op
 def describe_plan(plan: Plan, records: dict[str, dict]) -> str:
     lines = []
     for m in plan.methods:
+        variant = plan.variants.get(m)
+        what = f" ({variant['method']} {' '.join(variant['overrides'])})".replace(" )", ")") if variant else ""
+        if plan.cell_of(m):
+            lines.append(f"  {m}{what}: the cell chosen for {plan.cell_of(m)}, at seeds 0..{plan.seeds_of(m) - 1}")
+            continue
         axes = plan.grids[m]
         cells = "lr " + ", ".join(f"{v:g}" for v in axes["lr"]) + (
             "; s " + ", ".join(f"{v:g}" for v in axes["scaling"]) if axes.get("scaling", [None]) != [None] else "")
-        lines.append(f"  {m}: tune {len(plan.base_cells(m))} cell(s) at seed 0 ({cells}; up to {plan.edge_steps} "
-                     f"more past each edge), then the chosen cell at seeds 1..{plan.seeds - 1}"
+        lines.append(f"  {m}{what}: tune {len(plan.base_cells(m))} cell(s) at seed 0 ({cells}; up to "
+                     f"{plan.edge_steps} more past each edge), then the chosen cell at seeds 1..{plan.seeds_of(m) - 1}"
                      + (f", then x{plan.budget_factor} longer at seed 0" if plan.budget_factor else ""))
+    lines.append("  tested: " + ", ".join(f"{a} − {b}" for a, b in plan.pair_list()))
     return "plan:\n" + "\n".join(lines)
 
 

@@ -22,17 +22,34 @@ def num(x: Optional[float]) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def comparisons(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """The first method against each other one: paired test differences (first − other), interval and status."""
+ANSWER_METRICS = ("accuracy", "macro_f1")  # of generated answers (causal-lm with eval.generate_answers)
+
+
+def answer_value(record: dict[str, Any], metric: str) -> Optional[float]:
+    return record.get("answers", {}).get("test", {}).get(metric)
+
+
+def comparisons(data: dict[str, Any], answer_metric: Optional[str] = None) -> list[dict[str, Any]]:
+    """Each tested pair (A, B): paired test differences A − B, interval and status; of the primary metric, or of
+    the generated answers' `answer_metric` (accuracy, macro_f1: higher is better)."""
     plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
-    values = {m: {s: r["test_value"] for s, r in plan.seed_runs(records, m).items()} for m in plan.methods}
-    first = plan.methods[0]
+    lower = data["lower_is_better"] if answer_metric is None else False
+
+    def value(r):
+        return r["test_value"] if answer_metric is None else answer_value(r, answer_metric)
+
+    values = {m: {s: value(r) for s, r in plan.seed_runs(records, m).items() if value(r) is not None}
+              for m in plan.methods}
     out = []
-    for other in plan.methods[1:]:
-        result = stats.paired(values[first], values[other])
-        out.append({"a": first, "b": other, "result": result,
-                    "status": stats.verdict_status(result, data["lower_is_better"])})
+    for a, b in plan.pair_list():
+        result = stats.paired(values[a], values[b])
+        out.append({"a": a, "b": b, "metric": answer_metric or data.get("primary_metric"), "result": result,
+                    "status": stats.verdict_status(result, lower)})
     return out
+
+
+def has_answers(data: dict[str, Any]) -> bool:
+    return any("answers" in r for r in data["runs"])
 
 
 def method_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -43,27 +60,40 @@ def method_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         tests = [r["test_value"] for r in runs.values()]
         mean, sd = stats.mean_std(tests)
         first = next(iter(runs.values()), {})
+        answers = {metric: stats.mean_std([answer_value(r, metric) for r in runs.values()
+                                           if answer_value(r, metric) is not None]) for metric in ANSWER_METRICS}
+        histogram: dict[str, int] = {}
+        for r in runs.values():
+            for answer, count in r.get("answers", {}).get("test", {}).get("answer_histogram", {}).items():
+                histogram[answer] = histogram.get(answer, 0) + count
         rows.append({"method": m, "cell": plan.choose(records, m), "n": len(runs), "mean": mean, "sd": sd,
                      "trainable": first.get("trainable_params"), "total": first.get("total_params"),
                      "wall": stats.mean_std([r["wall_seconds"] for r in runs.values()])[0],
-                     "memory": max((r["peak_rss_mb"] for r in runs.values()), default=None)})
+                     "memory": max((r["peak_rss_mb"] for r in runs.values()), default=None),
+                     "answers": answers, "histogram": dict(sorted(histogram.items(), key=lambda kv: -kv[1]))})
     return rows
+
+
+def verdict_line(c: dict[str, Any]) -> str:
+    r = c["result"]
+    return f"{c['a']} vs {c['b']} ({c['metric']}): {c['status']}" + ("" if r is None else
+           f" (difference {r['mean']:+.4f}, 95% interval [{r['low']:+.4f}, {r['high']:+.4f}], width "
+           f"{r['width']:.4f}, {r['n']} paired seeds)")
 
 
 def summary(data: dict[str, Any]) -> str:
     """The console's result: per method the chosen cell and test mean ± sd, then each verdict."""
     metric = data["primary_metric"]
-    lines = [f"\n{'method':<10} {'chosen cell':<20} {'seeds':>5} {'test ' + metric:>22} {'trainable':>12}"]
+    width = max(10, *(len(m) for m in data["methods"]))
+    lines = [f"\n{'method':<{width}} {'chosen cell':<20} {'seeds':>5} {'test ' + metric:>22} {'trainable':>12}"]
     for row in method_rows(data):
         cell = cell_text(*row["cell"]) if row["cell"] else "tuning pending"
         test = f"{num(row['mean'])} ± {num(row['sd'])}" if row["n"] else "–"
-        lines.append(f"{row['method']:<10} {cell:<20} {row['n']:>5} {test:>22} "
+        lines.append(f"{row['method']:<{width}} {cell:<20} {row['n']:>5} {test:>22} "
                      f"{row['trainable'] if row['trainable'] is not None else '–':>12}")
-    for c in comparisons(data):
-        r = c["result"]
-        lines.append(f"{c['a']} vs {c['b']}: {c['status']}" + ("" if r is None else
-                     f" (difference {r['mean']:+.4f}, 95% interval [{r['low']:+.4f}, {r['high']:+.4f}], width "
-                     f"{r['width']:.4f}, {r['n']} paired seeds)"))
+    lines += [verdict_line(c) for c in comparisons(data)]
+    if has_answers(data):
+        lines += [verdict_line(c) for metric in ANSWER_METRICS for c in comparisons(data, metric)]
     return "\n".join(lines)
 
 
@@ -81,6 +111,8 @@ def at_edge(plan: Plan, records: dict[str, dict], method: str) -> bool:
 
 def tuning_table(data: dict[str, Any], method: str) -> str:
     plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    if plan.cell_of(method):
+        return f"{method}: no tuning of its own; it runs at the cell chosen for {plan.cell_of(method)}."
     base = set(map(tuple, plan.base_cells(method)))
     chosen = plan.choose(records, method)
     lines = [f"| {method}: cell | validation {data['primary_metric']} (seed 0) | run | |", "|---|---:|---|---|"]
@@ -97,6 +129,41 @@ def tuning_table(data: dict[str, Any], method: str) -> str:
     return "\n".join(lines)
 
 
+def verdict_rows(found: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for c in found:
+        r = c["result"]
+        if r is None:
+            lines.append(f"| {c['a']} − {c['b']} | {c['metric']} | – | – | – | – | {c['status']} |")
+        else:
+            lines.append(f"| {c['a']} − {c['b']} | {c['metric']} | {r['mean']:+.4f} | [{r['low']:+.4f}, "
+                         f"{r['high']:+.4f}] | {r['width']:.4f} | {r['n']} | {c['status']} |")
+    return lines
+
+
+def answers_section(data: dict[str, Any]) -> list[str]:
+    """Generated answers on test (causal-lm with eval.generate_answers): per method accuracy and macro-F1 over
+    the labels, the answers' histogram over the seeds, and the paired verdicts of both."""
+    lines = ["", "## Generated answers (test)", "",
+             "Greedy answers read as labels (their first word); higher is better. Tuning still used the validation "
+             f"{data['primary_metric']}. Better or worse only where the paired 95% interval excludes 0.", "",
+             "| method | seeds | answer accuracy (mean ± sd) | answer macro-F1 (mean ± sd) | answers, all seeds |",
+             "|---|---:|---:|---:|---|"]
+    for row in method_rows(data):
+        acc, f1 = row["answers"]["accuracy"], row["answers"]["macro_f1"]
+        shown = ", ".join(f"{a or '(none)'} {n}" for a, n in row["histogram"].items())
+        lines.append(f"| {row['method']} | {row['n']} | {num(acc[0])} ± {num(acc[1])} | {num(f1[0])} ± {num(f1[1])} "
+                     f"| {shown or '–'} |")
+    base = next((r["answers"]["majority_baseline"] for r in data["runs"] if "answers" in r), None)
+    if base:
+        lines += ["", f"Majority class ({base['label']}, the training split's most frequent response) on the test "
+                  f"split of one seed: accuracy {num(base['accuracy'])}, macro-F1 {num(base['macro_f1'])}."]
+    lines += ["", "| comparison | metric | mean difference | 95% interval | width | seeds | verdict |",
+              "|---|---|---:|---|---:|---:|---|"]
+    lines += verdict_rows([c for metric in ANSWER_METRICS for c in comparisons(data, metric)])
+    return lines
+
+
 def pairing(data: dict[str, Any]) -> str:
     """Whether, at every seed, every method's run used the very same split (equal digests of its files)."""
     plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
@@ -111,6 +178,16 @@ def pairing(data: dict[str, Any]) -> str:
             else f"NOT paired at seed(s) {bad}: the methods' splits differ (check the data source)")
 
 
+def grid_text(plan: Plan, m: str) -> str:
+    variant = plan.variants.get(m)
+    what = f" ({variant['method']}" + "".join(f", {o}" for o in variant["overrides"]) + ")" if variant else ""
+    if plan.cell_of(m):
+        return f"{m}{what}: the cell of {plan.cell_of(m)}"
+    g = plan.grids[m]
+    return f"{m}{what}: lr {', '.join(f'{v:g}' for v in g['lr'])}" + (
+        f", s {', '.join(f'{v:g}' for v in g['scaling'])}" if g.get("scaling", [None]) != [None] else "")
+
+
 def build(data: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
     plan = Plan.from_data(data)
     metric, lower = data["primary_metric"], data["lower_is_better"]
@@ -121,20 +198,14 @@ def build(data: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
              + ", ".join(f"{v:,} {k}" for k, v in used.items()) + f" examples; {data['steps_per_run']} steps a run",
              f"- metric: test {metric} ({'lower' if lower else 'higher'} is better), tuned on the final validation "
              f"{metric} at seed 0; {plan.seeds} paired seed(s) per method at its chosen cell",
-             f"- grids: " + "; ".join(f"{m}: lr {', '.join(f'{v:g}' for v in g['lr'])}" + (
-                 f", s {', '.join(f'{v:g}' for v in g['scaling'])}" if g.get("scaling", [None]) != [None] else "")
-                 for m, g in plan.grids.items()) + f"; edge rule: up to {plan.edge_steps} step(s) past each edge",
+             f"- grids: " + "; ".join(grid_text(plan, m) for m in plan.methods)
+             + f"; edge rule: up to {plan.edge_steps} step(s) past each edge",
              f"- runs finished: {len(runs)}; errors logged: {len(data.get('errors', []))}; pairing: {pairing(data)}",
              "", "## Verdict", "",
              "Better or worse only where the paired 95% interval of the test difference excludes 0.", "",
-             "| comparison | mean difference | 95% interval | width | seeds | verdict |", "|---|---:|---|---:|---:|---|"]
-    for c in comparisons(data):
-        r = c["result"]
-        if r is None:
-            lines.append(f"| {c['a']} − {c['b']} | – | – | – | – | {c['status']} |")
-        else:
-            lines.append(f"| {c['a']} − {c['b']} | {r['mean']:+.4f} | [{r['low']:+.4f}, {r['high']:+.4f}] | "
-                         f"{r['width']:.4f} | {r['n']} | {c['status']} |")
+             "| comparison | metric | mean difference | 95% interval | width | seeds | verdict |",
+             "|---|---|---:|---|---:|---:|---|"]
+    lines += verdict_rows(comparisons(data))
     lines += ["", "## Results at the chosen cells", "",
               f"| method | chosen cell | seeds | test {metric} (mean ± sd) | trainable params | run time (mean) | "
               "peak memory (max) |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -144,6 +215,8 @@ def build(data: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
                      + (f"{row['trainable']:,}" if row["trainable"] is not None else "–") + " | "
                      + (f"{row['wall']:.0f} s" if row["n"] else "–") + " | "
                      + (f"{row['memory']:,.0f} MB" if row["memory"] else "–") + " |")
+    if has_answers(data):
+        lines += answers_section(data)
     checks = [r for r in runs if r["phase"] == "check"]
     if checks:
         lines += ["", f"## Budget check: the chosen cells at seed 0, trained {plan.budget_factor}x longer", "",

@@ -1,8 +1,10 @@
 """Prompts as the model sees them, greedy (or beam) decoding, and reading an answer out of generated text.
 
-Used by generative-qa (training items, test scoring, predict) and by causal-lm's predict. The answer extractors
-follow LLM-Adapters: the first of a dataset's choice words found in the generated text, or for "number" the last
-number (commas removed), compared numerically within 1e-3.
+Used by generative-qa (training items, test scoring, predict) and by causal-lm (predict, and with
+eval.generate_answers the scoring of label answers). The answer extractors follow LLM-Adapters: the first of a
+dataset's choice words found in the generated text, or for "number" the last number (commas removed), compared
+numerically within 1e-3; "first-word" reads the first word (lowercased, surrounding punctuation removed), for
+responses that are class labels.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import metrics
 from .features import prompt_text
 
 TEMPLATES = ("chat", "alpaca", "plain")
@@ -29,7 +32,7 @@ _CHOICES = {
     "winogrande": ("option1", "option2"), "true-false": ("true", "false"), "yes-no": ("yes", "no"),
     "letter": tuple("ABCDE"),
 }
-EXTRACTORS = (*_CHOICES, "number")
+EXTRACTORS = (*_CHOICES, "number", "first-word")
 _CASE_FOLDED = ("yes-no", "true-false")  # LLM-Adapters' lists match case-sensitively; these two do not
 
 
@@ -76,6 +79,9 @@ def extract_answer(text: str, extractor: str) -> str:
     if extractor == "number":
         numbers = re.findall(r"-?\d+\.?\d*", text.replace(",", ""))
         return numbers[-1] if numbers else ""
+    if extractor == "first-word":
+        words = text.strip().split()
+        return words[0].strip(".,;:!?\"'()*").lower() if words else ""
     choices = _CHOICES[extractor]
     flags = re.IGNORECASE if extractor in _CASE_FOLDED else 0
     pattern = r"\b(" + "|".join(map(re.escape, choices)) + r")\b" if extractor == "letter" else \
@@ -90,7 +96,7 @@ def is_correct(pred: str, gold: str, extractor: str) -> bool:
             return abs(float(pred) - float(gold.replace(",", ""))) <= 1e-3
         except ValueError:
             return False
-    if extractor in _CASE_FOLDED:
+    if extractor in (*_CASE_FOLDED, "first-word"):
         return pred == gold.strip().lower()
     return pred == gold.strip()
 
@@ -103,3 +109,29 @@ def score(outputs: list[str], answers: list[str], extractor: str) -> dict[str, A
             "unanswered": sum(not p for p in preds),
             "predictions": [{"output": o, "pred": p, "answer": a, "correct": c}
                             for o, p, a, c in zip(outputs, preds, answers, correct)]}
+
+
+def score_labels(outputs: list[str], responses: list[str], majority: str) -> dict[str, Any]:
+    """Generated answers to prompts whose responses are class labels, read by "first-word": `score`'s accuracy
+    and predictions, macro-F1 over the labels L = the distinct responses of these rows (lowercased),
+
+        macro_f1 = (1/|L|) Σ_{l in L} 2 TP_l / (2 TP_l + FP_l + FN_l),
+
+    where an answer that is no label is a false negative of its reference and a false positive of none, the
+    histogram of the answers (most frequent first), and the majority class `majority` (the training split's most
+    frequent response) scored the same way."""
+    from collections import Counter
+
+    scored = score(outputs, responses, "first-word")
+    answers = [p["pred"] for p in scored["predictions"]]
+    truth = [r.strip().lower() for r in responses]
+    labels = sorted(set(truth))
+    ids = {label: i for i, label in enumerate(labels)}
+
+    def f1(pred: list[str]) -> float:  # an answer outside L gets id |L|, which is no class of macro_f1's
+        return metrics.macro_f1([ids.get(a, len(labels)) for a in pred], [ids[t] for t in truth], len(labels))
+
+    baseline = [majority] * len(truth)
+    return {**scored, "macro_f1": f1(answers), "answer_histogram": dict(Counter(answers).most_common()),
+            "majority_baseline": {"label": majority, "accuracy": metrics.accuracy(baseline, truth),
+                                  "macro_f1": f1(baseline)}}

