@@ -157,7 +157,7 @@ def answers_section(data: dict[str, Any]) -> list[str]:
     base = next((r["answers"]["majority_baseline"] for r in data["runs"] if "answers" in r), None)
     if base:
         lines += ["", f"Majority class ({base['label']}, the training split's most frequent response) on the test "
-                  f"split of one seed: accuracy {num(base['accuracy'])}, macro-F1 {num(base['macro_f1'])}."]
+                  f"split of one seed: accuracy {num(base['accuracy'])}, macro-F1 {num(base.get('macro_f1'))}."]
     lines += ["", "| comparison | metric | mean difference | 95% interval | width | seeds | verdict |",
               "|---|---|---:|---|---:|---:|---|"]
     lines += verdict_rows([c for metric in ANSWER_METRICS for c in comparisons(data, metric)])
