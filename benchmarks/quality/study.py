@@ -33,7 +33,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from benchmarks.machine import load_average, machine_info, versions
+from benchmarks.machine import machine_info, versions
+from neat_peft.cli.compare import load_average
 from benchmarks.quality.protocol import LONGER, QUICK, STUDY, Job, Protocol
 from neat_peft.cli.compare import split_digest
 
