@@ -386,7 +386,7 @@ def small_norm_section(small: dict[str, Any]) -> str:
         f"One frozen {s['d']}x{s['d']} layer, NEAT r={s['r']}, {s['optimizer']}, target W0 + D with D of rank "
         f"{s['target_rank']} and entry RMS {s['target_rms']}; loss relative to the untouched W0 (lower is better), "
         f"best learning rate of {', '.join(f'{g:g}' for g in s['lr_grid'])} per variant, mean ± std over "
-        f"{s['seeds']} seeds; {small['seconds']:.0f} s. Command: `python -m benchmarks.quality.small_norm --out "
+        f"{s['seeds']} seeds; {small['seconds']:.0f} s. Command: `python benchmarks/quality/small_norm.py --out "
         "benchmarks/quality/results/small_norm.json`.\n",
         small_norm.markdown(small) + "\n",
         f"Final relative loss (step {steps}): {reading}."
@@ -509,7 +509,7 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
                f"study started: {m['load_average']}); {m['platform']}, Python {m['python']}; "
                + ", ".join(f"{k} {val}" for k, val in ver.items() if val) + ".\n")
     out.append("Invocations (from `study.json`):\n")
-    out += [f"- `python -m benchmarks.quality.study {' '.join(inv['argv'])}` (started {inv['started']}"
+    out += [f"- `python benchmarks/quality/study.py {' '.join(inv['argv'])}` (started {inv['started']}"
             + (f", finished {inv['finished']}" if inv.get("finished") else ", running or stopped")
             + (f"; code {inv['versions']['git_commit']}" if inv.get("versions", {}).get("git_commit") else "") + ")"
             for inv in data["invocations"]]
@@ -517,7 +517,7 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
 
     out.append("## Compute\n")
     if pilot:
-        out.append(f"Timed pilot (`python -m benchmarks.quality.study pilot`, {pilot['created']}): each task's "
+        out.append(f"Timed pilot (`python benchmarks/quality/study.py pilot`, {pilot['created']}): each task's "
                    f"NEAT r=8 run cut to {pilot['pilot_steps']} steps at the real data sizes, plus LoRA, full "
                    "fine-tuning and head-only on sentiment for the per-family cost (compared in CPU seconds per step: "
                    "wall x CPU share). The CPU share and load average columns show how busy the machine was "
