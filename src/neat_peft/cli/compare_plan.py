@@ -80,11 +80,20 @@ def default_axes(method: str, quick: bool) -> dict[str, list[float]]:
 
 
 def _values(value: Any, where: str) -> list[float]:
+    if isinstance(value, list):  # YAML 1.1 reads 3e-5 (no dot) as a string
+        value = [_number(v) for v in value]
     if not isinstance(value, list) or not value or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in value):
         raise CliError(f"{where} must be a non-empty list of positive numbers, got {value!r}. Example: "
                        "lr: [1.0e-3, 3.0e-3].")
     return sorted({float(v) for v in value})
+
+
+def _number(v: Any) -> Any:
+    try:
+        return float(v) if isinstance(v, str) else v
+    except ValueError:
+        return v
 
 
 @dataclass

@@ -266,13 +266,15 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in plan.methods:
         rec = plan.seed_runs(records, m).get(0)
-        if rec and rec["validation_curve"]:
-            ax.plot([p["step"] for p in rec["validation_curve"]], [p[metric] for p in rec["validation_curve"]],
-                    marker=".", label=f"{m} ({cell_text(rec['lr'], rec['scaling'])})")
+        points = [p for p in rec["validation_curve"] if metric in p] if rec else []  # (a converted study: its
+        if points:  # LLM row tuned on the generated answers' accuracy, measured once, not on the curve)
+            ax.plot([p["step"] for p in points], [p[metric] for p in points], marker=".",
+                    label=f"{m} ({cell_text(rec['lr'], rec['scaling'])})")
     ax.set_xlabel("step")
     ax.set_ylabel(f"validation {metric}")
     ax.set_title("seed 0, chosen cells")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
