@@ -1,5 +1,5 @@
 """The plan of `neat-peft compare`: each method's tuning grid, the edge-extension rule, the chosen cell, and the
-runs these imply (also the quality study's rule for its tuning, benchmarks/quality).
+runs these imply (the quality study, benchmarks/quality, is one compare per task).
 
 For each method:
 
@@ -263,8 +263,6 @@ class Plan:
     lower_is_better: bool = False
     extend: tuple[str, ...] = AXES  # the axes the edge rule extends (the quality study: lr only)
     budget_factor: Optional[int] = None
-    key_prefix: str = ""  # records are keyed prefix + Job.key (the quality study: "task/")
-    score_key: Optional[str] = None  # the validation value is record["validation"][score_key] (the study: accuracy)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> load_grid's variant
     pairs: Optional[list[list[str]]] = None
 
@@ -301,8 +299,6 @@ class Plan:
         if record is None:
             return None
         value = record.get("validation")
-        if self.score_key is not None and value is not None:
-            value = value.get(self.score_key)
         if record["status"] != "ok" or value is None:
             return -math.inf
         return -value if self.lower_is_better else value
@@ -312,7 +308,7 @@ class Plan:
         while a cell has no result, unless `partial` (then the best of those finished, if any)."""
         best, best_score = None, -math.inf
         for lr, s in cells:
-            score = self.score(records.get(self.key_prefix + Job(method, lr, s, 0, "tune").key))
+            score = self.score(records.get(Job(method, lr, s, 0, "tune").key))
             if score is None:
                 if partial:
                     continue
@@ -393,7 +389,7 @@ class Plan:
             return {}
         out = {}
         for seed in range(self.seeds_of(method)):
-            rec = records.get(self.key_prefix + Job(method, *cell, seed, "seed").key)
+            rec = records.get(Job(method, *cell, seed, "seed").key)
             if rec is not None and rec["status"] == "ok":
                 out[seed] = rec
         return out
