@@ -327,9 +327,10 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
 
     factors = sorted({r["factor"] for r in checks})
     out = ["### Budget check: the chosen cells trained longer (seed 0)\n",
-           "; ".join(f"`python -m benchmarks.quality.study check --task {task} --factor {f}`" for f in factors)
-           + ": the same cells at seed 0 on that many times the training examples for the same epochs (so that many "
-           "times the steps). Not part of the statistics above; it shows whether the fixed budget decided the "
+           "; ".join(f"`python benchmarks/quality/study.py check --task {task} --factor {f}`" for f in factors)
+           + " (the study's earlier runner; compare's `--budget-check` trains on the same examples for longer "
+           "instead): the same cells at seed 0 on that many times the training examples for the same epochs (so that "
+           "many times the steps). Not part of the statistics above; it shows whether the fixed budget decided the "
            "comparison. The longer run draws its larger training subset with the same seed, so the two methods "
            "again share it.\n",
            "| method | cell | steps | val acc % | test acc % | plateaued | CPU-core-hours of the check |",

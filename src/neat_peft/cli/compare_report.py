@@ -263,18 +263,22 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     atomic_write(out / "params.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     written.append("params.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    curves = {}
     for m in plan.methods:
         rec = plan.seed_runs(records, m).get(0)
         points = [p for p in rec["validation_curve"] if metric in p] if rec else []  # (a converted study: its
         if points:  # LLM row tuned on the generated answers' accuracy, measured once, not on the curve)
-            ax.plot([p["step"] for p in points], [p[metric] for p in points], marker=".",
-                    label=f"{m} ({cell_text(rec['lr'], rec['scaling'])})")
+            curves[f"{m} ({cell_text(rec['lr'], rec['scaling'])})"] = points
+    if not curves:  # nothing to draw: no figure (and not an earlier one of this folder's)
+        (out / "curves.png").unlink(missing_ok=True)
+        return tuple(written)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        ax.plot([p["step"] for p in points], [p[metric] for p in points], marker=".", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(f"validation {metric}")
     ax.set_title("seed 0, chosen cells")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
+    ax.legend()
     fig.tight_layout()
     atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
