@@ -390,6 +390,9 @@ def test_generated_answers_get_their_own_paired_verdicts_and_histograms():
     assert "## Generated answers (test)" in report and "| neat − lora | accuracy |" in report
     assert "negative 18, (none) 4" in report  # the histogram summed over the 4 seeds
     assert f"[{ref.low:+.4f}, {ref.high:+.4f}] | {ref.high - ref.low:.4f} | 4 | worse |" in report
+    for r in data["runs"]:  # an untrained model's many answers: the 8 most frequent, then the rest summed
+        r["answers"]["test"]["answer_histogram"] = {f"w{i}": 12 - i for i in range(12)}
+    assert "| w0 48, w1 44, w2 40, w3 36, w4 32, w5 28, w6 24, w7 20, 4 other answers 40 |" in build(data)
     data["runs"] = [{k: v for k, v in r.items() if k != "answers"} for r in data["runs"]]
     assert "Generated answers" not in build(data)  # runs without answers: no section
 

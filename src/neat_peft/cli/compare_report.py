@@ -23,6 +23,7 @@ def num(x: Optional[float]) -> str:
 
 
 ANSWER_METRICS = ("accuracy", "macro_f1")  # of generated answers (causal-lm with eval.generate_answers)
+HISTOGRAM_SHOWN = 8  # the most frequent answers the report lists (the rest summed; all are in compare.json)
 
 
 def answer_value(record: dict[str, Any], metric: str) -> Optional[float]:
@@ -151,7 +152,10 @@ def answers_section(data: dict[str, Any]) -> list[str]:
              "|---|---:|---:|---:|---|"]
     for row in method_rows(data):
         acc, f1 = row["answers"]["accuracy"], row["answers"]["macro_f1"]
-        shown = ", ".join(f"{a or '(none)'} {n}" for a, n in row["histogram"].items())
+        top = list(row["histogram"].items())
+        shown = ", ".join(f"{a or '(none)'} {n}" for a, n in top[:HISTOGRAM_SHOWN]) + (
+            f", {len(top) - HISTOGRAM_SHOWN} other answers {sum(n for _, n in top[HISTOGRAM_SHOWN:])}"
+            if len(top) > HISTOGRAM_SHOWN else "")
         lines.append(f"| {row['method']} | {row['n']} | {num(acc[0])} ± {num(acc[1])} | {num(f1[0])} ± {num(f1[1])} "
                      f"| {shown or '–'} |")
     base = next((r["answers"]["majority_baseline"] for r in data["runs"] if "answers" in r), None)
