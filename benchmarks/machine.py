@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
+from neat_peft.cli.compare import load_average  # 1, 5 and 15 minute load averages: how busy the machine was
+
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "numpy")
 COMMIT_ENV = "NEAT_PEFT_COMMIT"
 
@@ -20,14 +22,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or ""
-
-
-def load_average() -> Optional[list[float]]:
-    """1, 5 and 15 minute load averages (None where the OS has none): how busy the shared machine was."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def machine_info() -> dict[str, Any]:

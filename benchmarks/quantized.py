@@ -1,9 +1,9 @@
 """QLoRA-style NEAT: training-step time and peak memory of NEAT against peft's LoRA on the SAME quantized base,
 and of NEAT on the quantized base against NEAT on the fp32 base, measured side by side in ONE process.
 
-    nice -n 19 python benchmarks/quantized.py                      # hidden 512 and 1024, CPU (docs/quantized.md)
-    python benchmarks/quantized.py --quick                         # tiny, a few seconds
-    python benchmarks/quantized.py --device cuda --sizes 1024 2048 4096 --backends nf4 int8   # GPU_SCRIPT.sh
+    nice -n 19 python -m benchmarks.quantized                      # hidden 512 and 1024, CPU (docs/quantized.md)
+    python -m benchmarks.quantized --quick                         # tiny, a few seconds
+    python -m benchmarks.quantized --device cuda --sizes 1024 2048 4096 --backends nf4 int8   # GPU_SCRIPT.sh
 
 Model: a random Llama-shaped causal LM (transformers LlamaForCausalLM: hidden d, intermediate ~8d/3, d/64
 heads, `--layers` blocks, a 512-token vocabulary so the float embedding and head stay small), saved once and
@@ -40,11 +40,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from machine import machine_info, versions  # noqa: E402
-from speed_measure import allocator_peak_bytes, round_robin  # noqa: E402
+from benchmarks.machine import machine_info, versions
+from benchmarks.speed_measure import allocator_peak_bytes, round_robin
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {"qv": ["q_proj", "v_proj"], "all": ALL_LINEAR}
@@ -326,7 +323,7 @@ def main(argv=None) -> None:
         from neat_peft.quantized import QuantizedLinearKind
 
         QuantizedLinearKind.recompute_weight = False
-    command = "python benchmarks/quantized.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.quantized " + " ".join(sys.argv[1:] if argv is None else argv)
     info = {**machine_info(), **versions(), "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "nf4_compute_dtype": args.compute_dtype, "recompute_weight": not args.no_recompute,
             "batch": args.batch, "seq": args.seq, "layers": args.layers}

@@ -1,9 +1,9 @@
 """Speed and memory of NEAT against peft's LoRA and peft's PEANuT, measured side by side in ONE process.
 
-    python benchmarks/speed.py                       # d = 384, 768, 2048 (about 10 minutes on 2 CPU cores)
-    python benchmarks/speed.py --quick               # tiny sizes, a few seconds (what the tests run)
-    python benchmarks/speed.py --json out.json --markdown docs/speed.md
-    python benchmarks/speed.py --from-json out.json --markdown docs/speed.md   # regenerate the page only
+    python -m benchmarks.speed                       # d = 384, 768, 2048 (about 10 minutes on 2 CPU cores)
+    python -m benchmarks.speed --quick               # tiny sizes, a few seconds (what the tests run)
+    python -m benchmarks.speed --json out.json --markdown docs/speed.md
+    python -m benchmarks.speed --from-json out.json --markdown docs/speed.md   # regenerate the page only
 
 Every method runs on the same randomly initialised BERT-shaped encoder (transformers BertModel: hidden d,
 intermediate 4d, d/64 heads), the same batch and the same classification head; the frozen weights are one
@@ -47,11 +47,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from machine import load_average, machine_info, versions
-from speed_measure import (COMPARE, RANK, TARGET_MODULES, bench_infer, bench_train, load_compare_package, make_base,
+from benchmarks.machine import machine_info, versions
+from benchmarks.speed_measure import (COMPARE, RANK, TARGET_MODULES, bench_infer, bench_train, load_compare_package, make_base,
                            plan_for, profile_adapted_layer)
-from speed_render import render_markdown, render_text
-from speed_targets import evaluate_targets
+from benchmarks.speed_render import render_markdown, render_text
+from benchmarks.speed_targets import evaluate_targets
+from neat_peft.cli.compare import load_average
 
 
 def run(args) -> dict:
@@ -60,7 +61,7 @@ def run(args) -> dict:
 
     start = time.perf_counter()
     report = {
-        "command": "python benchmarks/speed.py " + shlex.join(sys.argv[1:]),
+        "command": "python -m benchmarks.speed " + shlex.join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
         "versions": versions(),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from speed_measure import COMPARE, INFER_METHODS, RANK
+from benchmarks.speed_measure import COMPARE, INFER_METHODS, RANK
 
 
 def target_notes(row: dict) -> str:

@@ -18,17 +18,11 @@ import pytest
 import torch
 
 from neat_peft import NeatConfig, get_neat_model
+from benchmarks import llm, speed, speed_measure
 from neat_peft.functional import get_activation, weight_network
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "speed.py"
-LLM_SCRIPT = ROOT / "benchmarks" / "llm.py"
-sys.path.insert(0, str(SCRIPT.parent))
 REPEATS = 2
-
-import llm  # noqa: E402
-import speed  # noqa: E402
-import speed_measure  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +30,9 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--d", "64", "--warmup", "1", "--repeats", str(REPEATS),
+        [sys.executable, "-m", "benchmarks.speed", "--quick", "--d", "64", "--warmup", "1", "--repeats", str(REPEATS),
          "--threads", "1", "--profile", "--json", str(out / "speed.json"), "--markdown", str(out / "speed.md")],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads((out / "speed.json").read_text()), out
@@ -235,8 +229,8 @@ def test_floor_backward_reaches_the_first_layer_and_leaves_the_shared_base_alone
 def llm_tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("llm") / "llm.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(LLM_SCRIPT), "--device", "cpu", "--tiny", "--json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.llm", "--device", "cpu", "--tiny", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
 
@@ -314,9 +308,9 @@ def test_llm_layer_check_catches_a_wrong_formula():
 def test_quantized_benchmark_quick_run(tmp_path):
     """benchmarks/quantized.py (issue 11's CPU and GPU benchmark; GPU_SCRIPT.sh quantized) still runs."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quantized.py"), "--quick", "--backends", "nf4",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quantized", "--quick", "--backends", "nf4",
                            "--targets", "qv", "--json", str(tmp_path / "q.json")],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads((tmp_path / "q.json").read_text())["rows"]
     assert (row["d"], row["targets"], row["backend"]) == (128, "qv", "nf4")
@@ -330,7 +324,7 @@ def test_decode_benchmark_tiny_mode_decodes_like_the_merged_model(capsys):
     independent route: W0 + dW in one matmul), and the run prints its side-by-side ratios."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    import decode
+    from benchmarks import decode
 
     result = decode.main(["--tiny", "--tokens", "6", "--rounds", "1"])
     assert "cpu/lora" in capsys.readouterr().out
@@ -357,7 +351,7 @@ def test_hot_path_counts_frames_and_calls():
     """NeatLayer's forward reaches the adapter's first matmul within 5 library frames, and an eval forward on a
     cache hit makes no more Python calls than peft's LoRA layer (counted, not timed)."""
     pytest.importorskip("peft")
-    import hot_path
+    from benchmarks import hot_path
 
     rows = hot_path.main([])
     assert rows["neat"]["frames to the matmul"] <= 5

@@ -158,7 +158,7 @@ BAD_VALUES = {
     "data.test_split": "''", "data.test_source": "''", "data.eval_sets": "[1]", "data.prompt_template": "bogus",
     "method.layers_to_transform": "[-1]", "train.warmup_steps": "-1", "train.eval_strategy": "sometimes",
     "train.precision": "fp8", "eval.metric": "bogus", "eval.extractor": "bogus", "eval.num_beams": "0",
-    "eval.max_new_tokens": "0", "method.a_lr_ratio": "0", "method.layers_pattern": "[]",
+    "eval.max_new_tokens": "0", "eval.generate_answers": "maybe", "method.a_lr_ratio": "0", "method.layers_pattern": "[]",
 }
 
 

@@ -390,5 +390,15 @@ def test_generated_answers_get_their_own_paired_verdicts_and_histograms():
     assert "## Generated answers (test)" in report and "| neat − lora | accuracy |" in report
     assert "negative 18, (none) 4" in report  # the histogram summed over the 4 seeds
     assert f"[{ref.low:+.4f}, {ref.high:+.4f}] | {ref.high - ref.low:.4f} | 4 | worse |" in report
+    for r in data["runs"]:  # an untrained model's many answers: the 8 most frequent, then the rest summed
+        r["answers"]["test"]["answer_histogram"] = {f"w{i}": 12 - i for i in range(12)}
+    assert "| w0 48, w1 44, w2 40, w3 36, w4 32, w5 28, w6 24, w7 20, 4 other answers 40 |" in build(data)
     data["runs"] = [{k: v for k, v in r.items() if k != "answers"} for r in data["runs"]]
     assert "Generated answers" not in build(data)  # runs without answers: no section
+
+
+def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("lora: {lr: [3e-5, 1.0e-4]}\nneat: {lr: [1e-3], scaling: [1e0]}\n")  # YAML 1.1: 3e-5 a string
+    grid = load_grid(str(path), ["neat", "lora"])
+    assert grid.grids["lora"] == {"lr": [3e-5, 1e-4]} and grid.grids["neat"] == {"lr": [1e-3], "scaling": [1.0]}

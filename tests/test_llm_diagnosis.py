@@ -4,16 +4,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import llm_diagnosis  # noqa: E402
+from benchmarks import llm_diagnosis
 
 
 def _tiny(method, *extra):

@@ -17,7 +17,7 @@ every std: the question is about a fixed target, not a relative one.) With norma
 is W0 / rms(W0), the same matrix for both stds here (one random draw, scaled), so its curves are identical by
 construction: what the table shows is how far plain NEAT is from that.
 
-    python benchmarks/quality/small_norm.py --out benchmarks/quality/results/small_norm.json
+    python -m benchmarks.quality.small_norm --out benchmarks/quality/results/small_norm.json
 """
 
 from __future__ import annotations

@@ -1,30 +1,32 @@
-"""docs/RESULTS.md from the study's JSON: every figure in it is read from a file, none is typed.
+"""docs/RESULTS.md from the study's compare folders: every figure in it is read from a file, none is typed.
 
-    python -m benchmarks.quality.study_doc [--results benchmarks/quality/results] [--doc docs/RESULTS.md]
+    python -m benchmarks.quality.study render [--results benchmarks/quality/results] [--doc docs/RESULTS.md]
 
-Reads RESULTS/study.json (study.py run) and RESULTS/pilot.json (study.py pilot, optional); writes the
-document and its plots (DOC's folder/results/*.png). Cells of the study without results are listed as pending:
-the document is valid at any point of the study.
+Each task of the study is one `neat-peft compare` folder, RESULTS/<task>/compare.json: its chosen cells, seeds,
+paired differences and verdicts come from compare's plan and report (compare_plan.Plan, compare_report.comparisons,
+compare_stats), and compare_report writes its own report.md and plots there. This module adds what spans the
+tasks: RESULTS/study.json (the study's protocol, the machine, its invocations and retired runs), RESULTS/pilot.json
+(optional) and the small-norm measurement, and writes the document and its plots (DOC's folder/results/*.png).
+Cells without results are listed as pending: the document is valid at any point of the study.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from benchmarks.quality.protocol import LONGER, STUDY, Job, Protocol
-from benchmarks.quality.study import estimate
-from neat_peft.cli import compare_stats as stats
+from benchmarks.quality.protocol import Protocol
+from neat_peft.cli import compare_report, compare_stats as stats
+from neat_peft.cli.compare import DATA_FILE
+from neat_peft.cli.compare_plan import Job, Plan
 from neat_peft.cli.compare_report import cell_text
 
 HERE = Path(__file__).resolve().parent
 
-RESUME = "nice -n 19 python -m benchmarks.quality.study run   # --workers auto: the pilot's decision"
+RESUME = "nice -n 19 python -m benchmarks.quality.study run --workers 2   # neat-peft compare per task"
 
 
 def pct(x: float) -> str:
@@ -42,35 +44,47 @@ def accuracies(record: dict[str, Any]) -> list[float]:
 
 
 class View:
-    """The study's JSON read through its protocol: tuned cells, runs per method and seed."""
+    """The study read through compare: per task its compare.json, plan (chosen cells, grids) and records; the
+    study's protocol (labels, tasks, seeds) from study.json."""
 
-    def __init__(self, data: dict[str, Any]):
-        self.data = data
-        self.proto = Protocol.from_snapshot(data["protocol"])
-        self.records = {r["key"]: r for r in data["runs"]}
+    def __init__(self, study: dict[str, Any], tasks: dict[str, dict[str, Any]]):
+        self.data, self.tasks = study, tasks
+        self.proto = Protocol.from_snapshot(study["protocol"])
+        self.plans = {t: Plan.from_data(d) for t, d in tasks.items()}
+        self.records = {t: {r["key"]: r for r in d["runs"]} for t, d in tasks.items()}
 
     def chosen(self, task: str, method: str):
-        return self.proto.choose(self.records, task, method)
+        return self.plans[task].choose(self.records[task], method)
+
+    def grid(self, task: str, method: str):
+        return self.plans[task].grid(self.records[task], method)
 
     def seed_runs(self, task: str, method: str) -> dict[int, dict[str, Any]]:
-        """seed -> finished run at the method's chosen cell."""
+        """seed -> finished (or diverged) run at the method's chosen cell."""
         cell = self.chosen(task, method)
         if cell is None:
             return {}
         out = {}
-        for seed in range(max(1, self.proto.seeds_of(task, method))):
-            rec = self.records.get(Job(task, method, *cell, seed, "").key)
+        for seed in range(max(1, self.plans[task].seeds_of(method))):
+            rec = self.records[task].get(Job(method, *cell, seed, "").key)
             if rec is not None:
                 out[seed] = rec
         return out
 
     def test_acc(self, task: str, method: str) -> dict[int, float]:
         """seed -> test accuracy of the finished runs (a diverged seed has none; the main table counts them)."""
-        return {s: r["test"]["accuracy"] for s, r in self.seed_runs(task, method).items() if r["status"] == "ok"}
+        return {s: r["test_value"] for s, r in self.seed_runs(task, method).items() if r["status"] == "ok"}
+
+    def runs(self, task: str) -> list[dict[str, Any]]:
+        """The task's runs at the study's budget (not its budget checks)."""
+        return [r for r in self.tasks[task]["runs"] if r["phase"] != "check"]
 
     def majority(self, task: str) -> dict[int, float]:
-        return {r["seed"]: r["majority_baseline"]["accuracy"] for r in self.data["runs"]
-                if r["task"] == task and r["status"] == "ok"}
+        return {r["seed"]: r["baseline"]["accuracy"] for r in self.runs(task) if r["status"] == "ok"}
+
+    def planned(self, task: str) -> list[Job]:
+        """Every run of the study's plan of `task` (its budget checks are extra)."""
+        return [j for j in self.plans[task].jobs(self.records[task], full=True) if j.phase != "check"]
 
 
 def tuning_table(v: View, task: str) -> str:
@@ -79,11 +93,11 @@ def tuning_table(v: View, task: str) -> str:
     for m in methods:
         chosen = v.chosen(task, m.name)
         cells = []
-        grid = v.proto.grid(v.records, task, m.name)
+        grid = v.grid(task, m.name)
         for lr, s in grid:
-            rec = v.records.get(Job(task, m.name, lr, s, 0, "tune").key)
+            rec = v.records[task].get(Job(m.name, lr, s, 0, "tune").key)
             text = ("pending" if rec is None else "diverged" if rec["status"] != "ok"
-                    else pct(rec["validation"]["accuracy"]))
+                    else pct(rec["validation"]))
             if chosen == (lr, s):
                 text = f"**{text}**"
             cells.append(f"{cell_text(lr, s)}: {text}" + (" (added)" if (lr, s) not in m.grid else ""))
@@ -121,8 +135,8 @@ def main_table(v: View, task: str) -> str:
         label = m.label + (f" ({diverged} seed(s) diverged, left out)" if diverged else "")
         lines.append(f"| {label} | {params} | {'pending' if chosen is None else cell_text(*chosen)} | "
                      f"{len(runs)} / {v.proto.seeds_of(task, m.name)} | "
-                     f"{fmt_ms([r['validation']['accuracy'] for r in runs])} | "
-                     f"{fmt_ms([r['test']['accuracy'] for r in runs])} | "
+                     f"{fmt_ms([r['validation'] for r in runs])} | "
+                     f"{fmt_ms([r['test_value'] for r in runs])} | "
                      f"{'–' if math.isnan(wall) else f'{wall:.1f}'} | {'–' if math.isnan(rss) else f'{rss:.0f}'} | "
                      f"{'–' if math.isnan(share) else f'{share:.2f}'} | "
                      f"{f'{sum(flat)} of {len(flat)}' if flat else '–'} |")
@@ -150,10 +164,10 @@ def headroom_line(v: View, task: str) -> Optional[str]:
 
 
 def pair_lines(v: View, task: str) -> list[str]:
+    """The task's tested pairs (compare_report.comparisons: the paired interval and status of compare_stats)."""
     out = []
-    for a, b in v.proto.pairs:
-        if a not in v.proto.methods_of(task) or b not in v.proto.methods_of(task):
-            continue
+    for c in compare_report.comparisons(v.tasks[task]):
+        a, b = c["a"], c["b"]
         la, lb = v.proto.methods[a].label, v.proto.methods[b].label
         ta, tb = v.test_acc(task, a), v.test_acc(task, b)
         if max(v.proto.seeds_of(task, a), v.proto.seeds_of(task, b)) == 1:  # a row reduced to one seed
@@ -161,7 +175,7 @@ def pair_lines(v: View, task: str) -> list[str]:
                      if 0 in ta and 0 in tb else "pending")
             out.append(f"- {la} − {lb} (test accuracy; one seed planned, so no interval and no verdict): {shown}.")
             continue
-        out.append(f"- {la} − {lb} (test accuracy, paired by seed): {stats.verdict(stats.paired(ta, tb), la, lb)}.")
+        out.append(f"- {la} − {lb} (test accuracy, paired by seed): {stats.verdict(c['result'], la, lb)}.")
     return out
 
 
@@ -177,7 +191,7 @@ def sweep_points(v: View, task: str) -> dict[str, list[tuple[int, int, float]]]:
     for m in curve_methods(v, task):
         rec = v.seed_runs(task, m.name).get(0)
         if rec is not None and rec["status"] == "ok":
-            out.setdefault(m.family, []).append((m.r, rec["trainable_params"], rec["test"]["accuracy"]))
+            out.setdefault(m.family, []).append((m.r, rec["trainable_params"], rec["test_value"]))
     return {k: sorted(x) for k, x in out.items()}
 
 
@@ -236,8 +250,7 @@ def plot_curves(v: View, task: str, path: Path) -> bool:
     methods = [m for m in v.proto.methods_of(task).values() if not m.tuned_as]
     panels = []
     for m in methods:
-        runs = [(cell, v.records.get(Job(task, m.name, *cell, 0, "").key))
-                for cell in v.proto.grid(v.records, task, m.name)]
+        runs = [(cell, v.records[task].get(Job(m.name, *cell, 0, "").key)) for cell in v.grid(task, m.name)]
         runs = [(cell, r) for cell, r in runs if r is not None and r["status"] == "ok" and r["validation_curve"]]
         if runs:
             panels.append((m, runs))
@@ -273,11 +286,11 @@ def plot_curves(v: View, task: str, path: Path) -> bool:
 
 
 def checks_of(v: View, task: str) -> list[dict[str, Any]]:
-    """The task's finished budget checks (`study.py check`), each with the seed-0 run it lengthens as "base"."""
+    """The task's finished budget checks (runs of phase "check"), each with the seed-0 run it lengthens as "base"."""
     out = []
-    for r in v.data.get("checks", []):
-        if r["task"].partition(LONGER)[0] == task and r["status"] == "ok":
-            base = v.records.get(Job(task, r["method"], r["lr"], r["scale"], 0, "").key)
+    for r in v.tasks[task]["runs"]:
+        if r["phase"] == "check" and r["status"] == "ok":
+            base = v.records[task].get(Job(r["method"], r["lr"], r["scaling"], 0, "").key)
             if base is not None and base["status"] == "ok":
                 out.append({**r, "base": base})
     return out
@@ -286,13 +299,13 @@ def checks_of(v: View, task: str) -> list[dict[str, Any]]:
 def check_pair_lines(v: View, task: str) -> list[str]:
     """NEAT − LoRA at seed 0 at the study's budget and in the longer check, per pair and factor."""
     checks = checks_of(v, task)
-    by = {(r["task"], r["method"]): r for r in checks}
+    by = {(r["factor"], r["method"]): r for r in checks}
     out = []
-    for a, b in v.proto.pairs:
-        for name in sorted({r["task"] for r in checks}):
-            ra, rb = by.get((name, a)), by.get((name, b))
+    for a, b in v.plans[task].pair_list():
+        for factor in sorted({r["factor"] for r in checks}):
+            ra, rb = by.get((factor, a)), by.get((factor, b))
             if ra and rb:
-                diff = [100 * (x["test"]["accuracy"] - y["test"]["accuracy"])
+                diff = [100 * (x["test_value"] - y["test_value"])
                         for x, y in ((ra["base"], rb["base"]), (ra, rb))]
                 out.append(f"- Budget check, {v.proto.methods[a].label} − {v.proto.methods[b].label} at seed 0 (test "
                            f"accuracy): {diff[0]:+.1f} points at {ra['base']['steps']} steps, {diff[1]:+.1f} at "
@@ -312,21 +325,22 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
     def flat(r):
         return {True: "yes", False: "no", None: "–"}[stats.plateaued(accuracies(r), points)]
 
-    factors = sorted({int(r["task"].partition(LONGER)[2]) for r in checks})
+    factors = sorted({r["factor"] for r in checks})
     out = ["### Budget check: the chosen cells trained longer (seed 0)\n",
-           "; ".join(f"`python -m benchmarks.quality.study check --task {task} --factor {f}`" for f in factors)
-           + ": the same cells at seed 0 on that many times the training examples for the same epochs (so that many "
-           "times the steps). Not part of the statistics above; it shows whether the fixed budget decided the "
+           "; ".join(f"`python benchmarks/quality/study.py check --task {task} --factor {f}`" for f in factors)
+           + " (the study's earlier runner; compare's `--budget-check` trains on the same examples for longer "
+           "instead): the same cells at seed 0 on that many times the training examples for the same epochs (so that "
+           "many times the steps). Not part of the statistics above; it shows whether the fixed budget decided the "
            "comparison. The longer run draws its larger training subset with the same seed, so the two methods "
            "again share it.\n",
            "| method | cell | steps | val acc % | test acc % | plateaued | CPU-core-hours of the check |",
            "|---|---|---|---|---|---|---:|"]
     for r in checks:
         b = r["base"]
-        out.append(f"| {v.proto.methods[r['method']].label} | {cell_text(r['lr'], r['scale'])} | "
-                   f"{b['steps']} → {r['steps']} | {pct(b['validation']['accuracy'])} → "
-                   f"{pct(r['validation']['accuracy'])} | {pct(b['test']['accuracy'])} → "
-                   f"{pct(r['test']['accuracy'])} | {flat(b)} → {flat(r)} | {r['cpu_seconds'] / 3600:.2f} |")
+        out.append(f"| {v.proto.methods[r['method']].label} | {cell_text(r['lr'], r['scaling'])} | "
+                   f"{b['steps']} → {r['steps']} | {pct(b['validation'])} → "
+                   f"{pct(r['validation'])} | {pct(b['test_value'])} → "
+                   f"{pct(r['test_value'])} | {flat(b)} → {flat(r)} | {r['cpu_seconds'] / 3600:.2f} |")
     out.append("")
     out += check_pair_lines(v, task)
     out.append("")
@@ -338,7 +352,7 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
     key = "loss" if v.proto.tasks[task].generation else "accuracy"  # as in plot_curves
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for i, r in enumerate(checks):
-        label = f"{v.proto.methods[r['method']].label}, {cell_text(r['lr'], r['scale'])}"
+        label = f"{v.proto.methods[r['method']].label}, {cell_text(r['lr'], r['scaling'])}"
         for run, style, steps in ((r["base"], ":", r["base"]["steps"]), (r, "-", r["steps"])):
             curve = run["validation_curve"]
             ax.plot([c["step"] for c in curve], [(100 if key == "accuracy" else 1) * c[key] for c in curve],
@@ -358,8 +372,8 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
 def pairing_line(v: View, task: str) -> str:
     """Whether every run of a seed trained and was scored on the same examples (the split files' digest)."""
     digests: dict[int, set[str]] = {}
-    for r in v.data["runs"]:
-        if r["task"] == task and r["status"] == "ok":
+    for r in v.runs(task):
+        if r["status"] == "ok":
             digests.setdefault(r["seed"], set()).add(r["split_sha256"])
     if not digests:
         return ""
@@ -413,30 +427,79 @@ def retired_section(retired: list[dict[str, Any]]) -> list[str]:
 
 
 def task_status(v: View, task: str) -> tuple[int, int]:
-    jobs = v.proto.jobs(v.records, full=True)
-    mine = [j for j in jobs if j.task == task]
-    return sum(j.key in v.records for j in mine), len(mine)
+    mine = v.planned(task)
+    return sum(j.key in v.records[task] for j in mine), len(mine)
 
 
-def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) -> str:
-    """The document. `current`: the protocol as protocol.py defines it now; used instead of the JSON's when it only
-    adds tasks or methods (what the next `study.py run` would do), so their runs show as pending."""
-    data = json.loads((results / "study.json").read_text(encoding="utf-8"))
+def job_seconds(v: View, task: str, job: Job, pilot: dict[str, Any]) -> float:
+    """A run's predicted wall time: the pilot's wall seconds per step of its task (NEAT r=8), times its family's
+    cost relative to NEAT measured on sentiment, plus validations, the test pass (as validations, per example)
+    and start-up. The family ratio compares CPU seconds per step (wall x CPU share), so that probes run under
+    different loads still compare the methods' work, not the machine's business at that moment."""
+    t = v.proto.tasks[task]
+    single = pilot["single"]
+    base = next(p for p in single if p["task"] == task and p["method"] == "neat-r8")
+    sent = next(p for p in single if p["task"] == "sentiment" and p["method"] == "neat-r8")
+    fam = next((p for p in single if p["task"] == "sentiment" and p["family"] == v.proto.methods[job.method].family),
+               sent)
+    per_step = base["seconds_per_step"] * (fam["seconds_per_step"] * fam["cpu_share"]) / (
+        sent["seconds_per_step"] * sent["cpu_share"])
+    return (t.steps * per_step + t.steps // t.eval_every * base["seconds_per_validation"]
+            + base["other_seconds"] + (t.test_examples / t.validation_examples - 1) * base["seconds_per_validation"])
+
+
+def estimate(v: View, pilot: dict[str, Any]) -> dict[str, Any]:
+    """Total and remaining compute in CPU-core-hours (a probe's wall seconds x its CPU share): finished runs at their
+    measured CPU time, the rest at the pilot's prediction. Wall hours = CPU hours / the measured gain of the chosen
+    workers, on an otherwise idle machine."""
+    per_task: dict[str, dict[str, Any]] = {}
+    probed = {p["task"] for p in pilot["single"] if p["method"] == "neat-r8"}
+    for task in v.proto.tasks:
+        entry = per_task[task] = {"runs": 0, "done_runs": 0, "done_cpu_hours": 0.0, "remaining_cpu_hours": 0.0,
+                                  "estimated": task in probed}
+        for job in v.planned(task):
+            entry["runs"] += 1
+            rec = v.records[task].get(job.key)
+            if rec is not None:
+                entry["done_runs"] += 1
+                entry["done_cpu_hours"] += rec.get("cpu_seconds", 0) / 3600
+            elif entry["estimated"]:
+                share = next(p["cpu_share"] for p in pilot["single"] if p["task"] == task and p["method"] == "neat-r8")
+                entry["remaining_cpu_hours"] += job_seconds(v, task, job, pilot) * share / 3600
+    workers = pilot.get("parallel", {}).get("workers", 1)
+    gain = pilot.get("parallel", {}).get("throughput_gain", 1.0) if workers == 2 else 1.0
+    remaining = sum(e["remaining_cpu_hours"] for e in per_task.values())
+    return {"per_task": per_task, "summary": {
+        "runs": sum(e["runs"] for e in per_task.values()), "done_runs": sum(e["done_runs"] for e in per_task.values()),
+        "done_cpu_hours": sum(e["done_cpu_hours"] for e in per_task.values()), "remaining_cpu_hours": remaining,
+        "workers": workers, "gain": gain, "remaining_wall_hours": remaining / gain,
+        "not_estimated": [t for t, e in per_task.items() if not e["estimated"]]}}
+
+
+def load(results: Path) -> View:
+    """RESULTS/study.json and every task's RESULTS/<task>/compare.json."""
+    study = json.loads((results / "study.json").read_text(encoding="utf-8"))
+    tasks = {t: json.loads((results / t / DATA_FILE).read_text(encoding="utf-8")) for t in study["protocol"]["tasks"]}
+    return View(study, tasks)
+
+
+def build(results: Path, doc: Path) -> str:
+    """The document (and each task's compare report, written into its folder by compare_report)."""
+    v = load(results)
+    data = v.data
     pilot_path = results / "pilot.json"
     pilot = json.loads(pilot_path.read_text()) if pilot_path.is_file() else None
-    if current is not None and not Protocol.incompatible(data["protocol"], current):
-        data = {**data, "protocol": current}
-    v = View(data)
     snap = data["protocol"]
     assets = doc.parent / "results"
     assets.mkdir(parents=True, exist_ok=True)
     done_total = sum(task_status(v, t)[0] for t in v.proto.tasks)
     all_total = sum(task_status(v, t)[1] for t in v.proto.tasks)
-    est = estimate(v.proto, v.records, pilot) if pilot and "parallel" in pilot else None
+    est = estimate(v, pilot) if pilot and "parallel" in pilot else None
     m, ver = data["machine"], data["versions"]
     out = ["# Results: NEAT vs LoRA, tuned per method, paired seeds, confidence intervals\n",
-           "*Generated by `benchmarks/quality/study_doc.py` from `benchmarks/quality/results/study.json`"
-           + (" and `pilot.json`" if pilot else "") + "; no figure in this file is typed by hand.*\n"]
+           "*Generated by `python -m benchmarks.quality.study render` from the study's `neat-peft compare` folders "
+           "(`benchmarks/quality/results/<task>/compare.json`), `study.json`" + (" and `pilot.json`" if pilot else "")
+           + "; no figure in this file is typed by hand.*\n"]
     state = "complete" if done_total == all_total else "in progress"
     out.append(f"**Status: study {state}: {done_total} of {all_total} planned runs finished** (JSON updated "
                f"{data.get('updated', '?')})."
@@ -468,9 +531,11 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
     out += retired_section(data.get("retired", []))
     out.append("## Protocol\n")
     out += [
-        "- Every run is one `neat-peft train` (the CLI's own entry point, `benchmarks/quality/study.py` calls it in "
-        "a fresh process per run with 1 torch thread) with the task's data and size overrides, the method's "
-        "overrides, the learning rate, NEAT's scale s and the seed; each run's exact command is in `study.json`.",
+        "- Every run is one `neat-peft train` (the CLI's own entry point, started in a fresh process per run with 1 "
+        "torch thread: by the study's own runner for these runs, by `neat-peft compare` from now on) with the task's "
+        "data and size overrides, the method's overrides, the learning rate, NEAT's scale s and the seed; each run's "
+        "exact command is in its task's `compare.json`. Each task's compare report (`report.md` beside it) is written "
+        "from the same file by `neat-peft compare`'s report writer.",
         "- Tuning, on validation only, at seed 0: learning rate over "
         f"{', '.join(f'{x:g}' for x in snap['grid_lr'])} for the adapters and head-only (whose rate is the "
         f"head's), {', '.join(f'{x:g}' for x in snap['grid_full_lr'])} for full fine-tuning (a stated deviation: "
@@ -552,24 +617,26 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
                        "probe's wall seconds x its CPU share, so a busy machine during a probe does not inflate "
                        f"it). Wall time = CPU-core-hours / {s['gain']:.2f} (the measured gain of "
                        f"{s['workers']} worker(s)) when nothing else runs; read it as the order of magnitude.\n")
-    planned = {j.key for j in v.proto.jobs(v.records, full=True)}
-    displaced = [r for r in data["runs"] if r["key"] not in planned]
+    displaced = [r for t in v.proto.tasks for planned in [{j.key for j in v.planned(t)}]
+                 for r in v.runs(t) if r["key"] not in planned]
     if displaced:
         out.append(f"Runs at a cell no longer chosen (a grid extension moved the choice after they ran; kept in "
                    f"study.json, in no table above): {len(displaced)} run(s), "
                    f"{sum(r.get('cpu_seconds', 0) for r in displaced) / 3600:.1f} CPU-core-hours.\n")
-    checks = [r for r in data.get("checks", []) if r["status"] == "ok"]
+    checks = [r for t in v.proto.tasks for r in v.tasks[t]["runs"] if r["phase"] == "check" and r["status"] == "ok"]
     if checks:
         out.append(f"Budget checks (`study.py check`, in no table above): {len(checks)} run(s), "
                    f"{sum(r['cpu_seconds'] for r in checks) / 3600:.1f} CPU-core-hours.\n")
     out.append("Resume (skips every finished run; the JSON is rewritten after each run):\n")
     out.append("```bash\n" + RESUME
-               + "\npython -m benchmarks.quality.study_doc        # this file\n```\n")
+               + "\npython -m benchmarks.quality.study render       # this file\n```\n")
 
     for task in v.proto.tasks:
         done, total = task_status(v, task)
         out.append(f"## {task}: {v.proto.tasks[task].description}\n")
-        out.append(f"{done} of {total} runs finished. {pairing_line(v, task)}\n")
+        out.append(f"{done} of {total} runs finished. {pairing_line(v, task)} Its compare report: "
+                   f"[{task}/report.md]({os.path.relpath(results / task / 'report.md', doc.parent)}).\n")
+        compare_report.write(results / task, v.tasks[task])
         out.append("### Main table (chosen cells; mean ± sample std over seeds)\n")
         out.append(main_table(v, task) + "\n")
         out.append("### NEAT vs LoRA, paired by seed\n")
@@ -602,19 +669,8 @@ def build(results: Path, doc: Path, current: Optional[dict[str, Any]] = None) ->
     return "\n".join(out) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", default=str(HERE / "results"))
-    p.add_argument("--doc", default=str(HERE.parents[1] / "docs" / "RESULTS.md"))
-    args = p.parse_args(argv)
-    doc = Path(args.doc)
-    text = build(Path(args.results), doc, json.loads(json.dumps(STUDY.snapshot())))
-    tmp = doc.with_name(doc.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(doc)
+def render(results: Path, doc: Path) -> None:
+    from neat_peft.cli.rundir import atomic_write_text
+
+    atomic_write_text(doc, build(results, doc))
     print(f"wrote {doc}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

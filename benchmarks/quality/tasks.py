@@ -1,15 +1,10 @@
-"""The quality benchmark's tasks and methods, as `neat-peft train` recipe overrides.
-
-Every run goes through the CLI's own entry point with the built-in text-classification recipe plus the
-overrides below, so every method sees the same split, the same subset, the same steps, the same head and the
-same evaluation: only `method.*` and the learning rate differ.
-"""
+"""The quality study's data: each task's recipe overrides selecting its data, and the BBC News file it prepares."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,16 +20,6 @@ class Task:
     data_overrides: tuple[str, ...]
     source_note: str
     prepare: Optional[Callable[[Path], list[str]]] = None  # writes a data file under a cache folder -> overrides
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    family: str  # methods of one family share the learning rate tuned for the family's representative
-    overrides: tuple[str, ...]
-    label: str = ""
-    representative: bool = False
-    notes: str = field(default="")
 
 
 def bbc_news_folder() -> Path:
@@ -96,22 +81,3 @@ TASKS = {
         prepare=write_bbc_news_csv,
     ),
 }
-
-# NEAT defaults of the recipe: relu, depth 0, axis out, scaling 1, query+value of every layer.
-METHODS = {m.name: m for m in [
-    Method("head-only", "head-only", ("method.name=head-only",), "head only", True,
-           "classifier head only; its learning rate (train.head_lr) is the tuned one"),
-    Method("full", "full", ("method.name=full",), "full fine-tuning", True),
-    Method("lora-r8", "lora", ("method.name=lora", "method.r=8"), "LoRA r=8", True),
-    Method("lora-r1", "lora", ("method.name=lora", "method.r=1"), "LoRA r=1"),
-    Method("neat-r8", "neat", ("method.name=neat", "method.match_lora_r=8"), "NEAT (LoRA r=8 budget)", True,
-           "r chosen by method.match_lora_r=8; relu, depth 0, axis out"),
-    Method("neat-r1", "neat", ("method.name=neat", "method.r=1"), "NEAT r=1"),
-    Method("neat-depth1", "neat", ("method.name=neat", "method.r=8", "method.depth=1"), "NEAT r=8 depth 1"),
-    Method("neat-in", "neat", ("method.name=neat", "method.r=8", "method.axis=in"), "NEAT r=8 axis in"),
-    Method("neat-gelu", "neat", ("method.name=neat", "method.r=8", "method.act_fn=gelu"), "NEAT r=8 gelu"),
-    # Its own family: normalising W0 enlarges H (by 1/rms(W0), 10-25x on MiniLM), which moves the best learning
-    # rate (at NEAT r=8's rate it diverged on the first seed), so it is tuned on its own.
-    Method("neat-normw", "neat-normw", ("method.name=neat", "method.r=8", "method.normalize_weight=true"),
-           "NEAT r=8 normalize_weight", True),
-]}

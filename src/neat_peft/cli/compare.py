@@ -51,6 +51,8 @@ def now() -> str:
 
 
 def load_average() -> Optional[list[float]]:
+    """1, 5 and 15 minute load averages (None where the OS has none): how busy the shared machine was (also
+    what the benchmarks record, benchmarks/machine.py)."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):

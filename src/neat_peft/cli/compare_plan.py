@@ -1,5 +1,5 @@
 """The plan of `neat-peft compare`: each method's tuning grid, the edge-extension rule, the chosen cell, and the
-runs these imply (also the quality study's rule for its tuning, benchmarks/quality).
+runs these imply (the quality study, benchmarks/quality, is one compare per task).
 
 For each method:
 
@@ -80,11 +80,20 @@ def default_axes(method: str, quick: bool) -> dict[str, list[float]]:
 
 
 def _values(value: Any, where: str) -> list[float]:
+    if isinstance(value, list):  # YAML 1.1 reads 3e-5 (no dot) as a string
+        value = [_number(v) for v in value]
     if not isinstance(value, list) or not value or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in value):
         raise CliError(f"{where} must be a non-empty list of positive numbers, got {value!r}. Example: "
                        "lr: [1.0e-3, 3.0e-3].")
     return sorted({float(v) for v in value})
+
+
+def _number(v: Any) -> Any:
+    try:
+        return float(v) if isinstance(v, str) else v
+    except ValueError:
+        return v
 
 
 @dataclass
@@ -254,8 +263,6 @@ class Plan:
     lower_is_better: bool = False
     extend: tuple[str, ...] = AXES  # the axes the edge rule extends (the quality study: lr only)
     budget_factor: Optional[int] = None
-    key_prefix: str = ""  # records are keyed prefix + Job.key (the quality study: "task/")
-    score_key: Optional[str] = None  # the validation value is record["validation"][score_key] (the study: accuracy)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> load_grid's variant
     pairs: Optional[list[list[str]]] = None
 
@@ -292,8 +299,6 @@ class Plan:
         if record is None:
             return None
         value = record.get("validation")
-        if self.score_key is not None and value is not None:
-            value = value.get(self.score_key)
         if record["status"] != "ok" or value is None:
             return -math.inf
         return -value if self.lower_is_better else value
@@ -303,7 +308,7 @@ class Plan:
         while a cell has no result, unless `partial` (then the best of those finished, if any)."""
         best, best_score = None, -math.inf
         for lr, s in cells:
-            score = self.score(records.get(self.key_prefix + Job(method, lr, s, 0, "tune").key))
+            score = self.score(records.get(Job(method, lr, s, 0, "tune").key))
             if score is None:
                 if partial:
                     continue
@@ -384,7 +389,7 @@ class Plan:
             return {}
         out = {}
         for seed in range(self.seeds_of(method)):
-            rec = records.get(self.key_prefix + Job(method, *cell, seed, "seed").key)
+            rec = records.get(Job(method, *cell, seed, "seed").key)
             if rec is not None and rec["status"] == "ok":
                 out[seed] = rec
         return out

@@ -23,6 +23,7 @@ def num(x: Optional[float]) -> str:
 
 
 ANSWER_METRICS = ("accuracy", "macro_f1")  # of generated answers (causal-lm with eval.generate_answers)
+HISTOGRAM_SHOWN = 8  # the most frequent answers the report lists (the rest summed; all are in compare.json)
 
 
 def answer_value(record: dict[str, Any], metric: str) -> Optional[float]:
@@ -151,13 +152,16 @@ def answers_section(data: dict[str, Any]) -> list[str]:
              "|---|---:|---:|---:|---|"]
     for row in method_rows(data):
         acc, f1 = row["answers"]["accuracy"], row["answers"]["macro_f1"]
-        shown = ", ".join(f"{a or '(none)'} {n}" for a, n in row["histogram"].items())
+        top = list(row["histogram"].items())
+        shown = ", ".join(f"{a or '(none)'} {n}" for a, n in top[:HISTOGRAM_SHOWN]) + (
+            f", {len(top) - HISTOGRAM_SHOWN} other answers {sum(n for _, n in top[HISTOGRAM_SHOWN:])}"
+            if len(top) > HISTOGRAM_SHOWN else "")
         lines.append(f"| {row['method']} | {row['n']} | {num(acc[0])} ± {num(acc[1])} | {num(f1[0])} ± {num(f1[1])} "
                      f"| {shown or '–'} |")
     base = next((r["answers"]["majority_baseline"] for r in data["runs"] if "answers" in r), None)
     if base:
         lines += ["", f"Majority class ({base['label']}, the training split's most frequent response) on the test "
-                  f"split of one seed: accuracy {num(base['accuracy'])}, macro-F1 {num(base['macro_f1'])}."]
+                  f"split of one seed: accuracy {num(base['accuracy'])}, macro-F1 {num(base.get('macro_f1'))}."]
     lines += ["", "| comparison | metric | mean difference | 95% interval | width | seeds | verdict |",
               "|---|---|---:|---|---:|---:|---|"]
     lines += verdict_rows([c for metric in ANSWER_METRICS for c in comparisons(data, metric)])
@@ -263,12 +267,18 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     atomic_write(out / "params.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     written.append("params.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    curves = {}
     for m in plan.methods:
         rec = plan.seed_runs(records, m).get(0)
-        if rec and rec["validation_curve"]:
-            ax.plot([p["step"] for p in rec["validation_curve"]], [p[metric] for p in rec["validation_curve"]],
-                    marker=".", label=f"{m} ({cell_text(rec['lr'], rec['scaling'])})")
+        points = [p for p in rec["validation_curve"] if metric in p] if rec else []  # (a converted study: its
+        if points:  # LLM row tuned on the generated answers' accuracy, measured once, not on the curve)
+            curves[f"{m} ({cell_text(rec['lr'], rec['scaling'])})"] = points
+    if not curves:  # nothing to draw: no figure (and not an earlier one of this folder's)
+        (out / "curves.png").unlink(missing_ok=True)
+        return tuple(written)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        ax.plot([p["step"] for p in points], [p[metric] for p in points], marker=".", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(f"validation {metric}")
     ax.set_title("seed 0, chosen cells")

@@ -1,4 +1,4 @@
-"""Statistics of `neat-peft compare` (and of the quality study): mean ± sample std over seeds, and paired
+"""Statistics of `neat-peft compare` (the quality study is compares too): mean ± sample std over seeds, and paired
 differences with a Student t interval. Standard library only (checked against scipy in tests/test_compare.py).
 
 For two methods run at the same seeds s = 1..n (at one seed both train and are scored on the same split), with
