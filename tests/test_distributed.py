@@ -6,9 +6,12 @@ files that the test compares against a single-process reference computed here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import enum
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="this torch buil
 DIM, HIDDEN, SEQ, CLASSES = 16, 32, 5, 4
 STEPS, PER_RANK_BATCH, WORLD = 3, 4, 2
 TIMEOUT = datetime.timedelta(seconds=120)
+SPAWN_DEADLINE = 300  # seconds; a run takes 5-30 s
 
 
 class Block(nn.Module):
@@ -84,19 +88,38 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def init_group(rank: int, world: int, init_file: Path) -> None:
+@contextlib.contextmanager
+def process_group(rank: int, world: int, init_file: Path):
+    """A worker's gloo group. A worker that fails tears the group down and raises (mp.spawn reports it). A worker
+    that succeeds meets the others at a barrier and exits at once: gloo's teardown, with the peer already gone, hung
+    twice on a loaded 2-core machine (torch 2.13, the main thread in a futex wait after every file was written)."""
     torch.set_num_threads(1)  # the CI machine has 2 cores for 2 processes
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    dist.barrier()
+    os._exit(0)  # every result is on disk (closed files); nothing else of this process is wanted
 
 
 def spawn(worker, tmp_path: Path, *args) -> None:
-    mp.spawn(worker, args=(WORLD, tmp_path / "rendezvous", tmp_path, *args), nprocs=WORLD, join=True)
+    """Run `worker` on WORLD processes; a run that outlives SPAWN_DEADLINE is killed and fails the test (a hang
+    must not hold CI)."""
+    context = mp.spawn(worker, args=(WORLD, tmp_path / "rendezvous", tmp_path, *args), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_DEADLINE
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            alive = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed workers still running after {SPAWN_DEADLINE} s (ranks {alive}); killed")
 
 
 # --- DDP ---------------------------------------------------------------------------------------------------
 def _ddp_worker(rank: int, world: int, init_file: Path, out: Path) -> None:
-    init_group(rank, world, init_file)
-    try:
+    with process_group(rank, world, init_file):
         from torch.nn.parallel import DistributedDataParallel
 
         model = build_model()
@@ -106,8 +129,6 @@ def _ddp_worker(rank: int, world: int, init_file: Path, out: Path) -> None:
         train(ddp, inputs[:, mine], labels[:, mine])
         save_file(trainable_state(model), str(out / f"rank{rank}.safetensors"))
         model.save_pretrained(out / "adapter")  # every rank calls it, rank 0 writes
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
@@ -139,8 +160,7 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
 
 # --- FSDP2 -------------------------------------------------------------------------------------------------
 def _fsdp2_worker(rank: int, world: int, init_file: Path, out: Path) -> None:
-    init_group(rank, world, init_file)
-    try:
+    with process_group(rank, world, init_file):
         from torch.distributed.device_mesh import init_device_mesh
 
         model = build_model(init_weights=False)  # B != 0: the output depends on H, hence on all of W0
@@ -186,8 +206,6 @@ def _fsdp2_worker(rank: int, world: int, init_file: Path, out: Path) -> None:
             after = model(inputs[0])
             torch.testing.assert_close(after, reference(inputs[0]), rtol=1e-4, atol=1e-5)
             assert (after - before).abs().max() > 1e-3
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_matches_unsharded_model(tmp_path):
