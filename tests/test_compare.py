@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import ROOT, cli, have, make_tiny_bert
-from neat_peft.cli import compare_stats as stats
+from neat_peft.cli import compare_report, compare_stats as stats
 from neat_peft.cli.compare import check_continuation, check_output
 from neat_peft.cli.compare_plan import Job, Plan, load_grid, next_value
 from neat_peft.cli.compare_report import at_edge, comparisons
@@ -402,3 +402,27 @@ def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
     path.write_text("lora: {lr: [3e-5, 1.0e-4]}\nneat: {lr: [1e-3], scaling: [1e0]}\n")  # YAML 1.1: 3e-5 a string
     grid = load_grid(str(path), ["neat", "lora"])
     assert grid.grids["lora"] == {"lr": [3e-5, 1e-4]} and grid.grids["neat"] == {"lr": [1e-3], "scaling": [1.0]}
+
+
+def test_budget_check_pairs_and_pairing_over_every_run_of_a_seed():
+    """check_pairs: A − B at seed 0 at the compare's budget and trained longer, from the records' own test values;
+    pairing: every finished run of a seed (tuning cells too, not the budget checks) shares one split."""
+    grids = {"neat": {"lr": [1e-3, 1e-2], "scaling": [1.0]}, "lora": {"lr": [1e-3]}}
+    data = {"methods": ["neat", "lora"], "grids": grids, "seeds": 2, "edge_steps": 0, "lower_is_better": False,
+            "budget_check": 3, "primary_metric": "accuracy", "task": "t", "model": "m", "data_source": "d",
+            "steps_per_run": 50, "runs": []}
+    tests = {("neat", 1e-3): 0.61, ("neat", 1e-2): 0.8, ("lora", 1e-3): 0.7}  # neat chooses lr 1e-2
+    for (m, lr), test in tests.items():
+        for seed in range(2):
+            job = Job(m, lr, 1.0 if m == "neat" else None, seed, "tune" if seed == 0 else "seed")
+            data["runs"].append({**_record(job, test, test=test + seed / 100), "steps": 50})
+    for m, lr, test in (("neat", 1e-2, 0.83), ("lora", 1e-3, 0.86)):
+        job = Job(m, lr, 1.0 if m == "neat" else None, 0, "check", 3)
+        data["runs"].append({**_record(job, test, test=test), "steps": 150, "factor": 3, "split_sha256": "bigger"})
+    (c,) = compare_report.check_pairs(data)
+    assert (c["a"], c["b"], c["factor"], c["steps"], c["check_steps"]) == ("neat", "lora", 3, 50, 150)
+    assert (c["difference"], c["check_difference"]) == pytest.approx((0.8 - 0.7, 0.83 - 0.86))
+    assert "| neat − lora | +0.1000 | 50 | -0.0300 | 150 |" in compare_report.build(data)
+    assert compare_report.pairing(data).startswith("at each of seeds 0, 1 ")  # the checks' own split is allowed
+    data["runs"][0]["split_sha256"] = "other"  # neat's unchosen tuning cell at seed 0
+    assert compare_report.pairing(data).startswith("NOT paired at seed(s) [0]")

@@ -297,20 +297,11 @@ def checks_of(v: View, task: str) -> list[dict[str, Any]]:
 
 
 def check_pair_lines(v: View, task: str) -> list[str]:
-    """NEAT − LoRA at seed 0 at the study's budget and in the longer check, per pair and factor."""
-    checks = checks_of(v, task)
-    by = {(r["factor"], r["method"]): r for r in checks}
-    out = []
-    for a, b in v.plans[task].pair_list():
-        for factor in sorted({r["factor"] for r in checks}):
-            ra, rb = by.get((factor, a)), by.get((factor, b))
-            if ra and rb:
-                diff = [100 * (x["test_value"] - y["test_value"])
-                        for x, y in ((ra["base"], rb["base"]), (ra, rb))]
-                out.append(f"- Budget check, {v.proto.methods[a].label} − {v.proto.methods[b].label} at seed 0 (test "
-                           f"accuracy): {diff[0]:+.1f} points at {ra['base']['steps']} steps, {diff[1]:+.1f} at "
-                           f"{ra['steps']} steps (one seed each; the main table's spread over seeds is the yardstick).")
-    return out
+    """compare_report.check_pairs in points: A − B at seed 0 at the study's budget and in the longer check."""
+    return [f"- Budget check, {v.proto.methods[c['a']].label} − {v.proto.methods[c['b']].label} at seed 0 (test "
+            f"accuracy): {100 * c['difference']:+.1f} points at {c['steps']} steps, {100 * c['check_difference']:+.1f} "
+            f"at {c['check_steps']} steps (one seed each; the main table's spread over seeds is the yardstick)."
+            for c in compare_report.check_pairs(v.tasks[task])]
 
 
 def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[str]:
@@ -367,21 +358,6 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
     plt.close(fig)
     out.append(f"![{task}: budget check curves]({os.path.relpath(path, doc_dir)})\n")
     return out
-
-
-def pairing_line(v: View, task: str) -> str:
-    """Whether every run of a seed trained and was scored on the same examples (the split files' digest)."""
-    digests: dict[int, set[str]] = {}
-    for r in v.runs(task):
-        if r["status"] == "ok":
-            digests.setdefault(r["seed"], set()).add(r["split_sha256"])
-    if not digests:
-        return ""
-    bad = sorted(s for s, d in digests.items() if len(d) > 1)
-    if bad:
-        return f"**Pairing broken: runs of seed(s) {bad} used different splits.**"
-    return (f"Pairing checked: at each of seeds {sorted(digests)} every finished run used the same split "
-            "(equal `split_sha256`).")
 
 
 def small_norm_section(small: dict[str, Any]) -> str:
@@ -634,7 +610,7 @@ def build(results: Path, doc: Path) -> str:
     for task in v.proto.tasks:
         done, total = task_status(v, task)
         out.append(f"## {task}: {v.proto.tasks[task].description}\n")
-        out.append(f"{done} of {total} runs finished. {pairing_line(v, task)} Its compare report: "
+        out.append(f"{done} of {total} runs finished. Pairing checked: {compare_report.pairing(v.tasks[task])}. Its compare report: "
                    f"[{task}/report.md]({os.path.relpath(results / task / 'report.md', doc.parent)}).\n")
         compare_report.write(results / task, v.tasks[task])
         out.append("### Main table (chosen cells; mean ± sample std over seeds)\n")

@@ -169,17 +169,36 @@ def answers_section(data: dict[str, Any]) -> list[str]:
 
 
 def pairing(data: dict[str, Any]) -> str:
-    """Whether, at every seed, every method's run used the very same split (equal digests of its files)."""
-    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    """Whether, at every seed, every finished run at the compare's budget (tuning and seeds; not the budget
+    checks, which may draw more examples) used the very same split (equal digests of its files)."""
     by_seed: dict[int, set] = {}
-    for m in plan.methods:
-        for seed, rec in plan.seed_runs(records, m).items():
-            by_seed.setdefault(seed, set()).add(rec["split_sha256"])
-    bad = [s for s, d in by_seed.items() if len(d) > 1]
+    for r in data["runs"]:
+        if r["phase"] != "check" and r["status"] == "ok":
+            by_seed.setdefault(r["seed"], set()).add(r["split_sha256"])
+    bad = sorted(s for s, d in by_seed.items() if len(d) > 1)
     if not by_seed:
         return "pending"
-    return (f"at each of the {len(by_seed)} seeds every method used the same split (equal split digests)" if not bad
-            else f"NOT paired at seed(s) {bad}: the methods' splits differ (check the data source)")
+    return (f"at each of seeds {', '.join(map(str, sorted(by_seed)))} every finished run used the same split "
+            "(equal split digests)" if not bad
+            else f"NOT paired at seed(s) {bad}: the runs' splits differ (check the data source)")
+
+
+def check_pairs(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each tested pair (A, B) with both budget checks of a factor finished: the seed-0 test difference A − B at
+    the compare's budget ("difference", at "steps") and trained `factor` times longer ("check_difference", at
+    "check_steps"). One seed each: whether the budget decided the comparison, not a verdict."""
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    checks = {(r["factor"], r["method"]): r for r in data["runs"] if r["phase"] == "check" and r["status"] == "ok"}
+    out = []
+    for a, b in plan.pair_list():
+        base_a, base_b = plan.seed_runs(records, a).get(0), plan.seed_runs(records, b).get(0)
+        for factor in sorted({f for f, _ in checks}):
+            ca, cb = checks.get((factor, a)), checks.get((factor, b))
+            if ca and cb and base_a and base_b:
+                out.append({"a": a, "b": b, "factor": factor, "steps": base_a["steps"], "check_steps": ca["steps"],
+                            "difference": base_a["test_value"] - base_b["test_value"],
+                            "check_difference": ca["test_value"] - cb["test_value"]})
+    return out
 
 
 def grid_text(plan: Plan, m: str) -> str:
@@ -232,6 +251,12 @@ def build(data: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
             if seed0 and longer:
                 lines.append(f"| {m} | {num(seed0['test_value'])} | {num(longer['test_value'])} | "
                              f"{longer['test_value'] - seed0['test_value']:+.4f} |")
+        pairs = check_pairs(data)
+        if pairs:
+            lines += ["", f"| comparison | seed 0 test {metric} difference | at steps | trained longer | at steps |",
+                      "|---|---:|---:|---:|---:|"]
+            lines += [f"| {c['a']} − {c['b']} | {c['difference']:+.4f} | {c['steps']} | {c['check_difference']:+.4f} "
+                      f"| {c['check_steps']} |" for c in pairs]
     lines += ["", "## Tuning (seed 0, validation)", ""]
     for m in plan.methods:
         lines += [tuning_table(data, m), ""]
