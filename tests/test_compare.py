@@ -426,3 +426,22 @@ def test_budget_check_pairs_and_pairing_over_every_run_of_a_seed():
     assert compare_report.pairing(data).startswith("at each of seeds 0, 1 ")  # the checks' own split is allowed
     data["runs"][0]["split_sha256"] = "other"  # neat's unchosen tuning cell at seed 0
     assert compare_report.pairing(data).startswith("NOT paired at seed(s) [0]")
+
+
+def test_tuning_curves_are_each_tuned_methods_seed0_cells_with_the_loss_where_the_metric_is_not_on_the_curve():
+    grids = {"neat": {"lr": [1e-3, 1e-2], "scaling": [1.0]}, "lora": {"lr": [1e-3]}}
+    data = {"methods": ["neat", "lora", "lora-r2"], "grids": grids, "seeds": 1, "edge_steps": 0,
+            "lower_is_better": False, "primary_metric": "accuracy",
+            "variants": {"lora-r2": {"method": "lora", "overrides": ["method.r=2"], "cell_of": "lora"}}, "runs": []}
+    for m, lr, status in (("neat", 1e-3, "ok"), ("neat", 1e-2, "diverged"), ("lora", 1e-3, "ok"),
+                          ("lora-r2", 1e-3, "ok")):
+        job = Job(m, lr, 1.0 if m == "neat" else None, 0, "tune")
+        curve = [{"step": s, "loss": 1.0 / s, "accuracy": lr * s} for s in (5, 10)]
+        data["runs"].append({**_record(job, 0.5, status=status, test=0.5), "validation_curve": curve})
+    panels, key = compare_report.tuning_curves(data)
+    assert key == "accuracy" and list(panels) == ["neat", "lora"]  # the variant runs at lora's cell: no panel
+    assert panels["neat"] == {(1e-3, 1.0): data["runs"][0]["validation_curve"]}  # the diverged cell left out
+    for r in data["runs"]:
+        r["validation_curve"] = [{k: v for k, v in p.items() if k != "accuracy"} for p in r["validation_curve"]]
+    panels, key = compare_report.tuning_curves(data)
+    assert key == "loss" and [p["loss"] for p in panels["lora"][(1e-3, None)]] == [0.2, 0.1]

@@ -244,47 +244,6 @@ def plot_sweep(v: View, task: str, path: Path) -> bool:
     return True
 
 
-def plot_curves(v: View, task: str, path: Path) -> bool:
-    """One panel per tuned method: the validation curve of each of its finished seed-0 cells (the chosen one
-    thick). Classification tasks plot accuracy; the LLM row its validation loss (it is scored once, at the end)."""
-    methods = [m for m in v.proto.methods_of(task).values() if not m.tuned_as]
-    panels = []
-    for m in methods:
-        runs = [(cell, v.records[task].get(Job(m.name, *cell, 0, "").key)) for cell in v.grid(task, m.name)]
-        runs = [(cell, r) for cell, r in runs if r is not None and r["status"] == "ok" and r["validation_curve"]]
-        if runs:
-            panels.append((m, runs))
-    if not panels:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key = "loss" if v.proto.tasks[task].generation else "accuracy"
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(5.0, 4.2 * cols), 3.4 * rows), squeeze=False, sharey=True)
-    for ax, (m, runs) in zip(axes.flat, panels):
-        chosen = v.chosen(task, m.name)
-        for cell, r in runs:
-            curve = r["validation_curve"]
-            ax.plot([c["step"] for c in curve], [(100 if key == "accuracy" else 1) * c[key] for c in curve],
-                    lw=2.5 if cell == chosen else 1, marker=".", label=cell_text(*cell))
-        ax.set_title(m.label, fontsize=9)
-        ax.set_xlabel("optimizer step", fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    axes[0][0].set_ylabel("validation accuracy %" if key == "accuracy" else "validation loss")
-    fig.suptitle(f"{task}: tuning runs at seed 0 (chosen cell thick)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
-
-
 def checks_of(v: View, task: str) -> list[dict[str, Any]]:
     """The task's finished budget checks (runs of phase "check"), each with the seed-0 run it lengthens as "base"."""
     out = []
@@ -340,7 +299,7 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = "loss" if v.proto.tasks[task].generation else "accuracy"  # as in plot_curves
+    key = compare_report.tuning_curves(v.tasks[task])[1]  # accuracy, or the LLM row's loss
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for i, r in enumerate(checks):
         label = f"{v.proto.methods[r['method']].label}, {cell_text(r['lr'], r['scaling'])}"
@@ -620,7 +579,7 @@ def build(results: Path, doc: Path) -> str:
         out.append("")
         out.append("### Tuning (seed 0, validation)\n")
         out.append(tuning_table(v, task) + "\n")
-        sweep_png, curve_png = assets / f"{task}_params.png", assets / f"{task}_curves.png"
+        sweep_png, curve_png = assets / f"{task}_params.png", results / task / "curves.png"
         if plot_sweep(v, task, sweep_png):
             out.append("### Accuracy vs parameters (seed 0; r=1 and 8 at their chosen cells, the other r at r=8's)\n")
             out.append(sweep_table(v, task) + "\n")
@@ -628,10 +587,9 @@ def build(results: Path, doc: Path) -> str:
         else:
             sweep_png.unlink(missing_ok=True)
             out.append("Accuracy vs parameters: pending (no seed-0 run at a chosen cell yet).\n")
-        if plot_curves(v, task, curve_png):
+        if curve_png.is_file():  # compare_report's tuning curves, written above
             out.append(f"![{task}: validation curves]({os.path.relpath(curve_png, doc.parent)})\n")
         else:
-            curve_png.unlink(missing_ok=True)
             out.append("Validation curves: pending.\n")
         out += budget_check_section(v, task, assets / f"{task}_budget_check.png", doc.parent)
 

@@ -1,6 +1,7 @@
 """The report of `neat-peft compare`, read from compare.json alone: report.md, params.png (test metric against
-trainable parameters), curves.png (validation curves at seed 0 of each chosen cell). Every figure is read from the
-JSON; cells without results show as pending, so the report is valid at any point of a compare."""
+trainable parameters), curves.png (per tuned method, the validation curves of its seed-0 tuning runs, the chosen
+cell thick). Every figure is read from the JSON; cells without results show as pending, so the report is valid at
+any point of a compare."""
 
 from __future__ import annotations
 
@@ -266,6 +267,22 @@ def build(data: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tuning_curves(data: dict[str, Any]) -> tuple[dict[str, dict[tuple, list[dict]]], str]:
+    """Per tuned method (not a `cell_of` variant), cell -> the validation curve of its finished seed-0 run at that
+    cell; and the curve's key: the primary metric, or the loss where no curve records it (a causal-lm compare
+    scored on its generated answers, measured once at the end)."""
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    metric = data["primary_metric"]
+    runs = {m: {cell: rec["validation_curve"] for cell in plan.grid(records, m)
+                for rec in [records.get(Job(m, *cell, 0, "tune").key)]
+                if rec is not None and rec["status"] == "ok" and rec["validation_curve"]}
+            for m in plan.methods if not plan.cell_of(m)}
+    points = [p for cells in runs.values() for curve in cells.values() for p in curve]
+    key = metric if any(metric in p for p in points) else "loss"
+    return {m: {cell: [p for p in curve if key in p] for cell, curve in cells.items()}
+            for m, cells in runs.items() if cells}, key
+
+
 def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     """params.png and curves.png; none without matplotlib (the report says so by not listing them)."""
     try:
@@ -292,24 +309,28 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     atomic_write(out / "params.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     written.append("params.png")
-    curves = {}
-    for m in plan.methods:
-        rec = plan.seed_runs(records, m).get(0)
-        points = [p for p in rec["validation_curve"] if metric in p] if rec else []  # (a converted study: its
-        if points:  # LLM row tuned on the generated answers' accuracy, measured once, not on the curve)
-            curves[f"{m} ({cell_text(rec['lr'], rec['scaling'])})"] = points
-    if not curves:  # nothing to draw: no figure (and not an earlier one of this folder's)
+    panels, key = tuning_curves(data)
+    if not panels:  # nothing to draw: no figure (and not an earlier one of this folder's)
         (out / "curves.png").unlink(missing_ok=True)
         return tuple(written)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in curves.items():
-        ax.plot([p["step"] for p in points], [p[metric] for p in points], marker=".", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"validation {metric}")
-    ax.set_title("seed 0, chosen cells")
-    ax.legend()
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(5.0, 4.2 * cols), 3.4 * rows), squeeze=False, sharey=True)
+    for ax, (m, runs) in zip(axes.flat, panels.items()):
+        chosen = plan.choose(records, m)
+        for cell, points in runs.items():
+            ax.plot([p["step"] for p in points], [p[key] for p in points], lw=2.5 if cell == chosen else 1,
+                    marker=".", label=cell_text(*cell))
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(f"validation {key}")
+    fig.suptitle("tuning runs at seed 0 (chosen cell thick)", fontsize=10)
     fig.tight_layout()
-    atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     written.append("curves.png")
     return tuple(written)
