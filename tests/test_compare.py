@@ -445,3 +445,23 @@ def test_tuning_curves_are_each_tuned_methods_seed0_cells_with_the_loss_where_th
         r["validation_curve"] = [{k: v for k, v in p.items() if k != "accuracy"} for p in r["validation_curve"]]
     panels, key = compare_report.tuning_curves(data)
     assert key == "loss" and [p["loss"] for p in panels["lora"][(1e-3, None)]] == [0.2, 0.1]
+
+
+def test_r_sweeps_group_variants_differing_only_in_r_at_their_chosen_cells():
+    variants = {"lora-r8": {"method": "lora", "overrides": ["method.r=8"]},
+                "lora-r2": {"method": "lora", "overrides": ["method.r=2"], "cell_of": "lora-r8"},
+                "lora-r4": {"method": "lora", "overrides": ["method.r=4"], "cell_of": "lora-r8"},
+                "lora-r8-d": {"method": "lora", "overrides": ["method.r=8", "lora_dropout=0.1"]}}
+    data = {"methods": list(variants), "grids": {m: {"lr": [1e-3, 1e-2]} for m in variants}, "seeds": 1,
+            "edge_steps": 0, "lower_is_better": False, "primary_metric": "accuracy", "variants": variants,
+            "task": "t", "model": "m", "data_source": "d", "steps_per_run": 5, "runs": []}
+    for m, lr, val, test, params in (("lora-r8", 1e-3, 0.5, 0.7, 800), ("lora-r8", 1e-2, 0.6, 0.75, 800),
+                                     ("lora-r2", 1e-2, 0.1, 0.65, 200), ("lora-r8-d", 1e-3, 0.5, 0.7, 800)):
+        rec = _record(Job(m, lr, None, 0, "tune"), val, test=test)
+        data["runs"].append({**rec, "trainable_params": params, "baseline": {"accuracy": 0.4, "label": "x"}})
+    found = compare_report.sweeps(data)
+    assert list(found) == ["lora"]  # lora-r8-d differs in another override and has no partner
+    assert [(p["r"], p["method"], p["trainable"], p["test"]) for p in found["lora"]] == [
+        (2, "lora-r2", 200, 0.65), (4, "lora-r4", None, None), (8, "lora-r8", 800, 0.75)]  # r=8 at its chosen lr
+    assert compare_report.sweep_baseline(data) == ("majority class", 0.4)
+    assert "| lora | 4 | lora-r4 | – | pending |" in compare_report.build(data)

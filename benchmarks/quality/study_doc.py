@@ -3,10 +3,12 @@
     python -m benchmarks.quality.study render [--results benchmarks/quality/results] [--doc docs/RESULTS.md]
 
 Each task of the study is one `neat-peft compare` folder, RESULTS/<task>/compare.json: its chosen cells, seeds,
-paired differences and verdicts come from compare's plan and report (compare_plan.Plan, compare_report.comparisons,
-compare_stats), and compare_report writes its own report.md and plots there. This module adds what spans the
-tasks: RESULTS/study.json (the study's protocol, the machine, its invocations and retired runs), RESULTS/pilot.json
-(optional) and the small-norm measurement, and writes the document and its plots (DOC's folder/results/*.png).
+paired differences, verdicts, pairing check, budget-check pairs and r sweeps come from compare's plan and report
+(compare_plan.Plan, compare_report, compare_stats), and compare_report writes its own report.md and plots there
+(sweep.png and curves.png are the ones the document shows). This module adds what spans the tasks:
+RESULTS/study.json (the study's protocol, the machine, its invocations and retired runs), RESULTS/pilot.json
+(optional) and the small-norm measurement, and writes the document and the budget checks' plots
+(DOC's folder/results/<task>_budget_check.png).
 Cells without results are listed as pending: the document is valid at any point of the study.
 """
 
@@ -179,69 +181,21 @@ def pair_lines(v: View, task: str) -> list[str]:
     return out
 
 
-def curve_methods(v: View, task: str) -> list:
-    """The LoRA and NEAT methods (depth 0) of `task` that have an r: the points of its accuracy-vs-parameters curve."""
-    return [m for m in v.proto.methods_of(task).values()
-            if m.family in ("neat", "lora") and m.r is not None and "method.depth=1" not in m.overrides]
-
-
-def sweep_points(v: View, task: str) -> dict[str, list[tuple[int, int, float]]]:
-    """family -> [(r, trainable params, test accuracy)] at seed 0, chosen cells (r=1 and 8 from their tuning)."""
-    out: dict[str, list] = {}
-    for m in curve_methods(v, task):
-        rec = v.seed_runs(task, m.name).get(0)
-        if rec is not None and rec["status"] == "ok":
-            out.setdefault(m.family, []).append((m.r, rec["trainable_params"], rec["test_value"]))
-    return {k: sorted(x) for k, x in out.items()}
-
-
 def sweep_table(v: View, task: str) -> Optional[str]:
-    """The plot's points as a table, one row per r (the figures the README may quote)."""
-    points = sweep_points(v, task)
-    if not points:
+    """compare_report.sweeps (LoRA's and NEAT's r sweeps) as one table in percent, one row per r."""
+    found = compare_report.sweeps(v.tasks[task])
+    if not any(p["test"] is not None for pts in found.values() for p in pts):
         return None
-    by_r = {fam: {r: (n, acc) for r, n, acc in pts} for fam, pts in points.items()}
-    planned = {m.r for m in curve_methods(v, task)}
+    by_r = {fam: {p["r"]: p for p in found.get(fam, [])} for fam in ("lora", "neat")}
     rows = ["| r | LoRA trainable params | LoRA test acc % | NEAT trainable params | NEAT test acc % |",
             "|---:|---:|---:|---:|---:|"]
-    for r in sorted(planned):
+    for r in sorted({r for fam in by_r.values() for r in fam}):
         cells = []
         for fam in ("lora", "neat"):
-            got = by_r.get(fam, {}).get(r)
-            cells += [f"{got[0]:,}", pct(got[1])] if got else ["–", "pending"]
+            got = by_r[fam].get(r)
+            cells += [f"{got['trainable']:,}", pct(got["test"])] if got and got["test"] is not None else ["–", "pending"]
         rows.append(f"| {r} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
-
-
-def plot_sweep(v: View, task: str, path: Path) -> bool:
-    points = sweep_points(v, task)
-    if not points:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for family, marker in (("lora", "s"), ("neat", "o")):
-        pts = points.get(family, [])
-        if pts:
-            ax.plot([p[1] for p in pts], [100 * p[2] for p in pts], marker=marker, label=family.upper())
-            for r, x, y in pts:
-                ax.annotate(f"r={r}", (x, 100 * y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    base = v.majority(task).get(0)
-    if base is not None:
-        ax.axhline(100 * base, color="grey", ls="--", lw=1, label="majority class")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log; includes the classifier head)")
-    ax.set_ylabel("test accuracy %, seed 0")
-    ax.set_title(f"{task}: accuracy vs parameters")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
 
 
 def checks_of(v: View, task: str) -> list[dict[str, Any]]:
@@ -579,13 +533,12 @@ def build(results: Path, doc: Path) -> str:
         out.append("")
         out.append("### Tuning (seed 0, validation)\n")
         out.append(tuning_table(v, task) + "\n")
-        sweep_png, curve_png = assets / f"{task}_params.png", results / task / "curves.png"
-        if plot_sweep(v, task, sweep_png):
+        sweep_png, curve_png = results / task / "sweep.png", results / task / "curves.png"  # compare_report's
+        if sweep_png.is_file():
             out.append("### Accuracy vs parameters (seed 0; r=1 and 8 at their chosen cells, the other r at r=8's)\n")
             out.append(sweep_table(v, task) + "\n")
             out.append(f"![{task}: accuracy vs parameters]({os.path.relpath(sweep_png, doc.parent)})\n")
         else:
-            sweep_png.unlink(missing_ok=True)
             out.append("Accuracy vs parameters: pending (no seed-0 run at a chosen cell yet).\n")
         if curve_png.is_file():  # compare_report's tuning curves, written above
             out.append(f"![{task}: validation curves]({os.path.relpath(curve_png, doc.parent)})\n")

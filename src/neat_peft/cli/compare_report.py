@@ -12,7 +12,7 @@ from typing import Any, Optional
 from . import compare_stats as stats
 from .compare_plan import Job, Plan
 
-FILES = ("report.md", "params.png", "curves.png")
+FILES = ("report.md", "params.png", "sweep.png", "curves.png")
 
 
 def cell_text(lr: float, s: Optional[float]) -> str:
@@ -202,6 +202,36 @@ def check_pairs(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def sweeps(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The r sweeps: two or more variants of one base method that differ only in `method.r=` (tuned on their own
+    or at another's cell, `cell_of`). Per sweep (named by its base method and other overrides), by r: the seed-0
+    run at the chosen cell as {"method", "r", "trainable", "test"} (None while pending)."""
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for m, v in plan.variants.items():
+        r = [int(o.split("=", 1)[1]) for o in v["overrides"] if o.startswith("method.r=")]
+        if m in plan.methods and r:
+            rest = [o for o in v["overrides"] if not o.startswith("method.r=")]
+            groups.setdefault(", ".join([v["method"], *rest]), []).append((r[0], m))
+    out = {}
+    for name, members in groups.items():
+        if len(members) >= 2:
+            out[name] = [{"method": m, "r": r, **({"trainable": rec["trainable_params"], "test": rec["test_value"]}
+                                                  if rec else {"trainable": None, "test": None})}
+                         for r, m in sorted(members) for rec in [plan.seed_runs(records, m).get(0)]]
+    return out
+
+
+def sweep_baseline(data: dict[str, Any]) -> Optional[tuple[str, float]]:
+    """The seed-0 baseline of the primary metric the runs record (the majority class, else the untrained model)."""
+    metric = data["primary_metric"]
+    for r in data["runs"]:
+        base = r.get("baseline") or {}
+        if r["seed"] == 0 and r["status"] == "ok" and r["phase"] != "check" and metric in base:
+            return ("majority class" if "label" in base else "untrained model"), base[metric]
+    return None
+
+
 def grid_text(plan: Plan, m: str) -> str:
     variant = plan.variants.get(m)
     what = f" ({variant['method']}" + "".join(f", {o}" for o in variant["overrides"]) + ")" if variant else ""
@@ -239,6 +269,14 @@ def build(data: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
                      + (f"{row['trainable']:,}" if row["trainable"] is not None else "–") + " | "
                      + (f"{row['wall']:.0f} s" if row["n"] else "–") + " | "
                      + (f"{row['memory']:,.0f} MB" if row["memory"] else "–") + " |")
+    found = sweeps(data)
+    if found:
+        lines += ["", "## Test " + metric + " against r (seed 0 at the chosen cells; a `cell_of` variant at the cell "
+                  "of the method it follows)", "",
+                  "| sweep | r | method | trainable params | seed 0 test " + metric + " |", "|---|---:|---|---:|---:|"]
+        lines += [f"| {name} | {p['r']} | {p['method']} | " + (f"{p['trainable']:,}" if p["trainable"] else "–")
+                  + f" | {num(p['test']) if p['test'] is not None else 'pending'} |"
+                  for name, pts in found.items() for p in pts]
     if has_answers(data):
         lines += answers_section(data)
     checks = [r for r in runs if r["phase"] == "check"]
@@ -309,6 +347,29 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     atomic_write(out / "params.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     written.append("params.png")
+    found = {name: [p for p in pts if p["test"] is not None] for name, pts in sweeps(data).items()}
+    if any(found.values()):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for name, pts in found.items():
+            if pts:
+                ax.plot([p["trainable"] for p in pts], [p["test"] for p in pts], marker="o", label=name)
+                for p in pts:
+                    ax.annotate(f"r={p['r']}", (p["trainable"], p["test"]), textcoords="offset points",
+                                xytext=(4, -10), fontsize=7)
+        base = sweep_baseline(data)
+        if base is not None:
+            ax.axhline(base[1], color="grey", ls="--", lw=1, label=base[0])
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(f"test {metric}, seed 0")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        atomic_write(out / "sweep.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        plt.close(fig)
+        written.append("sweep.png")
+    else:
+        (out / "sweep.png").unlink(missing_ok=True)
     panels, key = tuning_curves(data)
     if not panels:  # nothing to draw: no figure (and not an earlier one of this folder's)
         (out / "curves.png").unlink(missing_ok=True)
