@@ -423,6 +423,9 @@ def test_budget_check_pairs_and_pairing_over_every_run_of_a_seed():
     assert (c["a"], c["b"], c["factor"], c["steps"], c["check_steps"]) == ("neat", "lora", 3, 50, 150)
     assert (c["difference"], c["check_difference"]) == pytest.approx((0.8 - 0.7, 0.83 - 0.86))
     assert "| neat − lora | +0.1000 | 50 | -0.0300 | 150 |" in compare_report.build(data)
+    assert [(c["key"], b["key"]) for c, b in compare_report.budget_checks(data)] == [
+        (Job("neat", 1e-2, 1.0, 0, "check", 3).key, Job("neat", 1e-2, 1.0, 0, "tune").key),
+        (Job("lora", 1e-3, None, 0, "check", 3).key, Job("lora", 1e-3, None, 0, "tune").key)]
     assert compare_report.pairing(data).startswith("at each of seeds 0, 1 ")  # the checks' own split is allowed
     data["runs"][0]["split_sha256"] = "other"  # neat's unchosen tuning cell at seed 0
     assert compare_report.pairing(data).startswith("NOT paired at seed(s) [0]")

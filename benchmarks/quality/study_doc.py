@@ -5,10 +5,9 @@
 Each task of the study is one `neat-peft compare` folder, RESULTS/<task>/compare.json: its chosen cells, seeds,
 paired differences, verdicts, pairing check, budget-check pairs and r sweeps come from compare's plan and report
 (compare_plan.Plan, compare_report, compare_stats), and compare_report writes its own report.md and plots there
-(sweep.png and curves.png are the ones the document shows). This module adds what spans the tasks:
-RESULTS/study.json (the study's protocol, the machine, its invocations and retired runs), RESULTS/pilot.json
-(optional) and the small-norm measurement, and writes the document and the budget checks' plots
-(DOC's folder/results/<task>_budget_check.png).
+(sweep.png, curves.png and budget_check.png are the ones the document shows). This module adds what spans the
+tasks: RESULTS/study.json (the study's protocol, the machine, its invocations and retired runs), RESULTS/pilot.json
+(optional) and the small-norm measurement, and writes the document.
 Cells without results are listed as pending: the document is valid at any point of the study.
 """
 
@@ -198,17 +197,6 @@ def sweep_table(v: View, task: str) -> Optional[str]:
     return "\n".join(rows)
 
 
-def checks_of(v: View, task: str) -> list[dict[str, Any]]:
-    """The task's finished budget checks (runs of phase "check"), each with the seed-0 run it lengthens as "base"."""
-    out = []
-    for r in v.tasks[task]["runs"]:
-        if r["phase"] == "check" and r["status"] == "ok":
-            base = v.records[task].get(Job(r["method"], r["lr"], r["scaling"], 0, "").key)
-            if base is not None and base["status"] == "ok":
-                out.append({**r, "base": base})
-    return out
-
-
 def check_pair_lines(v: View, task: str) -> list[str]:
     """compare_report.check_pairs in points: A − B at seed 0 at the study's budget and in the longer check."""
     return [f"- Budget check, {v.proto.methods[c['a']].label} − {v.proto.methods[c['b']].label} at seed 0 (test "
@@ -218,18 +206,17 @@ def check_pair_lines(v: View, task: str) -> list[str]:
 
 
 def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[str]:
-    """Longer training of the chosen cells next to the study's own seed-0 runs, with both curves: whether the
-    fixed budget decided the comparison."""
-    checks = checks_of(v, task)
+    """Longer training of the chosen cells next to the study's own seed-0 runs (compare_report.budget_checks), and
+    compare_report's plot of both curves at `path`: whether the fixed budget decided the comparison."""
+    checks = compare_report.budget_checks(v.tasks[task])
     if not checks:
-        path.unlink(missing_ok=True)
         return []
     points = v.data["protocol"]["plateau_points"]
 
     def flat(r):
         return {True: "yes", False: "no", None: "–"}[stats.plateaued(accuracies(r), points)]
 
-    factors = sorted({r["factor"] for r in checks})
+    factors = sorted({r["factor"] for r, _ in checks})
     out = ["### Budget check: the chosen cells trained longer (seed 0)\n",
            "; ".join(f"`python benchmarks/quality/study.py check --task {task} --factor {f}`" for f in factors)
            + " (the study's earlier runner; compare's `--budget-check` trains on the same examples for longer "
@@ -239,8 +226,7 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
            "again share it.\n",
            "| method | cell | steps | val acc % | test acc % | plateaued | CPU-core-hours of the check |",
            "|---|---|---|---|---|---|---:|"]
-    for r in checks:
-        b = r["base"]
+    for r, b in checks:
         out.append(f"| {v.proto.methods[r['method']].label} | {cell_text(r['lr'], r['scaling'])} | "
                    f"{b['steps']} → {r['steps']} | {pct(b['validation'])} → "
                    f"{pct(r['validation'])} | {pct(b['test_value'])} → "
@@ -248,27 +234,6 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
     out.append("")
     out += check_pair_lines(v, task)
     out.append("")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key = compare_report.tuning_curves(v.tasks[task])[1]  # accuracy, or the LLM row's loss
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for i, r in enumerate(checks):
-        label = f"{v.proto.methods[r['method']].label}, {cell_text(r['lr'], r['scaling'])}"
-        for run, style, steps in ((r["base"], ":", r["base"]["steps"]), (r, "-", r["steps"])):
-            curve = run["validation_curve"]
-            ax.plot([c["step"] for c in curve], [(100 if key == "accuracy" else 1) * c[key] for c in curve],
-                    style, marker=".", color=f"C{i}", label=f"{label}, {steps} steps")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(("validation accuracy %" if key == "accuracy" else "validation loss") + ", seed 0")
-    ax.set_title(f"{task}: the study's budget (dotted) and the longer check (solid)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
     out.append(f"![{task}: budget check curves]({os.path.relpath(path, doc_dir)})\n")
     return out
 
@@ -379,8 +344,6 @@ def build(results: Path, doc: Path) -> str:
     pilot_path = results / "pilot.json"
     pilot = json.loads(pilot_path.read_text()) if pilot_path.is_file() else None
     snap = data["protocol"]
-    assets = doc.parent / "results"
-    assets.mkdir(parents=True, exist_ok=True)
     done_total = sum(task_status(v, t)[0] for t in v.proto.tasks)
     all_total = sum(task_status(v, t)[1] for t in v.proto.tasks)
     est = estimate(v, pilot) if pilot and "parallel" in pilot else None
@@ -544,7 +507,7 @@ def build(results: Path, doc: Path) -> str:
             out.append(f"![{task}: validation curves]({os.path.relpath(curve_png, doc.parent)})\n")
         else:
             out.append("Validation curves: pending.\n")
-        out += budget_check_section(v, task, assets / f"{task}_budget_check.png", doc.parent)
+        out += budget_check_section(v, task, results / task / "budget_check.png", doc.parent)
 
     small_path = results / "small_norm.json"
     if small_path.is_file():

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from . import compare_stats as stats
 from .compare_plan import Job, Plan
 
-FILES = ("report.md", "params.png", "sweep.png", "curves.png")
+FILES = ("report.md", "params.png", "sweep.png", "budget_check.png", "curves.png")
 
 
 def cell_text(lr: float, s: Optional[float]) -> str:
@@ -202,6 +202,14 @@ def check_pairs(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def budget_checks(data: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each finished budget check with the finished seed-0 run at its cell that it trains longer."""
+    records = {r["key"]: r for r in data["runs"]}
+    return [(r, base) for r in data["runs"] if r["phase"] == "check" and r["status"] == "ok"
+            for base in [records.get(Job(r["method"], r["lr"], r["scaling"], 0, "tune").key)]
+            if base is not None and base["status"] == "ok"]
+
+
 def sweeps(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """The r sweeps: two or more variants of one base method that differ only in `method.r=` (tuned on their own
     or at another's cell, `cell_of`). Per sweep (named by its base method and other overrides), by r: the seed-0
@@ -371,6 +379,25 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     else:
         (out / "sweep.png").unlink(missing_ok=True)
     panels, key = tuning_curves(data)
+    checks = budget_checks(data)
+    if checks:
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for i, (check, base) in enumerate(checks):
+            for run, style in ((base, ":"), (check, "-")):
+                points = [p for p in run["validation_curve"] if key in p]
+                ax.plot([p["step"] for p in points], [p[key] for p in points], style, marker=".", color=f"C{i}",
+                        label=f"{check['method']}, {cell_text(check['lr'], check['scaling'])}, {run['steps']} steps")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"validation {key}, seed 0")
+        ax.set_title("the compare's budget (dotted) and the budget check (solid)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        atomic_write(out / "budget_check.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+        plt.close(fig)
+        written.append("budget_check.png")
+    else:
+        (out / "budget_check.png").unlink(missing_ok=True)
     if not panels:  # nothing to draw: no figure (and not an earlier one of this folder's)
         (out / "curves.png").unlink(missing_ok=True)
         return tuple(written)
