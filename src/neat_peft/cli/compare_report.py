@@ -330,7 +330,8 @@ def tuning_curves(data: dict[str, Any]) -> tuple[dict[str, dict[tuple, list[dict
 
 
 def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
-    """params.png and curves.png; none without matplotlib (the report says so by not listing them)."""
+    """params.png, sweep.png, budget_check.png and curves.png, each where it has data (an earlier one of this
+    folder's removed where not); none without matplotlib (the report says so by not listing them)."""
     try:
         import matplotlib
 
@@ -343,6 +344,13 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
     metric = data["primary_metric"]
     written = []
+
+    def save(fig, name: str, dpi: int) -> None:
+        fig.tight_layout()
+        atomic_write(out / name, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+        plt.close(fig)
+        written.append(name)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in method_rows(data):
         if row["n"] and row["trainable"]:
@@ -351,10 +359,7 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"test {metric} (mean ± sd over seeds)")
     ax.legend()
-    fig.tight_layout()
-    atomic_write(out / "params.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    written.append("params.png")
+    save(fig, "params.png", 110)
     found = {name: [p for p in pts if p["test"] is not None] for name, pts in sweeps(data).items()}
     if any(found.values()):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -372,10 +377,7 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
         ax.set_ylabel(f"test {metric}, seed 0")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        atomic_write(out / "sweep.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-        plt.close(fig)
-        written.append("sweep.png")
+        save(fig, "sweep.png", 100)
     else:
         (out / "sweep.png").unlink(missing_ok=True)
     panels, key = tuning_curves(data)
@@ -392,10 +394,7 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
         ax.set_title("the compare's budget (dotted) and the budget check (solid)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        atomic_write(out / "budget_check.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-        plt.close(fig)
-        written.append("budget_check.png")
+        save(fig, "budget_check.png", 90)
     else:
         (out / "budget_check.png").unlink(missing_ok=True)
     if not panels:  # nothing to draw: no figure (and not an earlier one of this folder's)
@@ -417,10 +416,7 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
         ax.axis("off")
     axes[0][0].set_ylabel(f"validation {key}")
     fig.suptitle("tuning runs at seed 0 (chosen cell thick)", fontsize=10)
-    fig.tight_layout()
-    atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
-    written.append("curves.png")
+    save(fig, "curves.png", 90)
     return tuple(written)
 
 
