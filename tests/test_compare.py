@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import ROOT, cli, have, make_tiny_bert
-from neat_peft.cli import compare_stats as stats
+from neat_peft.cli import compare_report, compare_stats as stats
 from neat_peft.cli.compare import check_continuation, check_output
 from neat_peft.cli.compare_plan import Job, Plan, load_grid, next_value
 from neat_peft.cli.compare_report import at_edge, comparisons
@@ -402,3 +402,69 @@ def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
     path.write_text("lora: {lr: [3e-5, 1.0e-4]}\nneat: {lr: [1e-3], scaling: [1e0]}\n")  # YAML 1.1: 3e-5 a string
     grid = load_grid(str(path), ["neat", "lora"])
     assert grid.grids["lora"] == {"lr": [3e-5, 1e-4]} and grid.grids["neat"] == {"lr": [1e-3], "scaling": [1.0]}
+
+
+def test_budget_check_pairs_and_pairing_over_every_run_of_a_seed():
+    """check_pairs: A − B at seed 0 at the compare's budget and trained longer, from the records' own test values;
+    pairing: every finished run of a seed (tuning cells too, not the budget checks) shares one split."""
+    grids = {"neat": {"lr": [1e-3, 1e-2], "scaling": [1.0]}, "lora": {"lr": [1e-3]}}
+    data = {"methods": ["neat", "lora"], "grids": grids, "seeds": 2, "edge_steps": 0, "lower_is_better": False,
+            "budget_check": 3, "primary_metric": "accuracy", "task": "t", "model": "m", "data_source": "d",
+            "steps_per_run": 50, "runs": []}
+    tests = {("neat", 1e-3): 0.61, ("neat", 1e-2): 0.8, ("lora", 1e-3): 0.7}  # neat chooses lr 1e-2
+    for (m, lr), test in tests.items():
+        for seed in range(2):
+            job = Job(m, lr, 1.0 if m == "neat" else None, seed, "tune" if seed == 0 else "seed")
+            data["runs"].append({**_record(job, test, test=test + seed / 100), "steps": 50})
+    for m, lr, test in (("neat", 1e-2, 0.83), ("lora", 1e-3, 0.86)):
+        job = Job(m, lr, 1.0 if m == "neat" else None, 0, "check", 3)
+        data["runs"].append({**_record(job, test, test=test), "steps": 150, "factor": 3, "split_sha256": "bigger"})
+    (c,) = compare_report.check_pairs(data)
+    assert (c["a"], c["b"], c["factor"], c["steps"], c["check_steps"]) == ("neat", "lora", 3, 50, 150)
+    assert (c["difference"], c["check_difference"]) == pytest.approx((0.8 - 0.7, 0.83 - 0.86))
+    assert "| neat − lora | +0.1000 | 50 | -0.0300 | 150 |" in compare_report.build(data)
+    assert [(c["key"], b["key"]) for c, b in compare_report.budget_checks(data)] == [
+        (Job("neat", 1e-2, 1.0, 0, "check", 3).key, Job("neat", 1e-2, 1.0, 0, "tune").key),
+        (Job("lora", 1e-3, None, 0, "check", 3).key, Job("lora", 1e-3, None, 0, "tune").key)]
+    assert compare_report.pairing(data).startswith("at each of seeds 0, 1 ")  # the checks' own split is allowed
+    data["runs"][0]["split_sha256"] = "other"  # neat's unchosen tuning cell at seed 0
+    assert compare_report.pairing(data).startswith("NOT paired at seed(s) [0]")
+
+
+def test_tuning_curves_are_each_tuned_methods_seed0_cells_with_the_loss_where_the_metric_is_not_on_the_curve():
+    grids = {"neat": {"lr": [1e-3, 1e-2], "scaling": [1.0]}, "lora": {"lr": [1e-3]}}
+    data = {"methods": ["neat", "lora", "lora-r2"], "grids": grids, "seeds": 1, "edge_steps": 0,
+            "lower_is_better": False, "primary_metric": "accuracy",
+            "variants": {"lora-r2": {"method": "lora", "overrides": ["method.r=2"], "cell_of": "lora"}}, "runs": []}
+    for m, lr, status in (("neat", 1e-3, "ok"), ("neat", 1e-2, "diverged"), ("lora", 1e-3, "ok"),
+                          ("lora-r2", 1e-3, "ok")):
+        job = Job(m, lr, 1.0 if m == "neat" else None, 0, "tune")
+        curve = [{"step": s, "loss": 1.0 / s, "accuracy": lr * s} for s in (5, 10)]
+        data["runs"].append({**_record(job, 0.5, status=status, test=0.5), "validation_curve": curve})
+    panels, key = compare_report.tuning_curves(data)
+    assert key == "accuracy" and list(panels) == ["neat", "lora"]  # the variant runs at lora's cell: no panel
+    assert panels["neat"] == {(1e-3, 1.0): data["runs"][0]["validation_curve"]}  # the diverged cell left out
+    for r in data["runs"]:
+        r["validation_curve"] = [{k: v for k, v in p.items() if k != "accuracy"} for p in r["validation_curve"]]
+    panels, key = compare_report.tuning_curves(data)
+    assert key == "loss" and [p["loss"] for p in panels["lora"][(1e-3, None)]] == [0.2, 0.1]
+
+
+def test_r_sweeps_group_variants_differing_only_in_r_at_their_chosen_cells():
+    variants = {"lora-r8": {"method": "lora", "overrides": ["method.r=8"]},
+                "lora-r2": {"method": "lora", "overrides": ["method.r=2"], "cell_of": "lora-r8"},
+                "lora-r4": {"method": "lora", "overrides": ["method.r=4"], "cell_of": "lora-r8"},
+                "lora-r8-d": {"method": "lora", "overrides": ["method.r=8", "lora_dropout=0.1"]}}
+    data = {"methods": list(variants), "grids": {m: {"lr": [1e-3, 1e-2]} for m in variants}, "seeds": 1,
+            "edge_steps": 0, "lower_is_better": False, "primary_metric": "accuracy", "variants": variants,
+            "task": "t", "model": "m", "data_source": "d", "steps_per_run": 5, "runs": []}
+    for m, lr, val, test, params in (("lora-r8", 1e-3, 0.5, 0.7, 800), ("lora-r8", 1e-2, 0.6, 0.75, 800),
+                                     ("lora-r2", 1e-2, 0.1, 0.65, 200), ("lora-r8-d", 1e-3, 0.5, 0.7, 800)):
+        rec = _record(Job(m, lr, None, 0, "tune"), val, test=test)
+        data["runs"].append({**rec, "trainable_params": params, "baseline": {"accuracy": 0.4, "label": "x"}})
+    found = compare_report.sweeps(data)
+    assert list(found) == ["lora"]  # lora-r8-d differs in another override and has no partner
+    assert [(p["r"], p["method"], p["trainable"], p["test"]) for p in found["lora"]] == [
+        (2, "lora-r2", 200, 0.65), (4, "lora-r4", None, None), (8, "lora-r8", 800, 0.75)]  # r=8 at its chosen lr
+    assert compare_report.sweep_baseline(data) == ("majority class", 0.4)
+    assert "| lora | 4 | lora-r4 | – | pending |" in compare_report.build(data)

@@ -3,10 +3,11 @@
     python -m benchmarks.quality.study render [--results benchmarks/quality/results] [--doc docs/RESULTS.md]
 
 Each task of the study is one `neat-peft compare` folder, RESULTS/<task>/compare.json: its chosen cells, seeds,
-paired differences and verdicts come from compare's plan and report (compare_plan.Plan, compare_report.comparisons,
-compare_stats), and compare_report writes its own report.md and plots there. This module adds what spans the
+paired differences, verdicts, pairing check, budget-check pairs and r sweeps come from compare's plan and report
+(compare_plan.Plan, compare_report, compare_stats), and compare_report writes its own report.md and plots there
+(sweep.png, curves.png and budget_check.png are the ones the document shows). This module adds what spans the
 tasks: RESULTS/study.json (the study's protocol, the machine, its invocations and retired runs), RESULTS/pilot.json
-(optional) and the small-norm measurement, and writes the document and its plots (DOC's folder/results/*.png).
+(optional) and the small-norm measurement, and writes the document.
 Cells without results are listed as pending: the document is valid at any point of the study.
 """
 
@@ -179,153 +180,43 @@ def pair_lines(v: View, task: str) -> list[str]:
     return out
 
 
-def curve_methods(v: View, task: str) -> list:
-    """The LoRA and NEAT methods (depth 0) of `task` that have an r: the points of its accuracy-vs-parameters curve."""
-    return [m for m in v.proto.methods_of(task).values()
-            if m.family in ("neat", "lora") and m.r is not None and "method.depth=1" not in m.overrides]
-
-
-def sweep_points(v: View, task: str) -> dict[str, list[tuple[int, int, float]]]:
-    """family -> [(r, trainable params, test accuracy)] at seed 0, chosen cells (r=1 and 8 from their tuning)."""
-    out: dict[str, list] = {}
-    for m in curve_methods(v, task):
-        rec = v.seed_runs(task, m.name).get(0)
-        if rec is not None and rec["status"] == "ok":
-            out.setdefault(m.family, []).append((m.r, rec["trainable_params"], rec["test_value"]))
-    return {k: sorted(x) for k, x in out.items()}
-
-
 def sweep_table(v: View, task: str) -> Optional[str]:
-    """The plot's points as a table, one row per r (the figures the README may quote)."""
-    points = sweep_points(v, task)
-    if not points:
+    """compare_report.sweeps (LoRA's and NEAT's r sweeps) as one table in percent, one row per r."""
+    found = compare_report.sweeps(v.tasks[task])
+    if not any(p["test"] is not None for pts in found.values() for p in pts):
         return None
-    by_r = {fam: {r: (n, acc) for r, n, acc in pts} for fam, pts in points.items()}
-    planned = {m.r for m in curve_methods(v, task)}
+    by_r = {fam: {p["r"]: p for p in found.get(fam, [])} for fam in ("lora", "neat")}
     rows = ["| r | LoRA trainable params | LoRA test acc % | NEAT trainable params | NEAT test acc % |",
             "|---:|---:|---:|---:|---:|"]
-    for r in sorted(planned):
+    for r in sorted({r for fam in by_r.values() for r in fam}):
         cells = []
         for fam in ("lora", "neat"):
-            got = by_r.get(fam, {}).get(r)
-            cells += [f"{got[0]:,}", pct(got[1])] if got else ["–", "pending"]
+            got = by_r[fam].get(r)
+            cells += [f"{got['trainable']:,}", pct(got["test"])] if got and got["test"] is not None else ["–", "pending"]
         rows.append(f"| {r} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def plot_sweep(v: View, task: str, path: Path) -> bool:
-    points = sweep_points(v, task)
-    if not points:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for family, marker in (("lora", "s"), ("neat", "o")):
-        pts = points.get(family, [])
-        if pts:
-            ax.plot([p[1] for p in pts], [100 * p[2] for p in pts], marker=marker, label=family.upper())
-            for r, x, y in pts:
-                ax.annotate(f"r={r}", (x, 100 * y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    base = v.majority(task).get(0)
-    if base is not None:
-        ax.axhline(100 * base, color="grey", ls="--", lw=1, label="majority class")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log; includes the classifier head)")
-    ax.set_ylabel("test accuracy %, seed 0")
-    ax.set_title(f"{task}: accuracy vs parameters")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def plot_curves(v: View, task: str, path: Path) -> bool:
-    """One panel per tuned method: the validation curve of each of its finished seed-0 cells (the chosen one
-    thick). Classification tasks plot accuracy; the LLM row its validation loss (it is scored once, at the end)."""
-    methods = [m for m in v.proto.methods_of(task).values() if not m.tuned_as]
-    panels = []
-    for m in methods:
-        runs = [(cell, v.records[task].get(Job(m.name, *cell, 0, "").key)) for cell in v.grid(task, m.name)]
-        runs = [(cell, r) for cell, r in runs if r is not None and r["status"] == "ok" and r["validation_curve"]]
-        if runs:
-            panels.append((m, runs))
-    if not panels:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key = "loss" if v.proto.tasks[task].generation else "accuracy"
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(5.0, 4.2 * cols), 3.4 * rows), squeeze=False, sharey=True)
-    for ax, (m, runs) in zip(axes.flat, panels):
-        chosen = v.chosen(task, m.name)
-        for cell, r in runs:
-            curve = r["validation_curve"]
-            ax.plot([c["step"] for c in curve], [(100 if key == "accuracy" else 1) * c[key] for c in curve],
-                    lw=2.5 if cell == chosen else 1, marker=".", label=cell_text(*cell))
-        ax.set_title(m.label, fontsize=9)
-        ax.set_xlabel("optimizer step", fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    axes[0][0].set_ylabel("validation accuracy %" if key == "accuracy" else "validation loss")
-    fig.suptitle(f"{task}: tuning runs at seed 0 (chosen cell thick)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
-
-
-def checks_of(v: View, task: str) -> list[dict[str, Any]]:
-    """The task's finished budget checks (runs of phase "check"), each with the seed-0 run it lengthens as "base"."""
-    out = []
-    for r in v.tasks[task]["runs"]:
-        if r["phase"] == "check" and r["status"] == "ok":
-            base = v.records[task].get(Job(r["method"], r["lr"], r["scaling"], 0, "").key)
-            if base is not None and base["status"] == "ok":
-                out.append({**r, "base": base})
-    return out
-
-
 def check_pair_lines(v: View, task: str) -> list[str]:
-    """NEAT − LoRA at seed 0 at the study's budget and in the longer check, per pair and factor."""
-    checks = checks_of(v, task)
-    by = {(r["factor"], r["method"]): r for r in checks}
-    out = []
-    for a, b in v.plans[task].pair_list():
-        for factor in sorted({r["factor"] for r in checks}):
-            ra, rb = by.get((factor, a)), by.get((factor, b))
-            if ra and rb:
-                diff = [100 * (x["test_value"] - y["test_value"])
-                        for x, y in ((ra["base"], rb["base"]), (ra, rb))]
-                out.append(f"- Budget check, {v.proto.methods[a].label} − {v.proto.methods[b].label} at seed 0 (test "
-                           f"accuracy): {diff[0]:+.1f} points at {ra['base']['steps']} steps, {diff[1]:+.1f} at "
-                           f"{ra['steps']} steps (one seed each; the main table's spread over seeds is the yardstick).")
-    return out
+    """compare_report.check_pairs in points: A − B at seed 0 at the study's budget and in the longer check."""
+    return [f"- Budget check, {v.proto.methods[c['a']].label} − {v.proto.methods[c['b']].label} at seed 0 (test "
+            f"accuracy): {100 * c['difference']:+.1f} points at {c['steps']} steps, {100 * c['check_difference']:+.1f} "
+            f"at {c['check_steps']} steps (one seed each; the main table's spread over seeds is the yardstick)."
+            for c in compare_report.check_pairs(v.tasks[task])]
 
 
 def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[str]:
-    """Longer training of the chosen cells next to the study's own seed-0 runs, with both curves: whether the
-    fixed budget decided the comparison."""
-    checks = checks_of(v, task)
+    """Longer training of the chosen cells next to the study's own seed-0 runs (compare_report.budget_checks), and
+    compare_report's plot of both curves at `path`: whether the fixed budget decided the comparison."""
+    checks = compare_report.budget_checks(v.tasks[task])
     if not checks:
-        path.unlink(missing_ok=True)
         return []
     points = v.data["protocol"]["plateau_points"]
 
     def flat(r):
         return {True: "yes", False: "no", None: "–"}[stats.plateaued(accuracies(r), points)]
 
-    factors = sorted({r["factor"] for r in checks})
+    factors = sorted({r["factor"] for r, _ in checks})
     out = ["### Budget check: the chosen cells trained longer (seed 0)\n",
            "; ".join(f"`python benchmarks/quality/study.py check --task {task} --factor {f}`" for f in factors)
            + " (the study's earlier runner; compare's `--budget-check` trains on the same examples for longer "
@@ -335,8 +226,7 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
            "again share it.\n",
            "| method | cell | steps | val acc % | test acc % | plateaued | CPU-core-hours of the check |",
            "|---|---|---|---|---|---|---:|"]
-    for r in checks:
-        b = r["base"]
+    for r, b in checks:
         out.append(f"| {v.proto.methods[r['method']].label} | {cell_text(r['lr'], r['scaling'])} | "
                    f"{b['steps']} → {r['steps']} | {pct(b['validation'])} → "
                    f"{pct(r['validation'])} | {pct(b['test_value'])} → "
@@ -344,44 +234,8 @@ def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[
     out.append("")
     out += check_pair_lines(v, task)
     out.append("")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key = "loss" if v.proto.tasks[task].generation else "accuracy"  # as in plot_curves
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for i, r in enumerate(checks):
-        label = f"{v.proto.methods[r['method']].label}, {cell_text(r['lr'], r['scaling'])}"
-        for run, style, steps in ((r["base"], ":", r["base"]["steps"]), (r, "-", r["steps"])):
-            curve = run["validation_curve"]
-            ax.plot([c["step"] for c in curve], [(100 if key == "accuracy" else 1) * c[key] for c in curve],
-                    style, marker=".", color=f"C{i}", label=f"{label}, {steps} steps")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(("validation accuracy %" if key == "accuracy" else "validation loss") + ", seed 0")
-    ax.set_title(f"{task}: the study's budget (dotted) and the longer check (solid)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
     out.append(f"![{task}: budget check curves]({os.path.relpath(path, doc_dir)})\n")
     return out
-
-
-def pairing_line(v: View, task: str) -> str:
-    """Whether every run of a seed trained and was scored on the same examples (the split files' digest)."""
-    digests: dict[int, set[str]] = {}
-    for r in v.runs(task):
-        if r["status"] == "ok":
-            digests.setdefault(r["seed"], set()).add(r["split_sha256"])
-    if not digests:
-        return ""
-    bad = sorted(s for s, d in digests.items() if len(d) > 1)
-    if bad:
-        return f"**Pairing broken: runs of seed(s) {bad} used different splits.**"
-    return (f"Pairing checked: at each of seeds {sorted(digests)} every finished run used the same split "
-            "(equal `split_sha256`).")
 
 
 def small_norm_section(small: dict[str, Any]) -> str:
@@ -490,8 +344,6 @@ def build(results: Path, doc: Path) -> str:
     pilot_path = results / "pilot.json"
     pilot = json.loads(pilot_path.read_text()) if pilot_path.is_file() else None
     snap = data["protocol"]
-    assets = doc.parent / "results"
-    assets.mkdir(parents=True, exist_ok=True)
     done_total = sum(task_status(v, t)[0] for t in v.proto.tasks)
     all_total = sum(task_status(v, t)[1] for t in v.proto.tasks)
     est = estimate(v, pilot) if pilot and "parallel" in pilot else None
@@ -634,7 +486,7 @@ def build(results: Path, doc: Path) -> str:
     for task in v.proto.tasks:
         done, total = task_status(v, task)
         out.append(f"## {task}: {v.proto.tasks[task].description}\n")
-        out.append(f"{done} of {total} runs finished. {pairing_line(v, task)} Its compare report: "
+        out.append(f"{done} of {total} runs finished. Pairing checked: {compare_report.pairing(v.tasks[task])}. Its compare report: "
                    f"[{task}/report.md]({os.path.relpath(results / task / 'report.md', doc.parent)}).\n")
         compare_report.write(results / task, v.tasks[task])
         out.append("### Main table (chosen cells; mean ± sample std over seeds)\n")
@@ -644,20 +496,18 @@ def build(results: Path, doc: Path) -> str:
         out.append("")
         out.append("### Tuning (seed 0, validation)\n")
         out.append(tuning_table(v, task) + "\n")
-        sweep_png, curve_png = assets / f"{task}_params.png", assets / f"{task}_curves.png"
-        if plot_sweep(v, task, sweep_png):
+        sweep_png, curve_png = results / task / "sweep.png", results / task / "curves.png"  # compare_report's
+        if sweep_png.is_file():
             out.append("### Accuracy vs parameters (seed 0; r=1 and 8 at their chosen cells, the other r at r=8's)\n")
             out.append(sweep_table(v, task) + "\n")
             out.append(f"![{task}: accuracy vs parameters]({os.path.relpath(sweep_png, doc.parent)})\n")
         else:
-            sweep_png.unlink(missing_ok=True)
             out.append("Accuracy vs parameters: pending (no seed-0 run at a chosen cell yet).\n")
-        if plot_curves(v, task, curve_png):
+        if curve_png.is_file():  # compare_report's tuning curves, written above
             out.append(f"![{task}: validation curves]({os.path.relpath(curve_png, doc.parent)})\n")
         else:
-            curve_png.unlink(missing_ok=True)
             out.append("Validation curves: pending.\n")
-        out += budget_check_section(v, task, assets / f"{task}_budget_check.png", doc.parent)
+        out += budget_check_section(v, task, results / task / "budget_check.png", doc.parent)
 
     small_path = results / "small_norm.json"
     if small_path.is_file():

@@ -1,6 +1,7 @@
 """The report of `neat-peft compare`, read from compare.json alone: report.md, params.png (test metric against
-trainable parameters), curves.png (validation curves at seed 0 of each chosen cell). Every figure is read from the
-JSON; cells without results show as pending, so the report is valid at any point of a compare."""
+trainable parameters), curves.png (per tuned method, the validation curves of its seed-0 tuning runs, the chosen
+cell thick). Every figure is read from the JSON; cells without results show as pending, so the report is valid at
+any point of a compare."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Optional
 from . import compare_stats as stats
 from .compare_plan import Job, Plan
 
-FILES = ("report.md", "params.png", "curves.png")
+FILES = ("report.md", "params.png", "sweep.png", "budget_check.png", "curves.png")
 
 
 def cell_text(lr: float, s: Optional[float]) -> str:
@@ -169,17 +170,74 @@ def answers_section(data: dict[str, Any]) -> list[str]:
 
 
 def pairing(data: dict[str, Any]) -> str:
-    """Whether, at every seed, every method's run used the very same split (equal digests of its files)."""
-    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    """Whether, at every seed, every finished run at the compare's budget (tuning and seeds; not the budget
+    checks, which may draw more examples) used the very same split (equal digests of its files)."""
     by_seed: dict[int, set] = {}
-    for m in plan.methods:
-        for seed, rec in plan.seed_runs(records, m).items():
-            by_seed.setdefault(seed, set()).add(rec["split_sha256"])
-    bad = [s for s, d in by_seed.items() if len(d) > 1]
+    for r in data["runs"]:
+        if r["phase"] != "check" and r["status"] == "ok":
+            by_seed.setdefault(r["seed"], set()).add(r["split_sha256"])
+    bad = sorted(s for s, d in by_seed.items() if len(d) > 1)
     if not by_seed:
         return "pending"
-    return (f"at each of the {len(by_seed)} seeds every method used the same split (equal split digests)" if not bad
-            else f"NOT paired at seed(s) {bad}: the methods' splits differ (check the data source)")
+    return (f"at each of seeds {', '.join(map(str, sorted(by_seed)))} every finished run used the same split "
+            "(equal split digests)" if not bad
+            else f"NOT paired at seed(s) {bad}: the runs' splits differ (check the data source)")
+
+
+def check_pairs(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each tested pair (A, B) with both budget checks of a factor finished: the seed-0 test difference A − B at
+    the compare's budget ("difference", at "steps") and trained `factor` times longer ("check_difference", at
+    "check_steps"). One seed each: whether the budget decided the comparison, not a verdict."""
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    checks = {(r["factor"], r["method"]): r for r in data["runs"] if r["phase"] == "check" and r["status"] == "ok"}
+    out = []
+    for a, b in plan.pair_list():
+        base_a, base_b = plan.seed_runs(records, a).get(0), plan.seed_runs(records, b).get(0)
+        for factor in sorted({f for f, _ in checks}):
+            ca, cb = checks.get((factor, a)), checks.get((factor, b))
+            if ca and cb and base_a and base_b:
+                out.append({"a": a, "b": b, "factor": factor, "steps": base_a["steps"], "check_steps": ca["steps"],
+                            "difference": base_a["test_value"] - base_b["test_value"],
+                            "check_difference": ca["test_value"] - cb["test_value"]})
+    return out
+
+
+def budget_checks(data: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each finished budget check with the finished seed-0 run at its cell that it trains longer."""
+    records = {r["key"]: r for r in data["runs"]}
+    return [(r, base) for r in data["runs"] if r["phase"] == "check" and r["status"] == "ok"
+            for base in [records.get(Job(r["method"], r["lr"], r["scaling"], 0, "tune").key)]
+            if base is not None and base["status"] == "ok"]
+
+
+def sweeps(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The r sweeps: two or more variants of one base method that differ only in `method.r=` (tuned on their own
+    or at another's cell, `cell_of`). Per sweep (named by its base method and other overrides), by r: the seed-0
+    run at the chosen cell as {"method", "r", "trainable", "test"} (None while pending)."""
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for m, v in plan.variants.items():
+        r = [int(o.split("=", 1)[1]) for o in v["overrides"] if o.startswith("method.r=")]
+        if m in plan.methods and r:
+            rest = [o for o in v["overrides"] if not o.startswith("method.r=")]
+            groups.setdefault(", ".join([v["method"], *rest]), []).append((r[0], m))
+    out = {}
+    for name, members in groups.items():
+        if len(members) >= 2:
+            out[name] = [{"method": m, "r": r, **({"trainable": rec["trainable_params"], "test": rec["test_value"]}
+                                                  if rec else {"trainable": None, "test": None})}
+                         for r, m in sorted(members) for rec in [plan.seed_runs(records, m).get(0)]]
+    return out
+
+
+def sweep_baseline(data: dict[str, Any]) -> Optional[tuple[str, float]]:
+    """The seed-0 baseline of the primary metric the runs record (the majority class, else the untrained model)."""
+    metric = data["primary_metric"]
+    for r in data["runs"]:
+        base = r.get("baseline") or {}
+        if r["seed"] == 0 and r["status"] == "ok" and r["phase"] != "check" and metric in base:
+            return ("majority class" if "label" in base else "untrained model"), base[metric]
+    return None
 
 
 def grid_text(plan: Plan, m: str) -> str:
@@ -219,6 +277,14 @@ def build(data: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
                      + (f"{row['trainable']:,}" if row["trainable"] is not None else "–") + " | "
                      + (f"{row['wall']:.0f} s" if row["n"] else "–") + " | "
                      + (f"{row['memory']:,.0f} MB" if row["memory"] else "–") + " |")
+    found = sweeps(data)
+    if found:
+        lines += ["", "## Test " + metric + " against r (seed 0 at the chosen cells; a `cell_of` variant at the cell "
+                  "of the method it follows)", "",
+                  "| sweep | r | method | trainable params | seed 0 test " + metric + " |", "|---|---:|---|---:|---:|"]
+        lines += [f"| {name} | {p['r']} | {p['method']} | " + (f"{p['trainable']:,}" if p["trainable"] else "–")
+                  + f" | {num(p['test']) if p['test'] is not None else 'pending'} |"
+                  for name, pts in found.items() for p in pts]
     if has_answers(data):
         lines += answers_section(data)
     checks = [r for r in runs if r["phase"] == "check"]
@@ -232,6 +298,12 @@ def build(data: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
             if seed0 and longer:
                 lines.append(f"| {m} | {num(seed0['test_value'])} | {num(longer['test_value'])} | "
                              f"{longer['test_value'] - seed0['test_value']:+.4f} |")
+        pairs = check_pairs(data)
+        if pairs:
+            lines += ["", f"| comparison | seed 0 test {metric} difference | at steps | trained longer | at steps |",
+                      "|---|---:|---:|---:|---:|"]
+            lines += [f"| {c['a']} − {c['b']} | {c['difference']:+.4f} | {c['steps']} | {c['check_difference']:+.4f} "
+                      f"| {c['check_steps']} |" for c in pairs]
     lines += ["", "## Tuning (seed 0, validation)", ""]
     for m in plan.methods:
         lines += [tuning_table(data, m), ""]
@@ -241,8 +313,25 @@ def build(data: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tuning_curves(data: dict[str, Any]) -> tuple[dict[str, dict[tuple, list[dict]]], str]:
+    """Per tuned method (not a `cell_of` variant), cell -> the validation curve of its finished seed-0 run at that
+    cell; and the curve's key: the primary metric, or the loss where no curve records it (a causal-lm compare
+    scored on its generated answers, measured once at the end)."""
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    metric = data["primary_metric"]
+    runs = {m: {cell: rec["validation_curve"] for cell in plan.grid(records, m)
+                for rec in [records.get(Job(m, *cell, 0, "tune").key)]
+                if rec is not None and rec["status"] == "ok" and rec["validation_curve"]}
+            for m in plan.methods if not plan.cell_of(m)}
+    points = [p for cells in runs.values() for curve in cells.values() for p in curve]
+    key = metric if any(metric in p for p in points) else "loss"
+    return {m: {cell: [p for p in curve if key in p] for cell, curve in cells.items()}
+            for m, cells in runs.items() if cells}, key
+
+
 def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
-    """params.png and curves.png; none without matplotlib (the report says so by not listing them)."""
+    """params.png, sweep.png, budget_check.png and curves.png, each where it has data (an earlier one of this
+    folder's removed where not); none without matplotlib (the report says so by not listing them)."""
     try:
         import matplotlib
 
@@ -255,6 +344,13 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
     metric = data["primary_metric"]
     written = []
+
+    def save(fig, name: str, dpi: int) -> None:
+        fig.tight_layout()
+        atomic_write(out / name, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+        plt.close(fig)
+        written.append(name)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in method_rows(data):
         if row["n"] and row["trainable"]:
@@ -263,30 +359,64 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"test {metric} (mean ± sd over seeds)")
     ax.legend()
-    fig.tight_layout()
-    atomic_write(out / "params.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    written.append("params.png")
-    curves = {}
-    for m in plan.methods:
-        rec = plan.seed_runs(records, m).get(0)
-        points = [p for p in rec["validation_curve"] if metric in p] if rec else []  # (a converted study: its
-        if points:  # LLM row tuned on the generated answers' accuracy, measured once, not on the curve)
-            curves[f"{m} ({cell_text(rec['lr'], rec['scaling'])})"] = points
-    if not curves:  # nothing to draw: no figure (and not an earlier one of this folder's)
+    save(fig, "params.png", 110)
+    found = {name: [p for p in pts if p["test"] is not None] for name, pts in sweeps(data).items()}
+    if any(found.values()):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for name, pts in found.items():
+            if pts:
+                ax.plot([p["trainable"] for p in pts], [p["test"] for p in pts], marker="o", label=name)
+                for p in pts:
+                    ax.annotate(f"r={p['r']}", (p["trainable"], p["test"]), textcoords="offset points",
+                                xytext=(4, -10), fontsize=7)
+        base = sweep_baseline(data)
+        if base is not None:
+            ax.axhline(base[1], color="grey", ls="--", lw=1, label=base[0])
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(f"test {metric}, seed 0")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        save(fig, "sweep.png", 100)
+    else:
+        (out / "sweep.png").unlink(missing_ok=True)
+    panels, key = tuning_curves(data)
+    checks = budget_checks(data)
+    if checks:
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for i, (check, base) in enumerate(checks):
+            for run, style in ((base, ":"), (check, "-")):
+                points = [p for p in run["validation_curve"] if key in p]
+                ax.plot([p["step"] for p in points], [p[key] for p in points], style, marker=".", color=f"C{i}",
+                        label=f"{check['method']}, {cell_text(check['lr'], check['scaling'])}, {run['steps']} steps")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"validation {key}, seed 0")
+        ax.set_title("the compare's budget (dotted) and the budget check (solid)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, "budget_check.png", 90)
+    else:
+        (out / "budget_check.png").unlink(missing_ok=True)
+    if not panels:  # nothing to draw: no figure (and not an earlier one of this folder's)
         (out / "curves.png").unlink(missing_ok=True)
         return tuple(written)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in curves.items():
-        ax.plot([p["step"] for p in points], [p[metric] for p in points], marker=".", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"validation {metric}")
-    ax.set_title("seed 0, chosen cells")
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(out / "curves.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    written.append("curves.png")
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(5.0, 4.2 * cols), 3.4 * rows), squeeze=False, sharey=True)
+    for ax, (m, runs) in zip(axes.flat, panels.items()):
+        chosen = plan.choose(records, m)
+        for cell, points in runs.items():
+            ax.plot([p["step"] for p in points], [p[key] for p in points], lw=2.5 if cell == chosen else 1,
+                    marker=".", label=cell_text(*cell))
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel(f"validation {key}")
+    fig.suptitle("tuning runs at seed 0 (chosen cell thick)", fontsize=10)
+    save(fig, "curves.png", 90)
     return tuple(written)
 
 
