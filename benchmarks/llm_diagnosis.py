@@ -211,25 +211,17 @@ def validation_loss(model, items, collate, batch_size=16) -> float:
 
 @torch.no_grad()
 def generation_accuracy(model, tokenizer, rows, batch_size=16) -> dict[str, Any]:
+    """Greedy answers (4 tokens) to `rows`' prompts, read by their first word: the CLI's own decoding and scoring
+    (eval.generate_answers), so these figures and a `neat-peft train` run's are computed alike."""
     from collections import Counter
 
-    from neat_peft.cli import features
+    from neat_peft.cli import generation
 
-    model.eval()
-    tokenizer.padding_side = "left"
-    answers = []
-    for i in range(0, len(rows), batch_size):
-        texts = [features.prompt_text(tokenizer, r["prompt"]) for r in rows[i:i + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=4,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for row in ids:
-            words = tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip().split()
-            answers.append(words[0].strip(".,;:!?\"'()*").lower() if words else "")
-    truth = [r["response"].strip().lower() for r in rows]
-    model.train()
-    return {"accuracy": sum(a == t for a, t in zip(answers, truth)) / len(truth),
-            "answers": dict(Counter(answers).most_common(6))}
+    prompts = [generation.encode_prompt(tokenizer, r["prompt"], "chat") for r in rows]
+    scored = generation.score(generation.generate(model, tokenizer, prompts, 4, batch_size),
+                              [r["response"] for r in rows], "first-word")
+    return {"accuracy": scored["accuracy"],
+            "answers": dict(Counter(p["pred"] for p in scored["predictions"]).most_common(6))}
 
 
 def header(args, factors) -> dict[str, Any]:
