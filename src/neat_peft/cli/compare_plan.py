@@ -222,7 +222,7 @@ def load_grid(spec: str, methods: Optional[list[str]]) -> Grid:
             if entry is None:
                 grids[method] = default_axes(method, False)
                 continue
-            if set(entry) - set(AXES) if isinstance(entry, dict) else False:
+            if isinstance(entry, dict) and set(entry) - set(AXES):
                 raise CliError(f"--grid: {name} in '{spec}' must be a mapping with `lr: [...]` (and for neat "
                                f"`scaling: [...]`), got {entry!r}.")
         grids[method] = _axes(entry, base, name, spec)
