@@ -61,6 +61,10 @@ def test_plateau_rule():
     assert stats.plateaued([0.5, 0.7, 0.8, 0.8, 0.805, 0.8], 0.01) is True
     assert stats.plateaued([0.5, 0.6, 0.65, 0.7, 0.75, 0.8], 0.01) is False
     assert stats.plateaued([0.5, 0.7], 0.01) is None
+    # A loss: the best is the lowest, so a falling curve still improves and a flat one has plateaued.
+    assert stats.plateaued([1.0, 0.8, 0.7, 0.6, 0.5, 0.4], 0.01, lower_is_better=True) is False
+    assert stats.plateaued([1.0, 0.8, 0.5, 0.5, 0.499, 0.5], 0.01, lower_is_better=True) is True
+    assert stats.plateaued([1.0, 0.8, 0.5, 0.5, 0.499, 0.5], 0.01) is True  # read as accuracy: never beat 1.0
 
 
 # --- the plan ---------------------------------------------------------------------------------------------------
@@ -94,7 +98,7 @@ def test_edge_rule_extends_every_tuned_axis_and_stops_after_edge_steps():
     assert plan.grid(records, "neat")[-1] == (1e-2, 3.0)  # lr used its one step: now the s axis
     finish()
     assert len(plan.grid(records, "neat")) == 6 and plan.choose(records, "neat") == (1e-2, 3.0)
-    assert at_edge(plan, records, "neat")  # the steps ran out with the best still at the edge: the report says so
+    assert at_edge(plan, records, "neat") == ["lr", "scaling"]  # the steps ran out at both axes' edges: reported
     # Only lr extended (the quality study's rule): no s cell is added.
     assert (1e-2, 3.0) not in Plan(["neat"], plan.grids, 1, 1, extend=("lr",)).grid(records, "neat")
 
@@ -466,5 +470,45 @@ def test_r_sweeps_group_variants_differing_only_in_r_at_their_chosen_cells():
     assert list(found) == ["lora"]  # lora-r8-d differs in another override and has no partner
     assert [(p["r"], p["method"], p["trainable"], p["test"]) for p in found["lora"]] == [
         (2, "lora-r2", 200, 0.65), (4, "lora-r4", None, None), (8, "lora-r8", 800, 0.75)]  # r=8 at its chosen lr
-    assert compare_report.sweep_baseline(data) == ("majority class", 0.4)
+    assert compare_report.baseline(data) == ("majority class", {0: 0.4})
     assert "| lora | 4 | lora-r4 | – | pending |" in compare_report.build(data)
+
+
+def test_results_table_figures_are_the_records_own_in_either_style():
+    """Each cell of the results table against the records it summarises (statistics' mean and stdev, max memory,
+    the plateau rule), diverged seeds counted and left out, the majority baseline per seed; percent style shows the
+    same figures x100 under the given labels."""
+    import statistics
+
+    grids = {"neat": {"lr": [1e-3], "scaling": [1.0]}, "lora": {"lr": [1e-3]}}
+    data = {"methods": ["neat", "lora"], "grids": grids, "seeds": 3, "edge_steps": 0, "lower_is_better": False,
+            "primary_metric": "accuracy", "runs": []}
+    rising, flat = [0.5, 0.6, 0.7, 0.8], [0.5, 0.8, 0.8, 0.8]
+    for m, seed, val, test, curve, mb in (("neat", 0, 0.61, 0.71, rising, 900.0), ("neat", 1, 0.63, 0.74, flat, 950.0),
+                                          ("lora", 0, 0.62, 0.70, flat, 800.0), ("lora", 1, 0.60, 0.66, flat, 810.0),
+                                          ("lora", 2, 0.64, 0.69, rising, 805.0)):
+        job = Job(m, 1e-3, 1.0 if m == "neat" else None, seed, "tune" if seed == 0 else "seed")
+        data["runs"].append({**_record(job, val, test=test), "peak_rss_mb": mb, "wall_seconds": 60.0 * (seed + 1),
+                             "cpu_share": 0.5 + seed / 10, "baseline": {"accuracy": 0.4 + seed / 100, "label": "x"},
+                             "validation_curve": [{"step": i, "accuracy": a} for i, a in enumerate(curve)]})
+    data["runs"].append(_record(Job("neat", 1e-3, 1.0, 2, "seed"), None, status="diverged"))
+
+    def row(lines, first):
+        return next(line for line in lines if line.startswith(f"| {first} "))[2:-2].split(" | ")
+
+    neat = row(compare_report.results_table(data), "neat (1 seed(s) diverged, left out)")
+    assert neat[1:4] == ["lr 0.001, s 1", "2 / 3", f"{0.62:.4f} ± {statistics.stdev([0.61, 0.63]):.4f}"]
+    assert neat[4] == f"{statistics.fmean([0.71, 0.74]):.4f} ± {statistics.stdev([0.71, 0.74]):.4f}"
+    assert neat[5:] == ["100", "1.5", "950", "0.55", "1 of 2"]  # mean of 1 and 2 min; max memory; the flat one
+    lora = row(compare_report.results_table(data), "lora")
+    assert lora[2] == "3 / 3" and lora[6:] == ["2.0", "810", "0.60", "2 of 3"]
+    assert row(compare_report.results_table(data), "majority class")[2:5] == [
+        "3", "–", f"{statistics.fmean([0.40, 0.41, 0.42]):.4f} ± {statistics.stdev([0.40, 0.41, 0.42]):.4f}"]
+    percent = compare_report.Style(percent=True, labels={"neat": "NEAT", "lora": "LoRA"})
+    neat_pct = row(compare_report.results_table(data, percent), "NEAT (1 seed(s) diverged, left out)")
+    assert neat_pct[4] == f"{100 * statistics.fmean([0.71, 0.74]):.1f} ± {100 * statistics.stdev([0.71, 0.74]):.1f}"
+    (verdict,) = compare_report.verdict_rows(comparisons(data), percent)
+    assert verdict.startswith("| NEAT − LoRA | accuracy | +") and verdict.endswith("| 2 | no difference detected |")
+    assert set(compare_report.sections(data)) == {"verdict", "results", "tuning"}
+    assert compare_report.sections(data, percent)["results"][0] == "## Results at the chosen cells"
+    assert compare_report.sections(data, compare_report.Style(level=3))["tuning"][0].startswith("### ")

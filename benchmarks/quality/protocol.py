@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from benchmarks.quality.tasks import TASKS as DATA
+from neat_peft.cli.compare_stats import PLATEAU  # "plateaued": compare's rule, the study's too
 
 GRID_LR = (3e-4, 1e-3, 3e-3, 1e-2)
 # Full fine-tuning moves every weight: its grid is the usual range for fine-tuning a BERT-size model, a decade and
@@ -29,7 +30,6 @@ HEAD_LR = 2e-3           # the classifier head's rate for every method but head-
 SWEEP_R = (1, 2, 4, 8, 16)
 EVALS_PER_RUN = 10       # validation points on each run's curve
 EDGE_STEPS = 2           # a best rate at the grid's edge adds the next rate beyond it, at most this many times
-PLATEAU_POINTS = 0.01    # "plateaued": the last third of the curve gains less than this over the best before it
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ class Protocol:
         return {
             "grid_lr": list(GRID_LR), "grid_full_lr": list(GRID_FULL_LR), "grid_scale": list(GRID_SCALE),
             "head_lr": HEAD_LR, "sweep_r": list(SWEEP_R), "evals_per_run": EVALS_PER_RUN,
-            "plateau_points": PLATEAU_POINTS, "edge_steps": self.edge_steps,
+            "plateau_points": PLATEAU, "edge_steps": self.edge_steps,
             "tasks": {t.name: {**{k: v for k, v in asdict(t).items() if k != "prepare"}, "steps": t.steps,
                                "eval_every": t.eval_every} for t in self.tasks.values()},
             "methods": {m.name: {**asdict(m), "cells": [list(c) for c in m.grid]} for m in self.methods.values()},

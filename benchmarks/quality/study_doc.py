@@ -2,19 +2,18 @@
 
     python -m benchmarks.quality.study render [--results benchmarks/quality/results] [--doc docs/RESULTS.md]
 
-Each task of the study is one `neat-peft compare` folder, RESULTS/<task>/compare.json: its chosen cells, seeds,
-paired differences, verdicts, pairing check, budget-check pairs and r sweeps come from compare's plan and report
-(compare_plan.Plan, compare_report, compare_stats), and compare_report writes its own report.md and plots there
-(sweep.png, curves.png and budget_check.png are the ones the document shows). This module adds what spans the
-tasks: RESULTS/study.json (the study's protocol, the machine, its invocations and retired runs), RESULTS/pilot.json
-(optional) and the small-norm measurement, and writes the document.
+Each task of the study is one `neat-peft compare` folder, RESULTS/<task>/compare.json, and each task's section of
+the document is compare's own report of it: compare_report.sections (the code that writes report.md) in percent under
+the protocol's method labels, each followed by compare_report's plot of it (sweep.png, curves.png,
+budget_check.png). This module adds what spans the tasks: the summary (the verdicts as sentences, the headroom, the
+budget-check pairs), RESULTS/study.json (the study's protocol, the machine, its invocations and retired runs),
+RESULTS/pilot.json (optional) and the small-norm measurement, and writes the document.
 Cells without results are listed as pending: the document is valid at any point of the study.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +22,7 @@ from benchmarks.quality.protocol import Protocol
 from neat_peft.cli import compare_report, compare_stats as stats
 from neat_peft.cli.compare import DATA_FILE
 from neat_peft.cli.compare_plan import Job, Plan
-from neat_peft.cli.compare_report import cell_text
+from neat_peft.cli.compare_report import Style
 
 HERE = Path(__file__).resolve().parent
 
@@ -34,207 +33,79 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def fmt_ms(values: list[float]) -> str:
-    """Mean ± sample std in percent; one value alone (no spread to show) as itself."""
-    m, s = stats.mean_std(values)
-    return "–" if math.isnan(m) else f"{100 * m:.1f}" if len(values) == 1 else f"{100 * m:.1f} ± {100 * s:.1f}"
-
-
-def accuracies(record: dict[str, Any]) -> list[float]:
-    return [c["accuracy"] for c in record["validation_curve"] if "accuracy" in c]
-
-
 class View:
-    """The study read through compare: per task its compare.json, plan (chosen cells, grids) and records; the
-    study's protocol (labels, tasks, seeds) from study.json."""
+    """The study read through compare: per task its compare.json, plan and records; the study's protocol (labels,
+    tasks, seeds) from study.json; and the report style of its tables (percent, the protocol's method labels)."""
 
     def __init__(self, study: dict[str, Any], tasks: dict[str, dict[str, Any]]):
         self.data, self.tasks = study, tasks
         self.proto = Protocol.from_snapshot(study["protocol"])
         self.plans = {t: Plan.from_data(d) for t, d in tasks.items()}
         self.records = {t: {r["key"]: r for r in d["runs"]} for t, d in tasks.items()}
-
-    def chosen(self, task: str, method: str):
-        return self.plans[task].choose(self.records[task], method)
-
-    def grid(self, task: str, method: str):
-        return self.plans[task].grid(self.records[task], method)
-
-    def seed_runs(self, task: str, method: str) -> dict[int, dict[str, Any]]:
-        """seed -> finished (or diverged) run at the method's chosen cell."""
-        cell = self.chosen(task, method)
-        if cell is None:
-            return {}
-        out = {}
-        for seed in range(max(1, self.plans[task].seeds_of(method))):
-            rec = self.records[task].get(Job(method, *cell, seed, "").key)
-            if rec is not None:
-                out[seed] = rec
-        return out
-
-    def test_acc(self, task: str, method: str) -> dict[int, float]:
-        """seed -> test accuracy of the finished runs (a diverged seed has none; the main table counts them)."""
-        return {s: r["test_value"] for s, r in self.seed_runs(task, method).items() if r["status"] == "ok"}
+        self.style = Style(percent=True, labels={n: m.label for n, m in self.proto.methods.items()}, level=3)
 
     def runs(self, task: str) -> list[dict[str, Any]]:
         """The task's runs at the study's budget (not its budget checks)."""
         return [r for r in self.tasks[task]["runs"] if r["phase"] != "check"]
-
-    def majority(self, task: str) -> dict[int, float]:
-        return {r["seed"]: r["baseline"]["accuracy"] for r in self.runs(task) if r["status"] == "ok"}
 
     def planned(self, task: str) -> list[Job]:
         """Every run of the study's plan of `task` (its budget checks are extra)."""
         return [j for j in self.plans[task].jobs(self.records[task], full=True) if j.phase != "check"]
 
 
-def tuning_table(v: View, task: str) -> str:
-    methods = [m for m in v.proto.methods_of(task).values() if not m.tuned_as]
-    lines = []
-    for m in methods:
-        chosen = v.chosen(task, m.name)
-        cells = []
-        grid = v.grid(task, m.name)
-        for lr, s in grid:
-            rec = v.records[task].get(Job(m.name, lr, s, 0, "tune").key)
-            text = ("pending" if rec is None else "diverged" if rec["status"] != "ok"
-                    else pct(rec["validation"]))
-            if chosen == (lr, s):
-                text = f"**{text}**"
-            cells.append(f"{cell_text(lr, s)}: {text}" + (" (added)" if (lr, s) not in m.grid else ""))
-        rates = [lr for lr, _ in grid]
-        edge = chosen is not None and len(set(rates)) > 1 and chosen[0] in (min(rates), max(rates))
-        lines.append(f"| {m.label} | " + "; ".join(cells) + f" | {'–' if chosen is None else cell_text(*chosen)}"
-                     + (" (at the grid's edge)" if edge else "") + " |")
-    return "\n".join(["| method | validation accuracy % at seed 0, per cell (chosen in bold) | chosen |",
-                      "|---|---|---|", *lines]) + (
-        "\n\n'At the grid's edge': the best learning rate is the smallest or largest tried"
-        + (f", even after {v.proto.edge_steps} rates added past the edge" if v.proto.edge_steps else "")
-        + ", so a rate beyond it might have done better still."
-        if "(at the grid's edge)" in "".join(lines) else "") + (
-        "\n\n'(added)': a cell past the protocol's grid, tried because the best rate was at its edge."
-        if "(added)" in "".join(lines) else "")
-
-
-def main_table(v: View, task: str) -> str:
-    lines = ["| method | trainable params | chosen cell | seeds done / planned | val acc % | test acc % | "
-             "run wall min | peak RSS MB | CPU share | plateaued |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for m in v.proto.methods_of(task).values():
-        if m.tuned_as:
-            continue
-        all_runs = list(v.seed_runs(task, m.name).values())
-        runs = [r for r in all_runs if r["status"] == "ok"]
-        diverged = len(all_runs) - len(runs)
-        chosen = v.chosen(task, m.name)
-        flat = [x for x in (stats.plateaued(accuracies(r), v.data["protocol"]["plateau_points"])
-                            for r in runs) if x is not None]
-        params = f"{runs[0]['trainable_params']:,}" if runs else "–"
-        wall = stats.mean_std([r["wall_seconds"] / 60 for r in runs])[0]
-        rss = stats.mean_std([r["peak_rss_mb"] for r in runs])[0]
-        share = stats.mean_std([r["cpu_share"] for r in runs])[0]
-        label = m.label + (f" ({diverged} seed(s) diverged, left out)" if diverged else "")
-        lines.append(f"| {label} | {params} | {'pending' if chosen is None else cell_text(*chosen)} | "
-                     f"{len(runs)} / {v.proto.seeds_of(task, m.name)} | "
-                     f"{fmt_ms([r['validation'] for r in runs])} | "
-                     f"{fmt_ms([r['test_value'] for r in runs])} | "
-                     f"{'–' if math.isnan(wall) else f'{wall:.1f}'} | {'–' if math.isnan(rss) else f'{rss:.0f}'} | "
-                     f"{'–' if math.isnan(share) else f'{share:.2f}'} | "
-                     f"{f'{sum(flat)} of {len(flat)}' if flat else '–'} |")
-    base = v.majority(task)
-    if base:
-        lines.append(f"| majority class | 0 | – | {len(base)} | – | {fmt_ms(list(base.values()))} | "
-                     "– | – | – | – |")
-    return "\n".join(lines)
-
-
 def headroom_line(v: View, task: str) -> Optional[str]:
     """How much error the task leaves to tell methods apart: near the ceiling, no method can be far ahead."""
-    means = {m.label: stats.mean_std(list(v.test_acc(task, m.name).values()))[0]
-             for m in v.proto.methods_of(task).values() if not m.tuned_as and v.test_acc(task, m.name)}
+    means = {v.style.name(row["method"]): row["mean"] for row in compare_report.method_rows(v.tasks[task])
+             if row["n"] and not v.proto.methods[row["method"]].tuned_as}
     if not means:
         return None
     best = max(means, key=means.get)
     shown = pct(means[best])  # the error left is computed from the rounded figure, so the two add up to 100
-    base = list(v.majority(task).values())
+    base = compare_report.baseline(v.tasks[task])
     done, total = task_status(v, task)
     so_far = "" if done == total else " so far"
     return (f"- Headroom: the best mean test accuracy{so_far}, {best}'s {shown}%, leaves "
             f"{100 - float(shown):.1f} points of error in which methods can differ"
-            + (f" (majority class: {pct(stats.mean_std(base)[0])}%)." if base else "."))
+            + (f" ({base[0]}: {pct(stats.mean_std(list(base[1].values()))[0])}%)." if base else "."))
 
 
 def pair_lines(v: View, task: str) -> list[str]:
-    """The task's tested pairs (compare_report.comparisons: the paired interval and status of compare_stats)."""
-    out = []
-    for c in compare_report.comparisons(v.tasks[task]):
-        a, b = c["a"], c["b"]
-        la, lb = v.proto.methods[a].label, v.proto.methods[b].label
-        ta, tb = v.test_acc(task, a), v.test_acc(task, b)
-        if max(v.proto.seeds_of(task, a), v.proto.seeds_of(task, b)) == 1:  # a row reduced to one seed
-            shown = (f"{100 * (ta[0] - tb[0]):+.1f} points at seed 0 ({la} {pct(ta[0])}%, {lb} {pct(tb[0])}%)"
-                     if 0 in ta and 0 in tb else "pending")
-            out.append(f"- {la} − {lb} (test accuracy; one seed planned, so no interval and no verdict): {shown}.")
-            continue
-        out.append(f"- {la} − {lb} (test accuracy, paired by seed): {stats.verdict(c['result'], la, lb)}.")
-    return out
-
-
-def sweep_table(v: View, task: str) -> Optional[str]:
-    """compare_report.sweeps (LoRA's and NEAT's r sweeps) as one table in percent, one row per r."""
-    found = compare_report.sweeps(v.tasks[task])
-    if not any(p["test"] is not None for pts in found.values() for p in pts):
-        return None
-    by_r = {fam: {p["r"]: p for p in found.get(fam, [])} for fam in ("lora", "neat")}
-    rows = ["| r | LoRA trainable params | LoRA test acc % | NEAT trainable params | NEAT test acc % |",
-            "|---:|---:|---:|---:|---:|"]
-    for r in sorted({r for fam in by_r.values() for r in fam}):
-        cells = []
-        for fam in ("lora", "neat"):
-            got = by_r[fam].get(r)
-            cells += [f"{got['trainable']:,}", pct(got["test"])] if got and got["test"] is not None else ["–", "pending"]
-        rows.append(f"| {r} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    """The task's tested pairs as sentences (compare_report.comparisons: the paired interval and status)."""
+    return [f"- {v.style.name(c['a'])} − {v.style.name(c['b'])} (test accuracy, paired by seed): "
+            f"{stats.verdict(c['result'], v.style.name(c['a']), v.style.name(c['b']))}."
+            for c in compare_report.comparisons(v.tasks[task])]
 
 
 def check_pair_lines(v: View, task: str) -> list[str]:
     """compare_report.check_pairs in points: A − B at seed 0 at the study's budget and in the longer check."""
-    return [f"- Budget check, {v.proto.methods[c['a']].label} − {v.proto.methods[c['b']].label} at seed 0 (test "
-            f"accuracy): {100 * c['difference']:+.1f} points at {c['steps']} steps, {100 * c['check_difference']:+.1f} "
-            f"at {c['check_steps']} steps (one seed each; the main table's spread over seeds is the yardstick)."
+    return [f"- Budget check, {v.style.name(c['a'])} − {v.style.name(c['b'])} at seed 0 (test accuracy): "
+            f"{100 * c['difference']:+.1f} points at {c['steps']} steps, {100 * c['check_difference']:+.1f} at "
+            f"{c['check_steps']} steps (one seed each; the results table's spread over seeds is the yardstick)."
             for c in compare_report.check_pairs(v.tasks[task])]
 
 
-def budget_check_section(v: View, task: str, path: Path, doc_dir: Path) -> list[str]:
-    """Longer training of the chosen cells next to the study's own seed-0 runs (compare_report.budget_checks), and
-    compare_report's plot of both curves at `path`: whether the fixed budget decided the comparison."""
-    checks = compare_report.budget_checks(v.tasks[task])
-    if not checks:
-        return []
-    points = v.data["protocol"]["plateau_points"]
-
-    def flat(r):
-        return {True: "yes", False: "no", None: "–"}[stats.plateaued(accuracies(r), points)]
-
-    factors = sorted({r["factor"] for r, _ in checks})
-    out = ["### Budget check: the chosen cells trained longer (seed 0)\n",
-           "; ".join(f"`python benchmarks/quality/study.py check --task {task} --factor {f}`" for f in factors)
-           + " (the study's earlier runner; compare's `--budget-check` trains on the same examples for longer "
-           "instead): the same cells at seed 0 on that many times the training examples for the same epochs (so that "
-           "many times the steps). Not part of the statistics above; it shows whether the fixed budget decided the "
-           "comparison. The longer run draws its larger training subset with the same seed, so the two methods "
-           "again share it.\n",
-           "| method | cell | steps | val acc % | test acc % | plateaued | CPU-core-hours of the check |",
-           "|---|---|---|---|---|---|---:|"]
-    for r, b in checks:
-        out.append(f"| {v.proto.methods[r['method']].label} | {cell_text(r['lr'], r['scaling'])} | "
-                   f"{b['steps']} → {r['steps']} | {pct(b['validation'])} → "
-                   f"{pct(r['validation'])} | {pct(b['test_value'])} → "
-                   f"{pct(r['test_value'])} | {flat(b)} → {flat(r)} | {r['cpu_seconds'] / 3600:.2f} |")
-    out.append("")
-    out += check_pair_lines(v, task)
-    out.append("")
-    out.append(f"![{task}: budget check curves]({os.path.relpath(path, doc_dir)})\n")
+def task_sections(v: View, task: str, results: Path, doc: Path) -> list[str]:
+    """The task's part of the document: compare_report's sections of its compare.json (in percent, under the
+    protocol's labels), each followed by compare_report's plot of it where there is one."""
+    done, total = task_status(v, task)
+    out = [f"## {task}: {v.proto.tasks[task].description}\n",
+           f"{done} of {total} runs finished. Pairing checked: {compare_report.pairing(v.tasks[task])}. Its compare "
+           f"report: [{task}/report.md]({os.path.relpath(results / task / 'report.md', doc.parent)}).\n"]
+    compare_report.write(results / task, v.tasks[task])
+    plots = {"sweep": "sweep.png", "tuning": "curves.png", "budget_check": "budget_check.png"}
+    for name, lines in compare_report.sections(v.tasks[task], v.style).items():
+        if name == "budget_check":
+            factors = sorted({c["factor"] for c, _ in compare_report.budget_checks(v.tasks[task])})
+            lines = lines[:2] + [
+                "; ".join(f"`python benchmarks/quality/study.py check --task {task} --factor {f}`" for f in factors)
+                + " (the study's earlier runner; compare's `--budget-check` trains on the same examples for longer "
+                "instead): the same cells at seed 0 on that many times the training examples for the same epochs (so "
+                "that many times the steps). The longer run draws its larger training subset with the same seed, so "
+                "the two methods again share it.", ""] + lines[2:]
+        out += lines + ([""] if lines[-1] else [])
+        png = results / task / plots.get(name, "-")
+        if png.is_file():
+            out.append(f"![{task}: {png.stem}]({os.path.relpath(png, doc.parent)})\n")
     return out
 
 
@@ -371,7 +242,7 @@ def build(results: Path, doc: Path) -> str:
             out.append(headroom)
         out += check_pair_lines(v, task)
         pending = [mm.label for mm in v.proto.methods_of(task).values()
-                   if not mm.tuned_as and v.chosen(task, mm.name) is None]
+                   if not mm.tuned_as and v.plans[task].choose(v.records[task], mm.name) is None]
         if pending:
             out.append(f"- Tuning still pending for: {', '.join(pending)}.")
         out.append("")
@@ -412,7 +283,7 @@ def build(results: Path, doc: Path) -> str:
         "and 16 at the cell chosen for r=8 (not tuned on their own).",
         f"- Budget: a fixed number of steps per task, the same for every method and seed (below); validation "
         f"{snap['evals_per_run']} times per run (the curves). 'Plateaued' = the last third of the curve gains less "
-        f"than {100 * snap['plateau_points']:.0f} point over the best before it. Test accuracy is that of the model "
+        f"than {100 * stats.PLATEAU:.0f} point over the best before it. Test accuracy is that of the model "
         "at the end of training.",
         "- Recorded per run: trainable parameters, wall time, CPU time and CPU share (CPU seconds / wall seconds: "
         "below 1 when other jobs competed for the cores), peak RSS of the run's own process (ru_maxrss: libraries "
@@ -484,30 +355,7 @@ def build(results: Path, doc: Path) -> str:
                + "\npython -m benchmarks.quality.study render       # this file\n```\n")
 
     for task in v.proto.tasks:
-        done, total = task_status(v, task)
-        out.append(f"## {task}: {v.proto.tasks[task].description}\n")
-        out.append(f"{done} of {total} runs finished. Pairing checked: {compare_report.pairing(v.tasks[task])}. Its compare report: "
-                   f"[{task}/report.md]({os.path.relpath(results / task / 'report.md', doc.parent)}).\n")
-        compare_report.write(results / task, v.tasks[task])
-        out.append("### Main table (chosen cells; mean ± sample std over seeds)\n")
-        out.append(main_table(v, task) + "\n")
-        out.append("### NEAT vs LoRA, paired by seed\n")
-        out += pair_lines(v, task)
-        out.append("")
-        out.append("### Tuning (seed 0, validation)\n")
-        out.append(tuning_table(v, task) + "\n")
-        sweep_png, curve_png = results / task / "sweep.png", results / task / "curves.png"  # compare_report's
-        if sweep_png.is_file():
-            out.append("### Accuracy vs parameters (seed 0; r=1 and 8 at their chosen cells, the other r at r=8's)\n")
-            out.append(sweep_table(v, task) + "\n")
-            out.append(f"![{task}: accuracy vs parameters]({os.path.relpath(sweep_png, doc.parent)})\n")
-        else:
-            out.append("Accuracy vs parameters: pending (no seed-0 run at a chosen cell yet).\n")
-        if curve_png.is_file():  # compare_report's tuning curves, written above
-            out.append(f"![{task}: validation curves]({os.path.relpath(curve_png, doc.parent)})\n")
-        else:
-            out.append("Validation curves: pending.\n")
-        out += budget_check_section(v, task, results / task / "budget_check.png", doc.parent)
+        out += task_sections(v, task, results, doc)
 
     small_path = results / "small_norm.json"
     if small_path.is_file():

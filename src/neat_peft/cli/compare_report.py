@@ -6,11 +6,12 @@ any point of a compare."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from . import compare_stats as stats
-from .compare_plan import Job, Plan
+from .compare_plan import AXES, Job, Plan
 
 FILES = ("report.md", "params.png", "sweep.png", "budget_check.png", "curves.png")
 
@@ -54,24 +55,85 @@ def has_answers(data: dict[str, Any]) -> bool:
     return any("answers" in r for r in data["runs"])
 
 
+@dataclass(frozen=True)
+class Style:
+    """How the report shows its figures. The default is report.md's: metric values as recorded (4 decimals) under
+    the methods' own names, sections at heading level 2. `percent` shows fractions (accuracy, F1) in percent with
+    1 decimal and differences in points; `labels` renames methods; `level` nests the sections under a document's
+    own heading (docs/RESULTS.md shows each task's sections this way)."""
+    percent: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict)
+    level: int = 2
+
+    def value(self, x: Optional[float]) -> str:
+        if x is None or math.isnan(x):
+            return "–"
+        return f"{100 * x:.1f}" if self.percent else f"{x:.4f}"
+
+    def diff(self, x: float) -> str:
+        return f"{100 * x:+.1f}" if self.percent else f"{x:+.4f}"
+
+    def spread(self, values: list[float]) -> str:
+        """Mean ± sample std over seeds; one value (no spread to show) as itself."""
+        mean, sd = stats.mean_std(values)
+        return self.value(mean) if len(values) <= 1 else f"{self.value(mean)} ± {self.value(sd)}"
+
+    def metric(self, name: str) -> str:
+        return f"{name} %" if self.percent else name
+
+    def name(self, method: str) -> str:
+        return self.labels.get(method, method)
+
+    def heading(self, title: str) -> str:
+        return "#" * self.level + " " + title
+
+
+def curve_key(data: dict[str, Any]) -> tuple[str, bool]:
+    """What the validation curves show, and whether lower is better on it: the primary metric, or the loss where
+    no curve records it (a causal-lm compare scored on its generated answers, measured once at the end)."""
+    metric = data["primary_metric"]
+    if any(metric in p for r in data["runs"] for p in r.get("validation_curve") or ()):
+        return metric, data["lower_is_better"]
+    return "loss", True
+
+
+def plateau_text(data: dict[str, Any], record: dict[str, Any]) -> str:
+    key, lower = curve_key(data)
+    values = [p[key] for p in record.get("validation_curve") or () if key in p]
+    return {True: "yes", False: "no", None: "–"}[stats.plateaued(values, stats.PLATEAU, lower)]
+
+
+def baseline(data: dict[str, Any]) -> Optional[tuple[str, dict[int, float]]]:
+    """The runs' baseline of the test primary metric, per seed (each seed's split has its own): the majority
+    class, else the untrained model; None where the runs record neither."""
+    metric, found, kind = data["primary_metric"], {}, None
+    for r in data["runs"]:
+        base = r.get("baseline") or {}
+        if r["status"] == "ok" and r["phase"] != "check" and metric in base:
+            found[r["seed"]] = base[metric]
+            kind = "majority class" if "label" in base else "untrained model"
+    return (kind, found) if found else None
+
+
 def method_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per method, its runs at the chosen cell: the finished ones (`runs`, seed -> record) and how many diverged."""
     plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
     rows = []
     for m in plan.methods:
-        runs = plan.seed_runs(records, m)
-        tests = [r["test_value"] for r in runs.values()]
-        mean, sd = stats.mean_std(tests)
+        runs, cell = plan.seed_runs(records, m), plan.choose(records, m)
+        diverged = 0 if cell is None else sum(
+            records.get(Job(m, *cell, seed, "seed").key, {}).get("status") == "diverged"
+            for seed in range(plan.seeds_of(m)))
         first = next(iter(runs.values()), {})
-        answers = {metric: stats.mean_std([answer_value(r, metric) for r in runs.values()
-                                           if answer_value(r, metric) is not None]) for metric in ANSWER_METRICS}
+        answers = {metric: [answer_value(r, metric) for r in runs.values() if answer_value(r, metric) is not None]
+                   for metric in ANSWER_METRICS}
         histogram: dict[str, int] = {}
         for r in runs.values():
             for answer, count in r.get("answers", {}).get("test", {}).get("answer_histogram", {}).items():
                 histogram[answer] = histogram.get(answer, 0) + count
-        rows.append({"method": m, "cell": plan.choose(records, m), "n": len(runs), "mean": mean, "sd": sd,
-                     "trainable": first.get("trainable_params"), "total": first.get("total_params"),
-                     "wall": stats.mean_std([r["wall_seconds"] for r in runs.values()])[0],
-                     "memory": max((r["peak_rss_mb"] for r in runs.values()), default=None),
+        mean, sd = stats.mean_std([r["test_value"] for r in runs.values()])
+        rows.append({"method": m, "cell": cell, "runs": runs, "n": len(runs), "planned": plan.seeds_of(m),
+                     "diverged": diverged, "mean": mean, "sd": sd, "trainable": first.get("trainable_params"),
                      "answers": answers, "histogram": dict(sorted(histogram.items(), key=lambda kv: -kv[1]))})
     return rows
 
@@ -99,73 +161,85 @@ def summary(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def at_edge(plan: Plan, records: dict[str, dict], method: str) -> bool:
-    """The chosen cell sits at an edge of a tuned axis of the (extended) grid: the edge rule ran out of steps."""
+def at_edge(plan: Plan, records: dict[str, dict], method: str) -> list[str]:
+    """The tuned axes (lr, scaling) at whose smallest or largest value of the (extended) grid the chosen cell sits:
+    on an axis the edge rule extends, its steps ran out there; on one it does not, it was never tried."""
     chosen, cells = plan.choose(records, method), plan.grid(records, method)
     if chosen is None:
-        return False
-    for i in range(2):
+        return []
+    out = []
+    for i, axis in enumerate(AXES):
         values = sorted({c[i] for c in cells if c[i] is not None})
         if len(values) >= 2 and chosen[i] in (values[0], values[-1]):
-            return True
-    return False
+            out.append(axis)
+    return out
 
 
-def tuning_table(data: dict[str, Any], method: str) -> str:
+def tuning_table(data: dict[str, Any], method: str, style: Style = Style()) -> str:
     plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    name = style.name(method)
     if plan.cell_of(method):
-        return f"{method}: no tuning of its own; it runs at the cell chosen for {plan.cell_of(method)}."
+        return f"{name}: no tuning of its own; it runs at the cell chosen for {style.name(plan.cell_of(method))}."
     base = set(map(tuple, plan.base_cells(method)))
     chosen = plan.choose(records, method)
-    lines = [f"| {method}: cell | validation {data['primary_metric']} (seed 0) | run | |", "|---|---:|---|---|"]
+    lines = [f"| {name}: cell | validation {style.metric(data['primary_metric'])} (seed 0) | run | |",
+             "|---|---:|---|---|"]
     for lr, s in sorted(plan.grid(records, method), key=lambda c: (c[0], c[1] or 0)):
         rec = records.get(Job(method, lr, s, 0, "tune").key)
-        value = "pending" if rec is None else num(rec.get("validation")) if rec["status"] == "ok" else rec["status"]
+        value = ("pending" if rec is None else style.value(rec.get("validation")) if rec["status"] == "ok"
+                 else rec["status"])
         notes = ["chosen"] if (lr, s) == chosen else []
         if (lr, s) not in base:
             notes.append("added by the edge rule")
-        if (lr, s) == chosen and at_edge(plan, records, method):
-            notes.append(f"**at the grid's edge after {plan.edge_steps} edge step(s)**: a better value may lie "
-                         "beyond (more --grid edge_steps)")
+        for axis in at_edge(plan, records, method) if (lr, s) == chosen else ():
+            notes.append(f"**at the grid's edge in {axis}**" + (
+                f" after {plan.edge_steps} edge step(s): a better value may lie beyond (more --grid edge_steps)"
+                if axis in plan.extend else ": a better value may lie beyond (the edge rule does not extend it)"))
         lines.append(f"| {cell_text(lr, s)} | {value} | {rec['key'] if rec else ''} | {', '.join(notes)} |")
     return "\n".join(lines)
 
 
-def verdict_rows(found: list[dict[str, Any]]) -> list[str]:
+def verdict_rows(found: list[dict[str, Any]], style: Style = Style()) -> list[str]:
     lines = []
     for c in found:
-        r = c["result"]
+        r, pair = c["result"], f"{style.name(c['a'])} − {style.name(c['b'])}"
         if r is None:
-            lines.append(f"| {c['a']} − {c['b']} | {c['metric']} | – | – | – | – | {c['status']} |")
+            lines.append(f"| {pair} | {c['metric']} | – | – | – | – | {c['status']} |")
         else:
-            lines.append(f"| {c['a']} − {c['b']} | {c['metric']} | {r['mean']:+.4f} | [{r['low']:+.4f}, "
-                         f"{r['high']:+.4f}] | {r['width']:.4f} | {r['n']} | {c['status']} |")
+            lines.append(f"| {pair} | {c['metric']} | {style.diff(r['mean'])} | [{style.diff(r['low'])}, "
+                         f"{style.diff(r['high'])}] | {style.value(r['width'])} | {r['n']} | {c['status']} |")
     return lines
 
 
-def answers_section(data: dict[str, Any]) -> list[str]:
+def verdict_header(style: Style) -> list[str]:
+    unit = " (points)" if style.percent else ""
+    return [f"| comparison | metric | mean difference{unit} | 95% interval | width{unit} | seeds | verdict |",
+            "|---|---|---:|---|---:|---:|---|"]
+
+
+def answers_section(data: dict[str, Any], style: Style = Style()) -> list[str]:
     """Generated answers on test (causal-lm with eval.generate_answers): per method accuracy and macro-F1 over
     the labels, the answers' histogram over the seeds, and the paired verdicts of both."""
-    lines = ["", "## Generated answers (test)", "",
+    sd = " (mean ± sd)" if not style.percent else " % (mean ± sd)"
+    lines = [style.heading("Generated answers (test)"), "",
              "Greedy answers read as labels (their first word); higher is better. Tuning still used the validation "
              f"{data['primary_metric']}. Better or worse only where the paired 95% interval excludes 0.", "",
-             "| method | seeds | answer accuracy (mean ± sd) | answer macro-F1 (mean ± sd) | answers, all seeds |",
+             f"| method | seeds | answer accuracy{sd} | answer macro-F1{sd} | answers, all seeds |",
              "|---|---:|---:|---:|---|"]
     for row in method_rows(data):
-        acc, f1 = row["answers"]["accuracy"], row["answers"]["macro_f1"]
         top = list(row["histogram"].items())
         shown = ", ".join(f"{a or '(none)'} {n}" for a, n in top[:HISTOGRAM_SHOWN]) + (
             f", {len(top) - HISTOGRAM_SHOWN} other answers {sum(n for _, n in top[HISTOGRAM_SHOWN:])}"
             if len(top) > HISTOGRAM_SHOWN else "")
-        lines.append(f"| {row['method']} | {row['n']} | {num(acc[0])} ± {num(acc[1])} | {num(f1[0])} ± {num(f1[1])} "
-                     f"| {shown or '–'} |")
+        acc, f1 = (style.spread(row["answers"][m]) for m in ANSWER_METRICS)
+        lines.append(f"| {style.name(row['method'])} | {row['n']} | {acc} | {f1} | {shown or '–'} |")
     base = next((r["answers"]["majority_baseline"] for r in data["runs"] if "answers" in r), None)
     if base:
         lines += ["", f"Majority class ({base['label']}, the training split's most frequent response) on the test "
-                  f"split of one seed: accuracy {num(base['accuracy'])}, macro-F1 {num(base.get('macro_f1'))}."]
-    lines += ["", "| comparison | metric | mean difference | 95% interval | width | seeds | verdict |",
-              "|---|---|---:|---|---:|---:|---|"]
-    lines += verdict_rows([c for metric in ANSWER_METRICS for c in comparisons(data, metric)])
+                  f"split of one seed: accuracy {style.value(base['accuracy'])}, macro-F1 "
+                  f"{style.value(base.get('macro_f1'))}."]
+    lines += ["", *verdict_header(style)]
+    lines += verdict_rows([c for metric in ANSWER_METRICS for c in comparisons(data, metric)], style)
     return lines
 
 
@@ -230,16 +304,6 @@ def sweeps(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def sweep_baseline(data: dict[str, Any]) -> Optional[tuple[str, float]]:
-    """The seed-0 baseline of the primary metric the runs record (the majority class, else the untrained model)."""
-    metric = data["primary_metric"]
-    for r in data["runs"]:
-        base = r.get("baseline") or {}
-        if r["seed"] == 0 and r["status"] == "ok" and r["phase"] != "check" and metric in base:
-            return ("majority class" if "label" in base else "untrained model"), base[metric]
-    return None
-
-
 def grid_text(plan: Plan, m: str) -> str:
     variant = plan.variants.get(m)
     what = f" ({variant['method']}" + "".join(f", {o}" for o in variant["overrides"]) + ")" if variant else ""
@@ -250,10 +314,100 @@ def grid_text(plan: Plan, m: str) -> str:
         f", s {', '.join(f'{v:g}' for v in g['scaling'])}" if g.get("scaling", [None]) != [None] else "")
 
 
+def results_table(data: dict[str, Any], style: Style = Style()) -> list[str]:
+    """Per method at its chosen cell: seeds finished of planned (diverged ones named and left out), validation and
+    test mean ± sd over seeds, trainable parameters, run time, peak memory, CPU share (below 1: the run waited for
+    the cores) and how many runs had plateaued (compare_stats.plateaued); then the runs' baseline."""
+    metric = style.metric(data["primary_metric"])
+    lines = [f"| method | chosen cell | seeds done / planned | validation {metric} | test {metric} | "
+             "trainable params | run min (mean) | peak memory MB (max) | CPU share (mean) | plateaued |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in method_rows(data):
+        runs = list(row["runs"].values())
+        flat = [p for p in (plateau_text(data, r) for r in runs) if p != "–"]
+        wall = stats.mean_std([r["wall_seconds"] / 60 for r in runs])[0]
+        share = stats.mean_std([r["cpu_share"] for r in runs if r.get("cpu_share") is not None])[0]
+        label = style.name(row["method"]) + (
+            f" ({row['diverged']} seed(s) diverged, left out)" if row["diverged"] else "")
+        lines.append(f"| {label} | {cell_text(*row['cell']) if row['cell'] else 'pending'} | "
+                     f"{row['n']} / {row['planned']} | {style.spread([r['validation'] for r in runs])} | "
+                     f"{style.spread([r['test_value'] for r in runs])} | "
+                     + (f"{row['trainable']:,}" if row["trainable"] is not None else "–") + " | "
+                     + ("–" if math.isnan(wall) else f"{wall:.1f}") + " | "
+                     + (f"{max(r['peak_rss_mb'] for r in runs):.0f}" if runs else "–") + " | "
+                     + ("–" if math.isnan(share) else f"{share:.2f}") + " | "
+                     + (f"{flat.count('yes')} of {len(flat)}" if flat else "–") + " |")
+    base = baseline(data)
+    if base:
+        kind, values = base
+        lines.append(f"| {kind} | – | {len(values)} | – | {style.spread(list(values.values()))} | 0 | – | – | – | – |")
+    return lines
+
+
+def sweep_table(data: dict[str, Any], style: Style = Style()) -> list[str]:
+    metric = style.metric(data["primary_metric"])
+    return [f"| sweep | r | method | trainable params | seed 0 test {metric} |", "|---|---:|---|---:|---:|"] + [
+        f"| {name} | {p['r']} | {style.name(p['method'])} | " + (f"{p['trainable']:,}" if p["trainable"] else "–")
+        + f" | {style.value(p['test']) if p['test'] is not None else 'pending'} |"
+        for name, pts in sweeps(data).items() for p in pts]
+
+
+def budget_check_tables(data: dict[str, Any], style: Style = Style()) -> list[str]:
+    """Each budget check beside the seed-0 run it trains longer ("at the budget → longer"), then each tested
+    pair's seed-0 difference at both budgets."""
+    metric = style.metric(data["primary_metric"])
+    lines = [f"| method | cell | steps | validation {metric} | test {metric} | plateaued | CPU-core-hours of the "
+             "check |", "|---|---|---|---|---|---|---:|"]
+    for check, base in budget_checks(data):
+        lines.append(f"| {style.name(check['method'])} | {cell_text(check['lr'], check['scaling'])} | "
+                     f"{base['steps']} → {check['steps']} | {style.value(base['validation'])} → "
+                     f"{style.value(check['validation'])} | {style.value(base['test_value'])} → "
+                     f"{style.value(check['test_value'])} | {plateau_text(data, base)} → {plateau_text(data, check)} | "
+                     + (f"{check['cpu_seconds'] / 3600:.2f}" if "cpu_seconds" in check else "–") + " |")
+    pairs = check_pairs(data)
+    if pairs:
+        unit = " (points)" if style.percent else ""
+        lines += ["", f"| comparison | seed 0 test difference{unit} | at steps | trained longer | at steps |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {style.name(c['a'])} − {style.name(c['b'])} | {style.diff(c['difference'])} | {c['steps']} | "
+                  f"{style.diff(c['check_difference'])} | {c['check_steps']} |" for c in pairs]
+    return lines
+
+
+def sections(data: dict[str, Any], style: Style = Style()) -> dict[str, list[str]]:
+    """The report's sections in order, by name (verdict, results, sweep, answers, budget_check, tuning), each a
+    heading and its lines; those without content are left out. report.md is all of them; docs/RESULTS.md shows
+    each task's in percent under its own headings."""
+    plan = Plan.from_data(data)
+    h = style.heading
+    out = {"verdict": [h("Verdict"), "", "Better or worse only where the paired 95% interval of the test difference "
+                       "excludes 0; otherwise no difference detected, with the interval's width: the smallest "
+                       "difference this many seeds could show.", "", *verdict_header(style),
+                       *verdict_rows(comparisons(data), style)],
+           "results": [h("Results at the chosen cells"), "", "Mean ± sample std over the seeds finished. 'Plateaued': "
+                       "the last third of the validation curve gained less than "
+                       + (f"{100 * stats.PLATEAU:g} point" if style.percent else f"{stats.PLATEAU:g} (in its units)")
+                       + f" of {curve_key(data)[0]} over the best before it.", "", *results_table(data, style)]}
+    if sweeps(data):
+        out["sweep"] = [h(f"Test {data['primary_metric']} against r (seed 0 at the chosen cells; a `cell_of` variant "
+                          "at the cell of the method it follows)"), "", *sweep_table(data, style)]
+    if has_answers(data):
+        out["answers"] = answers_section(data, style)
+    if budget_checks(data):
+        factors = sorted({c["factor"] for c, _ in budget_checks(data)})
+        out["budget_check"] = [h(f"Budget check: the chosen cells at seed 0, trained "
+                                 f"{', '.join(f'{f}x' for f in factors)} longer"), "",
+                               "One seed each: whether the result still moves with more training, not a verdict.", "",
+                               *budget_check_tables(data, style)]
+    out["tuning"] = [h("Tuning (seed 0, validation)"), ""]
+    for m in plan.methods:
+        out["tuning"] += [tuning_table(data, m, style), ""]
+    return out
+
+
 def build(data: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
     plan = Plan.from_data(data)
     metric, lower = data["primary_metric"], data["lower_is_better"]
-    runs = data["runs"]
     used = data.get("data_used", {})
     lines = [f"# neat-peft compare: {' vs '.join(plan.methods)} on {data['task']}", "",
              f"- model `{data['model']}`, data `{data['data_source']}`: "
@@ -262,51 +416,10 @@ def build(data: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
              f"{metric} at seed 0; {plan.seeds} paired seed(s) per method at its chosen cell",
              f"- grids: " + "; ".join(grid_text(plan, m) for m in plan.methods)
              + f"; edge rule: up to {plan.edge_steps} step(s) past each edge",
-             f"- runs finished: {len(runs)}; errors logged: {len(data.get('errors', []))}; pairing: {pairing(data)}",
-             "", "## Verdict", "",
-             "Better or worse only where the paired 95% interval of the test difference excludes 0.", "",
-             "| comparison | metric | mean difference | 95% interval | width | seeds | verdict |",
-             "|---|---|---:|---|---:|---:|---|"]
-    lines += verdict_rows(comparisons(data))
-    lines += ["", "## Results at the chosen cells", "",
-              f"| method | chosen cell | seeds | test {metric} (mean ± sd) | trainable params | run time (mean) | "
-              "peak memory (max) |", "|---|---|---:|---:|---:|---:|---:|"]
-    for row in method_rows(data):
-        lines.append(f"| {row['method']} | {cell_text(*row['cell']) if row['cell'] else 'pending'} | {row['n']} | "
-                     + (f"{num(row['mean'])} ± {num(row['sd'])}" if row["n"] else "–") + " | "
-                     + (f"{row['trainable']:,}" if row["trainable"] is not None else "–") + " | "
-                     + (f"{row['wall']:.0f} s" if row["n"] else "–") + " | "
-                     + (f"{row['memory']:,.0f} MB" if row["memory"] else "–") + " |")
-    found = sweeps(data)
-    if found:
-        lines += ["", "## Test " + metric + " against r (seed 0 at the chosen cells; a `cell_of` variant at the cell "
-                  "of the method it follows)", "",
-                  "| sweep | r | method | trainable params | seed 0 test " + metric + " |", "|---|---:|---|---:|---:|"]
-        lines += [f"| {name} | {p['r']} | {p['method']} | " + (f"{p['trainable']:,}" if p["trainable"] else "–")
-                  + f" | {num(p['test']) if p['test'] is not None else 'pending'} |"
-                  for name, pts in found.items() for p in pts]
-    if has_answers(data):
-        lines += answers_section(data)
-    checks = [r for r in runs if r["phase"] == "check"]
-    if checks:
-        lines += ["", f"## Budget check: the chosen cells at seed 0, trained {plan.budget_factor}x longer", "",
-                  f"| method | seed 0 test {metric} | x{plan.budget_factor} test {metric} | change |", "|---|---:|---:|---:|"]
-        records = {r["key"]: r for r in runs}
-        for m in plan.methods:
-            seed0 = plan.seed_runs(records, m).get(0)
-            longer = next((r for r in checks if r["method"] == m and r["status"] == "ok"), None)
-            if seed0 and longer:
-                lines.append(f"| {m} | {num(seed0['test_value'])} | {num(longer['test_value'])} | "
-                             f"{longer['test_value'] - seed0['test_value']:+.4f} |")
-        pairs = check_pairs(data)
-        if pairs:
-            lines += ["", f"| comparison | seed 0 test {metric} difference | at steps | trained longer | at steps |",
-                      "|---|---:|---:|---:|---:|"]
-            lines += [f"| {c['a']} − {c['b']} | {c['difference']:+.4f} | {c['steps']} | {c['check_difference']:+.4f} "
-                      f"| {c['check_steps']} |" for c in pairs]
-    lines += ["", "## Tuning (seed 0, validation)", ""]
-    for m in plan.methods:
-        lines += [tuning_table(data, m), ""]
+             f"- runs finished: {len(data['runs'])}; errors logged: {len(data.get('errors', []))}; pairing: "
+             f"{pairing(data)}", ""]
+    for section in sections(data).values():
+        lines += section + ([""] if section[-1] else [])
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["Every run's command, curves, parameters, time and memory are in compare.json."]
@@ -315,16 +428,13 @@ def build(data: dict[str, Any], plots: tuple[str, ...] = ()) -> str:
 
 def tuning_curves(data: dict[str, Any]) -> tuple[dict[str, dict[tuple, list[dict]]], str]:
     """Per tuned method (not a `cell_of` variant), cell -> the validation curve of its finished seed-0 run at that
-    cell; and the curve's key: the primary metric, or the loss where no curve records it (a causal-lm compare
-    scored on its generated answers, measured once at the end)."""
+    cell, its points that record `curve_key`; and that key."""
     plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
-    metric = data["primary_metric"]
+    key = curve_key(data)[0]
     runs = {m: {cell: rec["validation_curve"] for cell in plan.grid(records, m)
                 for rec in [records.get(Job(m, *cell, 0, "tune").key)]
                 if rec is not None and rec["status"] == "ok" and rec["validation_curve"]}
             for m in plan.methods if not plan.cell_of(m)}
-    points = [p for cells in runs.values() for curve in cells.values() for p in curve]
-    key = metric if any(metric in p for p in points) else "loss"
     return {m: {cell: [p for p in curve if key in p] for cell, curve in cells.items()}
             for m, cells in runs.items() if cells}, key
 
@@ -358,7 +468,8 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"test {metric} (mean ± sd over seeds)")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # no method has a finished seed yet: an empty plot, no legend
+        ax.legend()
     save(fig, "params.png", 110)
     found = {name: [p for p in pts if p["test"] is not None] for name, pts in sweeps(data).items()}
     if any(found.values()):
@@ -369,9 +480,9 @@ def plot(data: dict[str, Any], out: Path) -> tuple[str, ...]:
                 for p in pts:
                     ax.annotate(f"r={p['r']}", (p["trainable"], p["test"]), textcoords="offset points",
                                 xytext=(4, -10), fontsize=7)
-        base = sweep_baseline(data)
-        if base is not None:
-            ax.axhline(base[1], color="grey", ls="--", lw=1, label=base[0])
+        base = baseline(data)
+        if base is not None and 0 in base[1]:
+            ax.axhline(base[1][0], color="grey", ls="--", lw=1, label=base[0])
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel(f"test {metric}, seed 0")

@@ -103,10 +103,15 @@ def verdict(result: Optional[dict], a: str, b: str, scale: float = 100.0, unit: 
     return f"no difference detected at {result['n']} seeds: {ci} (interval width {scale * result['width']:.1f}{unit})"
 
 
-def plateaued(values: list[float], points: float) -> Optional[bool]:
+PLATEAU = 0.01  # a curve whose last third gains less than this (in its own units) over the best before it: plateaued
+
+
+def plateaued(values: list[float], points: float = PLATEAU, lower_is_better: bool = False) -> Optional[bool]:
     """True when the last third of a validation curve gains less than `points` over the best before it (the run
-    had stopped improving); None for curves too short to tell (under 3 points)."""
+    had stopped improving; for a loss, the best is the lowest); None for curves too short to tell (under 3 points)."""
     if len(values) < 3:
         return None
+    if lower_is_better:
+        values = [-v for v in values]
     cut = len(values) - max(1, len(values) // 3)
     return max(values[cut:]) - max(values[:cut]) < points
