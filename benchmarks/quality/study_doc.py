@@ -72,7 +72,7 @@ def headroom_line(v: View, task: str) -> Optional[str]:
 def pair_lines(v: View, task: str) -> list[str]:
     """The task's tested pairs as sentences (compare_report.comparisons: the paired interval and status)."""
     return [f"- {v.style.name(c['a'])} − {v.style.name(c['b'])} (test accuracy, paired by seed): "
-            f"{stats.verdict(c['result'], v.style.name(c['a']), v.style.name(c['b']))}."
+            f"{compare_report.verdict_sentence(c, v.style)}."
             for c in compare_report.comparisons(v.tasks[task])]
 
 
@@ -84,29 +84,72 @@ def check_pair_lines(v: View, task: str) -> list[str]:
             for c in compare_report.check_pairs(v.tasks[task])]
 
 
-def task_sections(v: View, task: str, results: Path, doc: Path) -> list[str]:
-    """The task's part of the document: compare_report's sections of its compare.json (in percent, under the
-    protocol's labels), each followed by compare_report's plot of it where there is one."""
-    done, total = task_status(v, task)
-    out = [f"## {task}: {v.proto.tasks[task].description}\n",
-           f"{done} of {total} runs finished. Pairing checked: {compare_report.pairing(v.tasks[task])}. Its compare "
-           f"report: [{task}/report.md]({os.path.relpath(results / task / 'report.md', doc.parent)}).\n"]
-    compare_report.write(results / task, v.tasks[task])
-    plots = {"sweep": "sweep.png", "tuning": "curves.png", "budget_check": "budget_check.png"}
-    for name, lines in compare_report.sections(v.tasks[task], v.style).items():
-        if name == "budget_check":
-            factors = sorted({c["factor"] for c, _ in compare_report.budget_checks(v.tasks[task])})
-            lines = lines[:2] + [
-                "; ".join(f"`python benchmarks/quality/study.py check --task {task} --factor {f}`" for f in factors)
-                + " (the study's earlier runner; compare's `--budget-check` trains on the same examples for longer "
-                "instead): the same cells at seed 0 on that many times the training examples for the same epochs (so "
-                "that many times the steps). The longer run draws its larger training subset with the same seed, so "
-                "the two methods again share it.", ""] + lines[2:]
-        out += lines + ([""] if lines[-1] else [])
-        png = results / task / plots.get(name, "-")
+def report_sections(name: str, data: dict[str, Any], style: Style, folder: Path, doc: Path,
+                    notes: Optional[dict[str, list[str]]] = None) -> list[str]:
+    """compare_report's sections of one compare (`notes`: lines put under a section's heading), each followed by
+    compare_report's plot of it in `folder` where there is one."""
+    out = []
+    for section, lines in compare_report.sections(data, style).items():
+        out += lines[:2] + (notes or {}).get(section, []) + lines[2:] + ([""] if lines[-1] else [])
+        png = folder / compare_report.SECTION_PLOTS.get(section, "-")
         if png.is_file():
-            out.append(f"![{task}: {png.stem}]({os.path.relpath(png, doc.parent)})\n")
+            out.append(f"![{name}: {png.stem}]({os.path.relpath(png, doc.parent)})\n")
     return out
+
+
+def task_sections(v: View, task: str, results: Path, doc: Path) -> list[str]:
+    """The task's part of the document: its compare report (in percent, under the protocol's labels), written into
+    its folder too."""
+    done, total = task_status(v, task)
+    data = v.tasks[task]
+    compare_report.write(results / task, data)
+    factors = sorted({c["factor"] for c, _ in compare_report.budget_checks(data)})
+    check_note = [
+        "; ".join(f"`python benchmarks/quality/study.py check --task {task} --factor {f}`" for f in factors)
+        + " (the study's earlier runner; compare's `--budget-check` trains on the same examples for longer instead): "
+        "the same cells at seed 0 on that many times the training examples for the same epochs (so that many times "
+        "the steps). The longer run draws its larger training subset with the same seed, so the two methods again "
+        "share it.", ""]
+    return [f"## {task}: {v.proto.tasks[task].description}\n",
+            f"{done} of {total} runs finished. Pairing checked: {compare_report.pairing(data)}. Its compare report: "
+            f"[{task}/report.md]({os.path.relpath(results / task / 'report.md', doc.parent)}).\n",
+            *report_sections(task, data, v.style, results / task, doc, {"budget_check": check_note})]
+
+
+def llm_rows(results: Path) -> dict[str, dict[str, Any]]:
+    """The converged LLM rows (issue #26): name -> compare.json of each compare folder in benchmarks/quality/llm
+    (beside RESULTS), in name order. Their commands and setup are in that folder's README."""
+    return {p.parent.name: json.loads(p.read_text(encoding="utf-8"))
+            for p in sorted((results.parent / "llm").glob(f"*/{DATA_FILE}"))}
+
+
+def row_status(data: dict[str, Any]) -> tuple[int, int]:
+    """Runs finished and planned (budget checks included) of one compare."""
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    jobs = plan.jobs(records, full=True)
+    return sum(j.key in records for j in jobs), len(jobs)
+
+
+def llm_summary(name: str, data: dict[str, Any]) -> list[str]:
+    """A converged LLM row's verdicts as sentences: validation-tuned, on test loss and on the generated answers."""
+    done, total = row_status(data)
+    out = [f"**{name}**, the converged LLM row ({done} of {total} runs; {data['steps_per_run']} steps a run):\n"]
+    for metric, style in ((None, Style()), *((m, Style(percent=True)) for m in compare_report.ANSWER_METRICS)):
+        out += [f"- {c['a']} − {c['b']} (test {'answer ' if metric else ''}{c['metric']}, paired by seed): "
+                f"{compare_report.verdict_sentence(c, style)}." for c in compare_report.comparisons(data, metric)]
+    return out + [""]
+
+
+def llm_sections(name: str, data: dict[str, Any], results: Path, doc: Path) -> list[str]:
+    """A converged LLM row's part of the document: its compare report's sections (values as recorded: the loss
+    is no fraction) and plots. Its compare writes its own report.md as runs finish."""
+    folder, (done, total) = results.parent / "llm" / name, row_status(data)
+    out = [f"## {name}: {' vs '.join(data['methods'])} on {data['model']}, {data['steps_per_run']} steps a run "
+           "(the converged LLM row)\n",
+           f"{done} of {total} runs finished. Pairing checked: {compare_report.pairing(data)}. Its setup and command: "
+           f"[llm/README.md]({os.path.relpath(folder.parent / 'README.md', doc.parent)}); its compare report: "
+           f"[{name}/report.md]({os.path.relpath(folder / 'report.md', doc.parent)}).\n"]
+    return out + report_sections(name, data, Style(level=3), folder, doc)
 
 
 def small_norm_section(small: dict[str, Any]) -> str:
@@ -246,6 +289,8 @@ def build(results: Path, doc: Path) -> str:
         if pending:
             out.append(f"- Tuning still pending for: {', '.join(pending)}.")
         out.append("")
+    for name, row in llm_rows(results).items():
+        out += llm_summary(name, row)
     out.append("A verdict (better/worse) is stated only where the 95% interval of the paired difference excludes 0; "
                "otherwise the line says no difference was detected, with the interval's width: the smallest "
                "difference the study, at that many seeds, could have shown. 'pending' means the cell has no "
@@ -356,6 +401,8 @@ def build(results: Path, doc: Path) -> str:
 
     for task in v.proto.tasks:
         out += task_sections(v, task, results, doc)
+    for name, row in llm_rows(results).items():
+        out += llm_sections(name, row, results, doc)
 
     small_path = results / "small_norm.json"
     if small_path.is_file():

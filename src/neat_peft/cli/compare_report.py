@@ -14,6 +14,7 @@ from . import compare_stats as stats
 from .compare_plan import AXES, Job, Plan
 
 FILES = ("report.md", "params.png", "sweep.png", "budget_check.png", "curves.png")
+SECTION_PLOTS = {"sweep": "sweep.png", "budget_check": "budget_check.png", "tuning": "curves.png"}  # section -> its plot
 
 
 def cell_text(lr: float, s: Optional[float]) -> str:
@@ -211,6 +212,18 @@ def verdict_rows(found: list[dict[str, Any]], style: Style = Style()) -> list[st
     return lines
 
 
+def verdict_sentence(c: dict[str, Any], style: Style = Style()) -> str:
+    """A comparison as a sentence: 'A better than B: ...' only where the interval excludes 0."""
+    r, a, b = c["result"], style.name(c["a"]), style.name(c["b"])
+    if r is None:
+        return "pending (fewer than 2 paired seeds)"
+    unit = " points" if style.percent else ""
+    ci = f"{style.diff(r['mean'])}{unit}, 95% CI [{style.diff(r['low'])}, {style.diff(r['high'])}], n={r['n']} seeds"
+    if c["status"] != stats.NO_DIFFERENCE:
+        return f"{a} {c['status']} than {b}: {ci}"
+    return f"no difference detected at {r['n']} seeds: {ci} (interval width {style.value(r['width'])}{unit})"
+
+
 def verdict_header(style: Style) -> list[str]:
     unit = " (points)" if style.percent else ""
     return [f"| comparison | metric | mean difference{unit} | 95% interval | width{unit} | seeds | verdict |",
@@ -253,7 +266,8 @@ def pairing(data: dict[str, Any]) -> str:
     bad = sorted(s for s, d in by_seed.items() if len(d) > 1)
     if not by_seed:
         return "pending"
-    return (f"at each of seeds {', '.join(map(str, sorted(by_seed)))} every finished run used the same split "
+    seeds = "seed" if len(by_seed) == 1 else "each of seeds"
+    return (f"at {seeds} {', '.join(map(str, sorted(by_seed)))} every finished run used the same split "
             "(equal split digests)" if not bad
             else f"NOT paired at seed(s) {bad}: the runs' splits differ (check the data source)")
 

@@ -90,19 +90,6 @@ def verdict_status(result: Optional[dict], lower_is_better: bool = False) -> str
     return NO_DIFFERENCE
 
 
-def verdict(result: Optional[dict], a: str, b: str, scale: float = 100.0, unit: str = " points",
-            lower_is_better: bool = False) -> str:
-    """The verdict as a sentence: 'A better than B: ...' only where the interval excludes 0."""
-    status = verdict_status(result, lower_is_better)
-    if status == PENDING:
-        return "pending (fewer than 2 paired seeds)"
-    ci = (f"{scale * result['mean']:+.1f}{unit}, 95% CI [{scale * result['low']:+.1f}, "
-          f"{scale * result['high']:+.1f}], n={result['n']} seeds")
-    if status != NO_DIFFERENCE:
-        return f"{a} {status} than {b}: {ci}"
-    return f"no difference detected at {result['n']} seeds: {ci} (interval width {scale * result['width']:.1f}{unit})"
-
-
 PLATEAU = 0.01  # a curve whose last third gains less than this (in its own units) over the best before it: plateaued
 
 
