@@ -1,7 +1,9 @@
-"""The report of `neat-peft compare`, read from compare.json alone: report.md, params.png (test metric against
-trainable parameters), curves.png (per tuned method, the validation curves of its seed-0 tuning runs, the chosen
-cell thick). Every figure is read from the JSON; cells without results show as pending, so the report is valid at
-any point of a compare."""
+"""The report of `neat-peft compare`, read from compare.json alone: report.md (`sections`: the verdicts, the results
+at the chosen cells, the r sweeps, the generated answers, the budget check, the tuning tables), params.png (test
+metric against trainable parameters), sweep.png, budget_check.png and curves.png (per tuned method, the validation
+curves of its seed-0 tuning runs, the chosen cell thick). Every figure is read from the JSON; cells without results
+show as pending, so the report is valid at any point of a compare. docs/RESULTS.md shows the same sections in
+another `Style` (percent, the study's method labels): one report writer for both."""
 
 from __future__ import annotations
 
