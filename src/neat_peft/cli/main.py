@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import textwrap
+import threading
 from typing import Optional
 
 from .errors import CliError, describe_os_error
@@ -189,6 +191,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command is None:  # a bare `neat-peft` explains itself rather than starting a 5-minute run
         parser.print_help()
         return 0
+    # SIGTERM (`kill`, a scheduler's time limit) stops a command as Ctrl-C does: runs and pilots it started are
+    # stopped, its temporary folders removed, and it says how to continue. Restored after, for in-process callers.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None
     try:
         dispatch(args)
     except (CliError, OSError) as e:
@@ -202,6 +208,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: the last complete checkpoint is kept; continue with --resume.", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:  # None: the earlier handler was not set from Python (the default, as far as we know)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
 
 
