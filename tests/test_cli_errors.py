@@ -120,6 +120,26 @@ def test_model_path_missing(capsys, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_gguf_model_sources(tmp_path):
+    """model.name may be a .gguf file (its folder and name go to transformers) or a folder with model.gguf_file;
+    a missing file, or both at once, is refused naming the keys."""
+    from neat_peft.cli.errors import CliError
+    from neat_peft.cli.models import resolve_source
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    config = {"model.name": str(tmp_path / "m.gguf"), "model.gguf_file": None}
+    assert resolve_source(config) == (str(tmp_path), "m.gguf")
+    assert resolve_source({**config, "model.name": str(tmp_path), "model.gguf_file": "m.gguf"}) == (
+        str(tmp_path), "m.gguf")
+    with pytest.raises(CliError, match=r"model.gguf_file 'other.gguf' is not in the folder"):
+        resolve_source({"model.name": str(tmp_path), "model.gguf_file": "other.gguf"})
+    with pytest.raises(CliError, match=r"is a .gguf file and model.gguf_file is set too"):
+        resolve_source({**config, "model.gguf_file": "m.gguf"})
+    (tmp_path / "m.bin").write_bytes(b"x")  # any other file is still no model
+    with pytest.raises(CliError, match="is not a transformers model folder"):
+        resolve_source({"model.name": str(tmp_path / "m.bin"), "model.gguf_file": None})
+
+
 @needs_corpus
 def test_hub_model_not_cached_offline(tmp_path):
     result = cli_subprocess("train", "-o", tmp_path / "x", "model.name=nobody-here/no-such-model-3f9a",

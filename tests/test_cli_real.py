@@ -90,8 +90,12 @@ def test_smollm2_gguf_loads_dequantized_and_saves(tmp_path):
     assert torch.isfinite(loss) and float(loss) < 3
     model.save_pretrained(tmp_path / "plain")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    # The same file named by its path (model.name=/path/to/file.gguf), as a user's own GGUF model is given.
+    gguf_path = Path(models.resolve_source(config)[0]) / models.SMOLLM2_GGUF
+    by_path = models.load_base_model({**config, "model.name": str(gguf_path), "model.gguf_file": None}, []).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).loss, loss)
+        torch.testing.assert_close(by_path(**batch).loss, loss)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

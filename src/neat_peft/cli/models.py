@@ -50,10 +50,20 @@ def resolve_source(config: dict[str, Any]) -> tuple[str, Optional[str]]:
                              "gguf.")
         return str(folder), gguf or SMOLLM2_GGUF
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":  # a GGUF file: its folder and its name
+        if gguf is not None:
+            raise CliError(f"model.name '{name}' is a .gguf file and model.gguf_file is set too ('{gguf}'): give "
+                           "one of them (drop model.gguf_file, or set model.name to the file's folder).")
+        return str(path.parent), path.name
     if path.exists():
+        if gguf is not None and path.is_dir():  # a folder holding GGUF files: the file must be there
+            if not (path / gguf).is_file():
+                raise CliError(f"model.gguf_file '{gguf}' is not in the folder '{name}' (model.name). Give the "
+                               "name of a .gguf file inside it, or the file's own path as model.name.")
+            return str(path), gguf
         if not path.is_dir() or not (path / "config.json").is_file():
             raise CliError(f"Model path '{name}' exists but is not a transformers model folder (it needs "
-                           "config.json and weights, as written by save_pretrained).")
+                           "config.json and weights, as written by save_pretrained) nor a .gguf file.")
         return str(path), gguf
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
         raise CliError(f"Model path '{name}' does not exist. Give an existing folder, a hub id such as "

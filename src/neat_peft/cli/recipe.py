@@ -105,10 +105,11 @@ class ModelSection:
     name: str = key(
         "minilm-l6", (str,), NOT_EMPTY,
         "Built-in alias (minilm-l6, smollm2-135m-instruct, efficientnet-lite0), a local directory holding"
-        " a transformers model, or a Hugging Face Hub id (needs network or the local cache).")
+        " a transformers model, a .gguf file (dequantized to fp32), or a Hugging Face Hub id (needs network or"
+        " the local cache).")
     gguf_file: Optional[str] = key(
         None, (str, NONE), NOT_EMPTY,
-        "GGUF file inside model.name to load (dequantized to fp32).")
+        "GGUF file inside model.name (a local folder or a hub repository) to load (dequantized to fp32).")
     revision: Optional[str] = key(
         None, (str, NONE), NOT_EMPTY,
         "Hub revision (branch, tag or commit) when model.name is a hub id.")
