@@ -24,8 +24,6 @@ from neat_peft.cli.compare import DATA_FILE
 from neat_peft.cli.compare_plan import Job, Plan
 from neat_peft.cli.compare_report import Style
 
-HERE = Path(__file__).resolve().parent
-
 RESUME = "nice -n 19 python -m benchmarks.quality.study run --workers 2   # neat-peft compare per task"
 
 
