@@ -27,10 +27,6 @@ from neat_peft.cli.compare_report import Style
 RESUME = "nice -n 19 python -m benchmarks.quality.study run --workers 2   # neat-peft compare per task"
 
 
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
 class View:
     """The study read through compare: per task its compare.json, plan and records; the study's protocol (labels,
     tasks, seeds) from study.json; and the report style of its tables (percent, the protocol's method labels)."""
@@ -58,13 +54,13 @@ def headroom_line(v: View, task: str) -> Optional[str]:
     if not means:
         return None
     best = max(means, key=means.get)
-    shown = pct(means[best])  # the error left is computed from the rounded figure, so the two add up to 100
+    shown = v.style.value(means[best])  # the error left is computed from the rounded figure, so the two add up to 100
     base = compare_report.baseline(v.tasks[task])
     done, total = task_status(v, task)
     so_far = "" if done == total else " so far"
     return (f"- Headroom: the best mean test accuracy{so_far}, {best}'s {shown}%, leaves "
             f"{100 - float(shown):.1f} points of error in which methods can differ"
-            + (f" ({base[0]}: {pct(stats.mean_std(list(base[1].values()))[0])}%)." if base else "."))
+            + (f" ({base[0]}: {v.style.value(stats.mean_std(list(base[1].values()))[0])}%)." if base else "."))
 
 
 def pair_lines(v: View, task: str) -> list[str]:

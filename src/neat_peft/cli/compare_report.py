@@ -23,10 +23,6 @@ def cell_text(lr: float, s: Optional[float]) -> str:
     return f"lr {lr:g}" + ("" if s is None else f", s {s:g}")
 
 
-def num(x: Optional[float]) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
-
-
 ANSWER_METRICS = ("accuracy", "macro_f1")  # of generated answers (causal-lm with eval.generate_answers)
 HISTOGRAM_SHOWN = 8  # the most frequent answers the report lists (the rest summed; all are in compare.json)
 
@@ -155,7 +151,7 @@ def summary(data: dict[str, Any]) -> str:
     lines = [f"\n{'method':<{width}} {'chosen cell':<20} {'seeds':>5} {'test ' + metric:>22} {'trainable':>12}"]
     for row in method_rows(data):
         cell = cell_text(*row["cell"]) if row["cell"] else "tuning pending"
-        test = f"{num(row['mean'])} ± {num(row['sd'])}" if row["n"] else "–"
+        test = f"{Style().value(row['mean'])} ± {Style().value(row['sd'])}" if row["n"] else "–"
         lines.append(f"{row['method']:<{width}} {cell:<20} {row['n']:>5} {test:>22} "
                      f"{row['trainable'] if row['trainable'] is not None else '–':>12}")
     lines += [verdict_line(c) for c in comparisons(data)]
