@@ -164,7 +164,7 @@ def test_export_lora_loads_in_peft(neat_run, tiny_bert, tmp_path, capsys):
         torch.testing.assert_close(lora(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "head-only"])
+@pytest.mark.parametrize("method", ["lora", "full", "head-only", "targets-only"])
 def test_other_methods_same_pipeline(method, tiny_bert, tmp_path, capsys):
     """Each method trains the expected parameters, and eval / merge reproduce its test metrics."""
     from transformers import AutoModelForSequenceClassification
@@ -181,6 +181,7 @@ def test_other_methods_same_pipeline(method, tiny_bert, tmp_path, capsys):
                            if n.endswith(("query", "value"))),
         "full": sum(p.numel() for p in base.parameters()),
         "head-only": head,
+        "targets-only": head + sum(p.numel() for n, p in base.named_parameters() if ".query." in n or ".value." in n),
     }[method]
     assert metrics["trainable_params"] == expected
     assert method in out and "majority class" in out
@@ -195,11 +196,39 @@ def test_other_methods_same_pipeline(method, tiny_bert, tmp_path, capsys):
         pred = merged(**batch).logits.argmax(-1).numpy()
     gold = np.array([labels.index(r["label"]) for r in rows])
     assert float((pred == gold).mean()) == pytest.approx(metrics["test"]["accuracy"], abs=1e-12)
+    if method == "targets-only":  # the query/value layers moved, every other weight of the body is the base's
+        moved = {n: not torch.equal(p, dict(base.named_parameters())[n]) for n, p in merged.named_parameters()
+                 if not n.startswith("classifier.")}
+        assert moved and all(moved[n] == (".query." in n or ".value." in n) for n in moved), moved
     code, _, err = cli("export-lora", run, tmp_path / f"{method}-lora", capsys=capsys)
     if method == "lora":
         assert code == 0 and (tmp_path / "lora-lora" / "adapter_model.safetensors").is_file()
     else:
         assert code == 2 and "neat or lora" in err
+
+
+def test_targets_only_refuses_damaged_weights(tiny_bert, tmp_path, capsys):
+    """eval of a targets-only run whose targets.safetensors was damaged names the file and the problem, and
+    a file with the base model's other tensors too is refused rather than loaded over them."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "targets"
+    assert cli("train", "-o", run, f"model.name={tiny_bert}", "method.name=targets-only", *TINY_RUN,
+               capsys=capsys)[0] == 0
+    path = run / "targets.safetensors"
+    good = load_file(str(path))
+    key = next(k for k in good if k.endswith("query.weight"))
+    for damaged, problem in (({**good, key: torch.full_like(good[key], float("nan"))}, "NaN or inf"),
+                             ({**good, key: good[key][:, :-1].contiguous()}, "shape mismatches"),
+                             ({**good, "bert.embeddings.word_embeddings.weight": torch.zeros(2, 2)},
+                              "modules this model lacks")):
+        save_file(damaged, str(path))
+        code, _, err = cli("eval", run, capsys=capsys)
+        err = " ".join(err.split())  # the message is wrapped to the terminal
+        assert code == 2 and "targets.safetensors" in err and problem in err, err
+    path.write_bytes(b"not a safetensors file")
+    code, _, err = cli("eval", run, capsys=capsys)
+    assert code == 2 and "not a readable safetensors file" in " ".join(err.split()), err
 
 
 def test_match_lora_budget(tiny_bert, tmp_path, capsys):

@@ -11,8 +11,8 @@ For each method:
 2. the chosen cell at seeds 1..n-1 (seed 0 is its tuning run). The CLI seeds the split with train.seed, so at one
    seed every method trains and is scored on the same examples: the seeds are paired.
 
-A compared "method" is a base method (neat, lora, full, head-only) or a named variant of one from the grid file
-(`methods: {neat-r1: {method: neat, overrides: [method.r=1], lr: [...]}}`), which may also set its own number of
+A compared "method" is a base method (neat, lora, full, head-only, targets-only) or a named variant of one from the
+grid file (`methods: {neat-r1: {method: neat, overrides: [method.r=1], lr: [...]}}`), which may also set its own number of
 seeds and take its cell from another variant instead of tuning (`cell_of`: the r sweep of the quality study).
 """
 
@@ -30,6 +30,7 @@ AXES = ("lr", "scaling")  # the tuned axes: the learning rate (head-only: the he
 GRID_LR = (3e-4, 1e-3, 3e-3, 1e-2)
 # Full fine-tuning moves every weight: the usual range for fine-tuning a BERT-size model, a decade and a half lower.
 GRID_FULL_LR = (3e-5, 1e-4, 3e-4, 1e-3)
+FULL_METHODS = ("full", "targets-only")  # the methods that train weights in full, at GRID_FULL_LR
 GRID_SCALE = (0.1, 1.0)
 EDGE_STEPS = 2
 QUICK_LR, QUICK_EDGE_STEPS = (1e-3, 3e-3), 1
@@ -50,7 +51,7 @@ class Job:
     seed: int
     phase: str  # tune, seed, check
     factor: int = 1  # the budget check: trained `factor` times longer
-    base: str = ""  # the variant's base method (neat, lora, full, head-only); "" when `method` is one
+    base: str = ""  # the variant's base method (neat, lora, full, head-only, targets-only); "" when `method` is one
     extra: tuple[str, ...] = ()  # the variant's recipe overrides
 
     @property
@@ -73,9 +74,9 @@ class Job:
 def default_axes(method: str, quick: bool) -> dict[str, list[float]]:
     """The built-in grid of `method`: 'quick' (two rates, s = 1) or 'default'."""
     if quick:
-        lrs = [lr / 10 for lr in QUICK_LR] if method == "full" else list(QUICK_LR)
+        lrs = [lr / 10 for lr in QUICK_LR] if method in FULL_METHODS else list(QUICK_LR)
         return {"lr": lrs, **({"scaling": [1.0]} if method == "neat" else {})}
-    lrs = GRID_FULL_LR if method == "full" else GRID_LR
+    lrs = GRID_FULL_LR if method in FULL_METHODS else GRID_LR
     return {"lr": list(lrs), **({"scaling": list(GRID_SCALE)} if method == "neat" else {})}
 
 

@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--output-dir", "-o", help="output folder: new, empty, or an earlier compare to continue "
                     "(default: runs/compare-<task>)")
     cp.add_argument("--methods", nargs="+", metavar="METHOD",
-                    help="methods to compare: neat, lora, full, head-only, or variants a --grid file defines under "
-                    "`methods:`; the first is tested against each other one unless the grid file states `pairs:` "
+                    help="methods to compare: neat, lora, full, head-only, targets-only, or variants a --grid file "
+                    "defines under `methods:`; the first is tested against each other one unless the grid file states `pairs:` "
                     "(default: the grid file's variants, else neat lora)")
     cp.add_argument("--seeds", type=int, default=3, help="paired seeds per method at its chosen cell (default 3)")
     cp.add_argument("--grid", default="default", help="quick (2 rates, s=1, 1 edge step), default (4 rates, "

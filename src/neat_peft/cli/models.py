@@ -304,7 +304,8 @@ def apply_method(model: nn.Module, config: dict[str, Any]) -> tuple[nn.Module, d
         return model, info
     cfg = neat_config(config, heads)
     try:
-        targets = [name for name, _ in find_targets(model, cfg)]
+        found = find_targets(model, cfg)
+        targets = [name for name, _ in found]
         if method == "neat" and config["method.match_lora_r"] is not None:
             r = match_lora_budget(model, cfg, config["method.match_lora_r"])
             cfg = dataclasses.replace(cfg, r=r)
@@ -312,6 +313,11 @@ def apply_method(model: nn.Module, config: dict[str, Any]) -> tuple[nn.Module, d
     except ValueError as e:
         raise CliError(f"Cannot apply {method} to model '{config['model.name']}': {e}") from None
     info["targets"] = len(targets)
+    if method == "targets-only":  # full fine-tuning of the layers NEAT or LoRA would adapt, the rest frozen
+        trained = {id(p) for _, module in found for p in module.parameters()}
+        for name, p in model.named_parameters():
+            p.requires_grad_(id(p) in trained or any(_under(name, h) for h in heads))
+        return model, info
     info["r"] = cfg.r
     if method == "neat":
         info["adapter_params"] = count_adapter_parameters(model, cfg)
@@ -333,8 +339,14 @@ def is_head_param(name: str, heads: list[str]) -> bool:
     return any(f".{h}." in f".{name}" for h in heads)
 
 
+# What a run of each method keeps in its run directory besides the adapter (neat, lora) or model (full): its
+# trained tensors only, loaded back over the base model.
+TRAINED_FILES = {"head-only": "head.safetensors", "targets-only": "targets.safetensors"}
+
+
 def save_trained(model: nn.Module, config: dict[str, Any], run_dir: Path, tokenizer=None) -> None:
-    """What a finished run keeps: the adapter (neat, lora), the whole model (full) or the head (head-only)."""
+    """What a finished run keeps: the adapter (neat, lora), the whole model (full) or the trained tensors
+    (head-only, targets-only: TRAINED_FILES)."""
     from safetensors.torch import save_file
 
     method = config["method.name"]
@@ -351,7 +363,7 @@ def save_trained(model: nn.Module, config: dict[str, Any], run_dir: Path, tokeni
             save_file(state, str(run_dir / "model" / "model.safetensors"))
     else:
         state = {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
-        save_file(state, str(run_dir / "head.safetensors"))
+        save_file(state, str(run_dir / TRAINED_FILES[method]))
 
 
 def load_trained(run_dir: Path, config: dict[str, Any], labels: list[str]) -> nn.Module:
@@ -376,13 +388,22 @@ def load_trained(run_dir: Path, config: dict[str, Any], labels: list[str]) -> nn
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
-    else:
+    else:  # head-only, targets-only: the tensors the method trains (apply_method marks them), over the base model
         from safetensors.torch import load_file
 
-        state = load_file(str(run_dir / "head.safetensors"))
-        missing = set(state) - {n for n, _ in model.named_parameters()}
-        if missing:
-            raise CliError(f"'{run_dir / 'head.safetensors'}' does not fit this model (unknown {sorted(missing)[:3]}).")
+        from neat_peft.formats import validate_adapter_tensors
+
+        path = run_dir / TRAINED_FILES[method]
+        model, _ = apply_method(model, config)
+        expected = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        try:
+            try:
+                tensors = load_file(str(path))
+            except Exception as e:  # safetensors' own errors on a truncated or corrupt file
+                raise ValueError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
+            state = validate_adapter_tensors(tensors, expected, path)
+        except (ValueError, OSError) as e:
+            raise CliError(f"Cannot load the trained weights of '{run_dir}': {e}") from None
         model.load_state_dict(state, strict=False)
     return model.eval()
 

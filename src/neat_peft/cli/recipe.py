@@ -26,7 +26,7 @@ NONE = type(None)
 NUM = (int, float)
 
 TASKS = tuple(tasks.TASKS)
-METHODS = ("neat", "lora", "full", "head-only")
+METHODS = ("neat", "lora", "full", "head-only", "targets-only")
 # transformers' schedulers that need no settings beyond the learning rate and warm-up (cosine_with_min_lr,
 # warmup_stable_decay, ... need scheduler arguments a recipe does not carry).
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -213,7 +213,9 @@ class _MethodKeys:
 
     name: str = key(
         "neat", (str,), _one_of(METHODS),
-        f"One of {', '.join(METHODS)} (same data, head and schedule for each).")
+        f"One of {', '.join(METHODS)} (same data, head and schedule for each). full trains every weight; "
+        "targets-only trains in full only the layers neat and lora adapt (method.targets / exclude / "
+        "layers_to_transform), plus the head.")
     a_lr_ratio: float = key(
         1.0, NUM, POSITIVE,
         "NEAT: A's learning rate is train.lr * a_lr_ratio (LoRA+-style; "
@@ -552,7 +554,7 @@ def _check_together(config: dict[str, Any], where: str) -> None:
     if config["method.a_lr_ratio"] != 1 and method != "neat":
         raise CliError(f"Recipe key 'method.a_lr_ratio'{where} sets the learning rate of NEAT's A, but method.name "
                        f"is {method}: drop method.a_lr_ratio (or set it to 1), or use method.name=neat.")
-    if method in ("neat", "lora"):
+    if method in ("neat", "lora", "targets-only"):  # targets-only: the same targets
         fields = {field: config[key] for key, field in NEAT_FIELDS.items()}
         try:
             NeatConfig(**fields)

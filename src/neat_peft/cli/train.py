@@ -132,7 +132,8 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
                                             " (resuming: no complete checkpoint, starting again)" if mode == "resume"
                                             else ""))
     announce(f"task: {config['task']}; model: {config['model.name']}; method: {config['method.name']}"
-             + (f" (r={method_info['r']}, {method_info['targets']} adapted modules"
+             + (f" ({method_info['targets']} layers trained in full)" if config["method.name"] == "targets-only"
+                else f" (r={method_info['r']}, {method_info['targets']} adapted modules"
                 + (f"; {method_info['matched']}" if "matched" in method_info else "") + ")"
                 if "targets" in method_info else "")
              + f"; trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
@@ -180,7 +181,7 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
     result["validation_curve"] = task.validation_curve(trainer.state.log_history, splits)
     if main:
         try:
-            with rundir.writing(run_dir, "adapter", "model", "head.safetensors"):
+            with rundir.writing(run_dir, "adapter", "model", *models.TRAINED_FILES.values()):
                 models.save_trained(trainer.model, config, run_dir, tokenizer)
             with rundir.writing(run_dir, "log_history.json", "training_curves.png", "metrics.json"):
                 models.write_json(run_dir / "log_history.json", {"log_history": trainer.state.log_history})
