@@ -19,6 +19,7 @@ import torch
 
 from neat_peft import NeatConfig, get_neat_model
 from benchmarks import llm, speed, speed_measure
+from cli_helpers import make_tiny_llama, needs_corpus, needs_minilm
 from neat_peft.functional import get_activation, weight_network
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -358,3 +359,20 @@ def test_hot_path_counts_frames_and_calls():
     neat_hit = int(rows["neat"]["calls cache hit (lib/all)"].split("/")[1])
     lora_hit = int(rows["lora (peft)"]["calls cache hit (lib/all)"].split("/")[1])
     assert neat_hit <= lora_hit
+
+
+@needs_minilm
+@needs_corpus
+def test_logits_to_keep_benchmark_runs_both_settings_on_the_clis_batches(tmp_path, capsys):
+    """benchmarks/logits_to_keep.py on a tiny random Llama: both settings timed, equal losses, fewer positions."""
+    from benchmarks import logits_to_keep
+
+    out = tmp_path / "keep.json"
+    assert logits_to_keep.main(["--model", str(make_tiny_llama(tmp_path / "llama")), "--batch", "2", "--warmup", "0",
+                                "--repeats", "2", "--threads", "1", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["loss"]["labels"] == pytest.approx(row["loss"]["all"], rel=1e-6)
+    assert 0 < row["kept_positions"] < row["padded_length"]
+    assert all(len(row["wall_seconds"][k]) == 2 and row["peak_bytes"][k] > 0 for k in ("all", "labels"))
+    assert row["speedup"] == pytest.approx(row["median_seconds"]["all"] / row["median_seconds"]["labels"])
+    assert f"{row['speedup']:.2f}x" in capsys.readouterr().out

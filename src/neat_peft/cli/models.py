@@ -283,6 +283,17 @@ def neat_config(config: dict[str, Any], heads: list[str]):
         raise CliError(f"Invalid NEAT options in the recipe (method.*): {e}") from None
 
 
+def check_logits_to_keep(model: nn.Module, config: dict[str, Any]) -> None:
+    """train.logits_to_keep=labels needs a model whose forward takes transformers' logits_to_keep."""
+    import inspect
+
+    if config["train.logits_to_keep"] == "labels" and \
+            "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise CliError(f"Recipe key 'train.logits_to_keep=labels' needs a model whose forward takes transformers' "
+                       f"logits_to_keep; {type(model).__name__} ('{config['model.name']}') does not. Use "
+                       "train.logits_to_keep=all.")
+
+
 def apply_method(model: nn.Module, config: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """Wrap/freeze `model` for method.name; returns the model to train and facts for the output."""
     from neat_peft import count_adapter_parameters, get_neat_model, match_lora_budget

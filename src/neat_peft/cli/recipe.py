@@ -301,6 +301,11 @@ class TrainSection:
     max_grad_norm: float = key(
         1.0, NUM, _at_least(0),
         "Gradient clipping norm (0: no clipping).")
+    logits_to_keep: str = key(
+        "all", (str,), _one_of(("all", "labels")),
+        "causal-lm, generative-qa: 'labels' computes the LM head only at the positions the loss scores (the "
+        "response; transformers' logits_to_keep), the same loss for far less compute and memory when the "
+        "vocabulary is large; 'all': at every position, as the model's own loss does.")
     eval_every: int = key(
         50, (int,), _at_least(1),
         "Validate every this many steps (the curve in the plot).")
@@ -547,6 +552,9 @@ def _check_together(config: dict[str, Any], where: str) -> None:
                        f"neat-peft's CLI does for causal-lm and generative-qa with method neat or lora; this recipe "
                        f"has task {task} and method {method}. Use model.quantization=none, or the library "
                        "(docs/quantized.md).")
+    if config["train.logits_to_keep"] != "all" and task not in ("causal-lm", "generative-qa"):
+        raise CliError(f"Recipe key 'train.logits_to_keep'{where} limits a causal LM's logits to the positions its "
+                       f"loss scores; task {task} is not a causal LM. Drop train.logits_to_keep.")
     if config["eval.generate_answers"] and task != "causal-lm":
         raise CliError(f"Recipe key 'eval.generate_answers'{where} scores greedy label answers of task causal-lm; "
                        f"task {task} scores its own way (generative-qa: eval.extractor). Drop "

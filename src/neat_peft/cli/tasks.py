@@ -131,7 +131,8 @@ class Task:
         return make_trainer_class()(model=model, args=training_arguments(self.config, run_dir, for_training=False,
                                                                          loss_only=self.loss_only),
                                     data_collator=collator, compute_metrics=self.compute_metrics(splits), heads=[],
-                                    head_lr=0.0, sums_loss=self.sums_loss)
+                                    head_lr=0.0, sums_loss=self.sums_loss,
+                                    logits_at_labels=self.config["train.logits_to_keep"] == "labels")
 
     def evaluate(self, run_dir: Path, splits: data_mod.Splits, model, tokenizer,
                  data_path: Optional[str]) -> dict[str, Any]:

@@ -104,6 +104,7 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
     transformers.set_seed(config["train.seed"])
     tokenizer = task.tokenizer()
     model = models.load_base_model(config, splits.labels)
+    models.check_logits_to_keep(model, config)
     model, method_info = models.apply_method(model, config)
     datasets, collator = task.datasets(splits, tokenizer)
 
@@ -146,6 +147,7 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
         callbacks=engine.make_callbacks(examples_per_step, task.primary_metric),
         heads=method_info["heads"], head_lr=float(config["train.head_lr"]),
         a_lr_ratio=float(config["method.a_lr_ratio"]), sums_loss=task.sums_loss,
+        logits_at_labels=config["train.logits_to_keep"] == "labels",
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 

@@ -36,8 +36,9 @@ def make_trainer_class():
         """Trainer with per-group learning rates, trainable-only checkpoints and a non-finite-loss stop."""
 
         def __init__(self, *args, heads: list[str], head_lr: float, a_lr_ratio: float = 1.0, sums_loss: bool = False,
-                     **kwargs):
+                     logits_at_labels: bool = False, **kwargs):
             self.heads, self.head_lr, self.a_lr_ratio = heads, head_lr, a_lr_ratio
+            self.logits_at_labels = logits_at_labels
             super().__init__(*args, **kwargs)
             if not sums_loss:
                 # Classification losses are per-batch means: Trainer must not rescale them by the number of
@@ -63,6 +64,16 @@ def make_trainer_class():
                 groups = [{"params": g, "lr": group_lr} for g, group_lr in parts if g]
                 self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=self.args.weight_decay)
             return self.optimizer
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """train.logits_to_keep=labels: the model computes logits only at the positions whose next token is
+            scored (transformers' logits_to_keep, the batch's union of them) and its own loss over those
+            (shift_labels, the labels already shifted), so Trainer's normalisation is untouched."""
+            if self.logits_at_labels and "labels" in inputs:
+                shifted = torch.nn.functional.pad(inputs["labels"], (0, 1), value=-100)[:, 1:]
+                keep = (shifted != -100).any(dim=0).nonzero().squeeze(1)
+                inputs = {**inputs, "logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
