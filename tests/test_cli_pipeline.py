@@ -381,6 +381,38 @@ def test_causal_lm_labels_cover_the_response_only():
     assert short["labels"][-len(response):] == response and len(short["input_ids"]) == len(response) + 2
 
 
+def test_a_base_models_prompt_starts_with_its_bos_token_and_keeps_it_when_cut():
+    """Without a chat template the prompt is BOS + prompt + newline, in training, generation and predict alike,
+    and truncation drops the start of the prompt after the BOS token; a chat template's text is used as it is."""
+    from transformers import AutoTokenizer
+
+    from cli_helpers import minilm_folder
+    from neat_peft.cli import features, generation
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    tokenizer.eos_token, tokenizer.bos_token = "[SEP]", "[CLS]"
+    bos = tokenizer.bos_token_id
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    long = " ".join(["the food was cold and the service slow"] * 10)
+    rows = [{"prompt": "the food was cold", "response": "negative"}, {"prompt": long, "response": "negative"}]
+    response = ids("negative") + [tokenizer.eos_token_id]
+    short, cut = features.causal_lm_dataset(rows, tokenizer, 24).items
+    assert short["input_ids"] == [bos] + ids("the food was cold\n") + response
+    assert generation.encode_prompt(tokenizer, "the food was cold", "chat") == [bos] + ids("the food was cold\n")
+    body = 24 - 1 - len(response)
+    assert cut["input_ids"] == [bos] + ids(long + "\n")[-body:] + response
+    assert cut["labels"] == [features.IGNORE_INDEX] * (1 + body) + response
+    # With a chat template: its text, no BOS added, and the start is cut as before.
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    templated = ids("<" + long + ">")
+    assert features.prompt_ids(tokenizer, long) == templated
+    cut = features.causal_lm_dataset(rows[1:], tokenizer, 24).items[0]
+    assert cut["input_ids"] == templated[-(24 - len(response)):] + response
+
+
 def test_torchrun_two_processes(tiny_bert, tmp_path):
     """`torchrun --nproc_per_node 2` trains one model with DDP (CPU, gloo); rank 0 alone writes the run."""
     import os

@@ -39,30 +39,39 @@ def classification_dataset(rows, tokenizer, labels: list[str], max_length: int) 
     return ListDataset(items)
 
 
-def prompt_text(tokenizer, prompt: str) -> str:
-    """The prompt as the model saw it in training: its chat template when it has one."""
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids as the model sees them in training and generation: its chat template when it has
+    one, else the tokenizer's BOS token (when it has one: base models such as Gemma are trained with it, and their
+    loss is far higher without it), the prompt and a newline."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
-    return prompt + "\n"
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return _bos(tokenizer) + tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
+
+
+def _bos(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
 def causal_lm_dataset(rows, tokenizer, max_length: int, encode_prompt=None) -> ListDataset:
     """input_ids = prompt + response + eos; labels = IGNORE_INDEX on the prompt, so only the response is learnt.
-    Too-long examples lose the start of the prompt, never the response. encode_prompt(prompt) -> token ids
-    (default: the prompt as prompt_text shows it to the model)."""
+    Too-long examples lose the start of the prompt, never the response, nor a leading BOS token when the
+    tokenizer has no chat template. encode_prompt(prompt) -> token ids (default: prompt_ids)."""
     if encode_prompt is None:
         def encode_prompt(prompt):
-            return tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+            return prompt_ids(tokenizer, prompt)
+    bos = [] if getattr(tokenizer, "chat_template", None) else _bos(tokenizer)
     items = []
     for r in rows:
-        prompt_ids = encode_prompt(r["prompt"])
+        prompt = encode_prompt(r["prompt"])
         response_ids = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         response_ids = response_ids[:max_length]
-        prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - max_length):]
-        ids = prompt_ids + response_ids
+        kept = bos if bos and prompt[:1] == bos and len(response_ids) < max_length else []
+        prompt = kept + prompt[len(kept):][max(0, len(prompt) + len(response_ids) - max_length):]
+        ids = prompt + response_ids
         items.append({"input_ids": ids, "attention_mask": [1] * len(ids),
-                      "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids})
+                      "labels": [IGNORE_INDEX] * len(prompt) + response_ids})
     return ListDataset(items)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .features import prompt_text
+from .features import prompt_ids
 
 TEMPLATES = ("chat", "alpaca", "plain")
 # LLM-Adapters' instruction template (commonsense and math), without its optional "### Input:" block.
@@ -39,7 +39,7 @@ _CASE_FOLDED = ("yes-no", "true-false")  # LLM-Adapters' lists match case-sensit
 def encode_prompt(tokenizer, prompt: str, template: str) -> list[int]:
     """Token ids of the prompt as the model sees it, in training and in generation alike."""
     if template == "chat":
-        return tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        return prompt_ids(tokenizer, prompt)
     text = ALPACA.format(prompt=prompt) if template == "alpaca" else prompt + "\n" if template == "plain" else \
         template.replace("{prompt}", prompt)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

@@ -300,9 +300,8 @@ class CausalLM(Task):
         results = []
         with torch.no_grad():
             for prompt in inputs:
-                enc = tokenizer(features.prompt_text(tokenizer, prompt), return_tensors="pt",
-                                add_special_tokens=False)
-                enc = {k: enc[k] for k in ("input_ids", "attention_mask")}  # BERT-style tokenizers add more
+                ids = torch.tensor([features.prompt_ids(tokenizer, prompt)])
+                enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
                 out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
                 answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
                 results.append({"input": prompt, "output": answer})
