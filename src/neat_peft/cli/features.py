@@ -47,10 +47,11 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return _bos(tokenizer) + tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
+    return bos_ids(tokenizer) + tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
 
 
-def _bos(tokenizer) -> list[int]:
+def bos_ids(tokenizer) -> list[int]:
+    """[the tokenizer's BOS token id], or [] for a tokenizer without one."""
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
@@ -61,7 +62,7 @@ def causal_lm_dataset(rows, tokenizer, max_length: int, encode_prompt=None) -> L
     if encode_prompt is None:
         def encode_prompt(prompt):
             return prompt_ids(tokenizer, prompt)
-    bos = [] if getattr(tokenizer, "chat_template", None) else _bos(tokenizer)
+    bos = [] if getattr(tokenizer, "chat_template", None) else bos_ids(tokenizer)
     items = []
     for r in rows:
         prompt = encode_prompt(r["prompt"])

@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics
-from .features import prompt_ids
+from . import features, metrics
 
 TEMPLATES = ("chat", "alpaca", "plain")
 # LLM-Adapters' instruction template (commonsense and math), without its optional "### Input:" block.
@@ -39,11 +38,10 @@ _CASE_FOLDED = ("yes-no", "true-false")  # LLM-Adapters' lists match case-sensit
 def encode_prompt(tokenizer, prompt: str, template: str) -> list[int]:
     """Token ids of the prompt as the model sees it, in training and in generation alike."""
     if template == "chat":
-        return prompt_ids(tokenizer, prompt)
+        return features.prompt_ids(tokenizer, prompt)
     text = ALPACA.format(prompt=prompt) if template == "alpaca" else prompt + "\n" if template == "plain" else \
         template.replace("{prompt}", prompt)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+    return features.bos_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,

@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: runs/compare-<task>)")
     cp.add_argument("--methods", nargs="+", metavar="METHOD",
                     help="methods to compare: neat, lora, full, head-only, targets-only, or variants a --grid file "
-                    "defines under `methods:`; the first is tested against each other one unless the grid file states `pairs:` "
-                    "(default: the grid file's variants, else neat lora)")
+                    "defines under `methods:`; the first is tested against each other one unless the grid file states "
+                    "`pairs:` (default: the grid file's variants, else neat lora)")
     cp.add_argument("--seeds", type=int, default=3, help="paired seeds per method at its chosen cell (default 3)")
     cp.add_argument("--grid", default="default", help="quick (2 rates, s=1, 1 edge step), default (4 rates, "
                     "NEAT s in 0.1, 1; 2 edge steps) or a YAML file: `neat: {lr: [...], scaling: [...]}`, "
