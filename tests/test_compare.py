@@ -326,6 +326,12 @@ def test_compare_end_to_end_killed_by_sigkill_then_resumed(tmp_path):
     with pytest.raises(CliError, match="grids"):
         check_continuation(data, {**data, "grids": {**data["grids"], "lora": {"lr": [0.1]}}}, out)
     check_continuation(data, {**data, "seeds": 5}, out)  # more seeds continue the same compare
+    # A compare started before a recipe key existed ran with its default: it continues at the default only.
+    older = {**data, "recipe": {k: v for k, v in data["recipe"].items() if k != "train.logits_to_keep"}}
+    assert older["recipe"] != data["recipe"]
+    check_continuation(older, data, out)
+    with pytest.raises(CliError, match="train.logits_to_keep"):
+        check_continuation(older, {**data, "recipe": {**data["recipe"], "train.logits_to_keep": "labels"}}, out)
 
 
 # --- method variants (grid file `methods:`) ---------------------------------------------------------------------

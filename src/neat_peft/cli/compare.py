@@ -137,9 +137,11 @@ def check_output(out: Path) -> Optional[dict[str, Any]]:
 
 
 def check_continuation(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
-    """A compare continues only with the same recipe, methods, grids and edge rule (seeds may grow)."""
+    """A compare continues only with the same recipe, methods, grids and edge rule (seeds may grow). A recipe key
+    the compare's recipe lacks was added to neat-peft after it started: its runs had the key's default."""
+    defaults = recipe.defaults()
     differ = [k for k in sorted(set(old["recipe"]) | set(new["recipe"]))
-              if old["recipe"].get(k) != new["recipe"].get(k)]
+              if old["recipe"].get(k, defaults.get(k)) != new["recipe"].get(k, defaults.get(k))]
     differ += [k for k in ("methods", "grids", "edge_steps", "variants", "pairs", "extend")
                if old.get(k, SETUP_DEFAULTS.get(k)) != new.get(k, SETUP_DEFAULTS.get(k))]
     if differ:
