@@ -335,6 +335,17 @@ def test_logits_at_labels_only_is_the_models_own_loss_from_fewer_logits(tmp_path
     torch.testing.assert_close(kept.compute_loss(model, dict(batch)), reference, rtol=1e-6, atol=1e-6)
 
 
+def test_logits_to_keep_labels_refuses_a_model_whose_forward_cannot_keep_logits():
+    from neat_peft.cli import recipe
+    from neat_peft.cli.errors import CliError
+    from neat_peft.cli.models import check_logits_to_keep
+
+    config = recipe.resolve(None, ["task=causal-lm", "train.logits_to_keep=labels"])
+    with pytest.raises(CliError, match="train.logits_to_keep=labels.*Linear.*train.logits_to_keep=all"):
+        check_logits_to_keep(torch.nn.Linear(2, 2), config)
+    check_logits_to_keep(torch.nn.Linear(2, 2), {**config, "train.logits_to_keep": "all"})  # nothing to check
+
+
 def test_logits_to_keep_labels_trains_like_all(tmp_path, capsys):
     """A run with train.logits_to_keep=labels ends with the same curve, test loss and adapter as one without."""
     from safetensors.torch import load_file

@@ -20,7 +20,7 @@ from torch import nn
 from neat_peft import NeatConfig
 
 from .data import is_offline, package_dir
-from .rundir import atomic_write_text
+from .rundir import TRAINED_FILES, atomic_write_text
 from .errors import CliError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -350,14 +350,9 @@ def is_head_param(name: str, heads: list[str]) -> bool:
     return any(f".{h}." in f".{name}" for h in heads)
 
 
-# What a run of each method keeps in its run directory besides the adapter (neat, lora) or model (full): its
-# trained tensors only, loaded back over the base model.
-TRAINED_FILES = {"head-only": "head.safetensors", "targets-only": "targets.safetensors"}
-
-
 def save_trained(model: nn.Module, config: dict[str, Any], run_dir: Path, tokenizer=None) -> None:
     """What a finished run keeps: the adapter (neat, lora), the whole model (full) or the trained tensors
-    (head-only, targets-only: TRAINED_FILES)."""
+    (head-only, targets-only: rundir.TRAINED_FILES)."""
     from safetensors.torch import save_file
 
     method = config["method.name"]

@@ -552,7 +552,7 @@ def _check_together(config: dict[str, Any], where: str) -> None:
                        f"neat-peft's CLI does for causal-lm and generative-qa with method neat or lora; this recipe "
                        f"has task {task} and method {method}. Use model.quantization=none, or the library "
                        "(docs/quantized.md).")
-    if config["train.logits_to_keep"] != "all" and task not in ("causal-lm", "generative-qa"):
+    if config["train.logits_to_keep"] != "all" and tasks.TASKS[task].auto_class != "AutoModelForCausalLM":
         raise CliError(f"Recipe key 'train.logits_to_keep'{where} limits a causal LM's logits to the positions its "
                        f"loss scores; task {task} is not a causal LM. Drop train.logits_to_keep.")
     if config["eval.generate_answers"] and task != "causal-lm":

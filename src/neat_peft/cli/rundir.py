@@ -30,9 +30,12 @@ from .errors import CliError
 
 MARKER = "neat-peft-run.json"
 MARKER_FORMAT = 1
+# What a run of head-only or targets-only keeps (neat and lora keep `adapter/`, full `model/`): its trained
+# tensors only, loaded back over the base model.
+TRAINED_FILES = {"head-only": "head.safetensors", "targets-only": "targets.safetensors"}
 # Every top-level name a run may write (what the marker's "written" may list).
-RUN_FILES = ("config.yaml", "split", "checkpoints", "adapter", "model", "head.safetensors",
-             "targets.safetensors", "metrics.json", "training_curves.png", "log_history.json", "base_model_eval.json")
+RUN_FILES = ("config.yaml", "split", "checkpoints", "adapter", "model", *TRAINED_FILES.values(), "metrics.json",
+             "training_curves.png", "log_history.json", "base_model_eval.json")
 COMPLETE_MARKER = "checkpoint_complete"
 
 
@@ -124,7 +127,7 @@ def claim(run_dir: Path, *names: str) -> list[str]:
 @contextlib.contextmanager
 def writing(run_dir: Path, *names: str) -> Iterator[None]:
     """claim(`names`), let the caller write them, then drop the names that were not written after all
-    (a method writes one of adapter / model / head.safetensors / targets.safetensors)."""
+    (a method writes one of adapter / model / TRAINED_FILES)."""
     written = claim(run_dir, *names)
     yield
     kept = [n for n in written if n not in names or (run_dir / n).exists()]

@@ -183,7 +183,7 @@ def run_train(config_path: Optional[str], overrides: list[str], output_dir: Opti
     result["validation_curve"] = task.validation_curve(trainer.state.log_history, splits)
     if main:
         try:
-            with rundir.writing(run_dir, "adapter", "model", *models.TRAINED_FILES.values()):
+            with rundir.writing(run_dir, "adapter", "model", *rundir.TRAINED_FILES.values()):
                 models.save_trained(trainer.model, config, run_dir, tokenizer)
             with rundir.writing(run_dir, "log_history.json", "training_curves.png", "metrics.json"):
                 models.write_json(run_dir / "log_history.json", {"log_history": trainer.state.log_history})
