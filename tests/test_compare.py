@@ -581,3 +581,22 @@ def test_results_table_figures_are_the_records_own_in_either_style():
     assert set(compare_report.sections(data)) == {"verdict", "results", "tuning"}
     assert compare_report.sections(data, percent)["results"][0] == "## Results at the chosen cells"
     assert compare_report.sections(data, compare_report.Style(level=3))["tuning"][0].startswith("### ")
+
+
+def test_plateau_sentence_states_the_rule_in_the_curves_units():
+    """The results section says what the plateau rule measured: points of the primary metric where the curves
+    record it in percent style, else PLATEAU in the curve's own units (a causal-lm compare scored on generated
+    answers has loss curves: "1 point of loss" would misstate a rule of 0.01)."""
+    def sentence(data, style):
+        return compare_report.sections(data, style)["results"][2]
+
+    data = {"methods": ["lora"], "grids": {"lora": {"lr": [1e-3]}}, "seeds": 1, "edge_steps": 0,
+            "lower_is_better": False, "primary_metric": "accuracy", "runs": []}
+    run = _record(Job("lora", 1e-3, None, 0, "tune"), 0.6, test=0.7)
+    percent = compare_report.Style(percent=True)
+    data["runs"] = [{**run, "validation_curve": [{"step": 1, "accuracy": 0.5}]}]
+    assert f"less than {100 * stats.PLATEAU:g} point of accuracy over" in sentence(data, percent)
+    assert f"less than {stats.PLATEAU:g} (in its units) of accuracy over" in sentence(data, compare_report.Style())
+    data["runs"] = [{**run, "validation_curve": [{"step": 1, "loss": 0.5}]}]  # answers scored once, at the end
+    for style in (percent, compare_report.Style()):
+        assert f"less than {stats.PLATEAU:g} (in its units) of loss over" in sentence(data, style)

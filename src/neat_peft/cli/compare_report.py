@@ -392,14 +392,17 @@ def sections(data: dict[str, Any], style: Style = Style()) -> dict[str, list[str
     each task's in percent under its own headings."""
     plan = Plan.from_data(data)
     h = style.heading
+    curve, _ = curve_key(data)
+    # The rule is in the curve's own units: points only where the curve is the (percent-shown) primary metric.
+    threshold = (f"{100 * stats.PLATEAU:g} point" if style.percent and curve == data["primary_metric"]
+                 else f"{stats.PLATEAU:g} (in its units)")
     out = {"verdict": [h("Verdict"), "", "Better or worse only where the paired 95% interval of the test difference "
                        "excludes 0; otherwise no difference detected, with the interval's width: the smallest "
                        "difference this many seeds could show.", "", *verdict_header(style),
                        *verdict_rows(comparisons(data), style)],
            "results": [h("Results at the chosen cells"), "", "Mean ± sample std over the seeds finished. 'Plateaued': "
-                       "the last third of the validation curve gained less than "
-                       + (f"{100 * stats.PLATEAU:g} point" if style.percent else f"{stats.PLATEAU:g} (in its units)")
-                       + f" of {curve_key(data)[0]} over the best before it.", "", *results_table(data, style)]}
+                       f"the last third of the validation curve gained less than {threshold} of {curve} over the "
+                       "best before it.", "", *results_table(data, style)]}
     if sweeps(data):
         out["sweep"] = [h(f"Test {data['primary_metric']} against r (seed 0 at the chosen cells; a `cell_of` variant "
                           "at the cell of the method it follows)"), "", *sweep_table(data, style)]
