@@ -172,6 +172,23 @@ def test_output_folder_holding_foreign_files_is_refused_and_untouched(tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
+def test_report_follows_every_record_so_a_stopped_compare_leaves_a_current_one(tmp_path):
+    """Each finished run rewrites report.md beside compare.json (a compare stopped between runs is current)."""
+    from neat_peft.cli.compare import Compare
+
+    data = {"task": "classification", "model": "m", "data_source": "d", "steps_per_run": 4, "methods": ["lora"],
+            "grids": {"lora": {"lr": [1e-3, 1e-2]}}, "seeds": 1, "edge_steps": 0, "lower_is_better": False,
+            "primary_metric": "accuracy", "runs": [], "errors": []}
+    study = Compare(tmp_path, data)
+    study.add(_record(Job("lora", 1e-3, None, 0, "tune"), 0.61, test=0.7123))
+    report = (tmp_path / "report.md").read_text()
+    assert "runs finished: 1;" in report and "| lora | pending |" in report  # lr 0.01 not yet run
+    study.add(_record(Job("lora", 1e-2, None, 0, "tune"), 0.66, test=0.7456))
+    report = (tmp_path / "report.md").read_text()
+    assert "runs finished: 2;" in report and "| lora | lr 0.01 | 1 / 1 |" in report and "0.7456" in report
+    assert json.loads((tmp_path / "compare.json").read_text())["runs"] == data["runs"]
+
+
 def test_a_killed_writes_temporary_file_is_the_compares_own_and_nothing_else_is(tmp_path, capsys):
     # SIGKILL between atomic_write's create and rename leaves .compare.json.<12 hex>.tmp: continuing must accept it
     # (CI once refused its own folder for this); a look-alike of another name, or another pattern, stays foreign.

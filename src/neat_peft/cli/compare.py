@@ -355,6 +355,8 @@ class Compare:
         else:
             self.data["errors"].append(record)
         self.save()
+        # report.md follows every record, so a compare stopped between runs (Ctrl-C, a kill) leaves a current one.
+        compare_report.write(self.out, self.data)
 
     def save(self) -> None:
         self.data["updated"] = now()
