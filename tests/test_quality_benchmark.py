@@ -70,6 +70,9 @@ def test_results_md_renders_unchanged_from_the_compare_folders(tmp_path):
     for task in protocol.STUDY.tasks:
         assert (results / task / "report.md").read_text(encoding="utf-8") == (
             RESULTS / task / "report.md").read_text(encoding="utf-8")
+    for row in study_doc.llm_rows(results):
+        assert (results.parent / "llm" / row / "report.md").read_text(encoding="utf-8") == (
+            RESULTS.parent / "llm" / row / "report.md").read_text(encoding="utf-8")
 
 
 def test_bbc_news_rows_from_sorted_label_folders(tmp_path):

@@ -136,8 +136,9 @@ def llm_summary(name: str, data: dict[str, Any]) -> list[str]:
 
 def llm_sections(name: str, data: dict[str, Any], results: Path, doc: Path) -> list[str]:
     """A converged LLM row's part of the document: its compare report's sections (values as recorded: the loss
-    is no fraction) and plots. Its compare writes its own report.md as runs finish."""
+    is no fraction) and plots; its report.md is written too, as a task's is."""
     folder, (done, total) = results.parent / "llm" / name, row_status(data)
+    compare_report.write(folder, data)
     out = [f"## {name}: {' vs '.join(data['methods'])} on {data['model']}, {data['steps_per_run']} steps a run "
            "(the converged LLM row)\n",
            f"{done} of {total} runs finished. Pairing checked: {compare_report.pairing(data)}. Its setup and command: "
