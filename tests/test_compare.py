@@ -617,3 +617,10 @@ def test_plateau_sentence_states_the_rule_in_the_curves_units():
     data["runs"] = [{**run, "validation_curve": [{"step": 1, "loss": 0.5}]}]  # answers scored once, at the end
     for style in (percent, compare_report.Style()):
         assert f"less than {stats.PLATEAU:g} (in its units) of loss over" in sentence(data, style)
+    # The stated threshold is the one the plateaued column applies to a loss curve: just under it is "yes",
+    # just over it "no" (a rule of 1 point of loss would call both "yes").
+    stated = float(re.search(r"less than ([0-9.]+) \(in its units\)", sentence(data, percent)).group(1))
+    for gain, shown in ((0.9 * stated, "yes"), (1.1 * stated, "no")):
+        curve = [0.6, 0.5, 0.5 - gain]
+        record = {**run, "validation_curve": [{"step": i, "loss": v} for i, v in enumerate(curve)]}
+        assert compare_report.plateau_text(data, record) == shown
