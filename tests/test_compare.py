@@ -18,7 +18,7 @@ import pytest
 
 from cli_helpers import ROOT, cli, have, make_tiny_bert
 from neat_peft.cli import compare_report, compare_stats as stats
-from neat_peft.cli.compare import check_continuation, check_output
+from neat_peft.cli.compare import check_continuation, check_output, describe_plan
 from neat_peft.cli.compare_plan import Job, Plan, load_grid, next_value
 from neat_peft.cli.compare_report import at_edge, comparisons
 from neat_peft.cli.errors import CliError
@@ -111,6 +111,17 @@ def test_a_diverged_cell_never_wins_and_lower_is_better_flips_the_choice():
     assert Plan(["lora"], grids, 1, 0).choose(records, "lora") == (1e-3, None)
     inside = Plan(["lora"], grids, 1, 0, lower_is_better=True)
     assert inside.choose(records, "lora") == (3e-3, None) and not at_edge(inside, records, "lora")
+
+
+def test_the_printed_plan_names_only_seeds_that_run_and_marks_pairs_one_seed_cannot_test():
+    grids = {"neat": {"lr": [1e-3], "scaling": [1.0]}, "lora": {"lr": [1e-3]}}
+    for seeds, after_tuning, tested in ((1, "", "neat − lora (untested: one seed)"),
+                                        (2, ", then the chosen cell at seed 1", "neat − lora"),
+                                        (3, ", then the chosen cell at seeds 1..2", "neat − lora")):
+        text = describe_plan(Plan(["neat", "lora"], grids, seeds, 0), {})
+        assert f"up to 0 more past each edge){after_tuning}\n" in text, text
+        assert text.endswith(f"tested: {tested}"), text
+        assert "1..0" not in text
 
 
 def test_seeds_run_at_the_chosen_cell_and_the_report_pairs_them():

@@ -435,21 +435,29 @@ def run_compare(config_path: Optional[str], overrides: list[str], output_dir: Op
     return data
 
 
+def seed_range(first: int, last: int) -> str:
+    return f"seed {first}" if first == last else f"seeds {first}..{last}"
+
+
 def describe_plan(plan: Plan, records: dict[str, dict]) -> str:
     lines = []
     for m in plan.methods:
         variant = plan.variants.get(m)
         what = f" ({variant['method']} {' '.join(variant['overrides'])})".replace(" )", ")") if variant else ""
+        last_seed = plan.seeds_of(m) - 1
         if plan.cell_of(m):
-            lines.append(f"  {m}{what}: the cell chosen for {plan.cell_of(m)}, at seeds 0..{plan.seeds_of(m) - 1}")
+            lines.append(f"  {m}{what}: the cell chosen for {plan.cell_of(m)}, at {seed_range(0, last_seed)}")
             continue
         axes = plan.grids[m]
         cells = "lr " + ", ".join(f"{v:g}" for v in axes["lr"]) + (
             "; s " + ", ".join(f"{v:g}" for v in axes["scaling"]) if axes.get("scaling", [None]) != [None] else "")
         lines.append(f"  {m}{what}: tune {len(plan.base_cells(m))} cell(s) at seed 0 ({cells}; up to "
-                     f"{plan.edge_steps} more past each edge), then the chosen cell at seeds 1..{plan.seeds_of(m) - 1}"
+                     f"{plan.edge_steps} more past each edge)"
+                     + (f", then the chosen cell at {seed_range(1, last_seed)}" if last_seed else "")
                      + (f", then x{plan.budget_factor} longer at seed 0" if plan.budget_factor else ""))
-    lines.append("  tested: " + ", ".join(f"{a} − {b}" for a, b in plan.pair_list()))
+    lines.append("  tested: " + ", ".join(  # as the report says of a pair with one seed: no interval
+        f"{a} − {b}" + ("" if min(plan.seeds_of(a), plan.seeds_of(b)) > 1 else " (untested: one seed)")
+        for a, b in plan.pair_list()))
     return "plan:\n" + "\n".join(lines)
 
 
