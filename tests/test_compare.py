@@ -498,6 +498,48 @@ def test_generated_answers_get_their_own_paired_verdicts_and_histograms():
     assert "Generated answers" not in build(data)  # runs without answers: no section
 
 
+def test_a_one_seed_compare_is_a_screen_ranked_by_validation_with_its_reference_and_no_verdicts():
+    """--seeds 1 gives no interval, so the report ranks the methods instead of listing pending verdicts. The
+    ranking is checked against an independent sort over random validation values, statuses and metric directions."""
+    rng = random.Random(3)
+    for trial in range(40):
+        lower = rng.random() < 0.5
+        methods = [f"m{i}" for i in range(rng.randint(2, 6))]
+        data = {"methods": methods, "grids": {m: {"lr": [1e-2]} for m in methods}, "seeds": 1, "edge_steps": 0,
+                "lower_is_better": lower, "primary_metric": "loss" if lower else "accuracy", "task": "t",
+                "model": "m", "data_source": "d", "steps_per_run": 1, "runs": []}
+        finished = {}
+        for m in methods:
+            fate = rng.choice(["ok", "ok", "ok", "diverged", "pending"])
+            if fate != "pending":
+                value = round(rng.uniform(0.1, 0.9), 4) if fate == "ok" else None
+                data["runs"].append(_record(Job(m, 1e-2, None, 0, "tune"), value, fate, test=value and value + 0.01))
+                finished[m] = value
+        reference = ("the reference", _record(Job("ref", 1e-2, None, 0, "tune"), round(rng.uniform(0.1, 0.9), 4),
+                                                test=0.5))
+        plan = Plan.from_data(data)
+        assert plan.is_screen()
+        assert {c["status"] for c in comparisons(data)} == {stats.UNTESTED}
+        table = compare_report.screen_table(data, reference=reference)[2:]
+        names = [line.split(" | ")[1] for line in table]
+        scored = {**{m: v for m, v in finished.items() if v is not None}, "the reference": reference[1]["validation"]}
+        ranked = sorted(scored, key=lambda m: scored[m], reverse=not lower)
+        assert names[:len(ranked)] == ranked, (trial, table)
+        assert [line.split(" | ")[0] for line in table[:len(ranked)]] == [f"| {i}" for i in range(1, len(ranked) + 1)]
+        diverged = [m for m, v in finished.items() if v is None]
+        assert sorted(names[len(ranked):len(ranked) + len(diverged)]) == sorted(diverged)
+        assert all(f"| {m} | " in line and "| diverged |" in line for m, line in zip(names, table) if m in diverged)
+        assert all(f"{scored[m]:.4f}" in line for m, line in zip(names, table) if m in scored)
+        report = compare_report.build(data)
+        assert "## Screen: one seed, ranked (no verdicts)" in report and "## Verdict" not in report
+    # One variant at one seed in a compare of 3 seeds: still a comparison; only its pair is untested.
+    data["seeds"], data["variants"] = 3, {methods[1]: {"method": "lora", "overrides": [], "seeds": 1}}
+    assert not Plan.from_data(data).is_screen()
+    assert comparisons(data)[0]["status"] == stats.UNTESTED
+    assert {c["status"] for c in comparisons(data)[1:]} <= {stats.PENDING}
+    assert "## Verdict" in compare_report.build(data) and f"| {stats.UNTESTED} |" in compare_report.build(data)
+
+
 def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text("lora: {lr: [3e-5, 1.0e-4]}\nneat: {lr: [1e-3], scaling: [1e0]}\n")  # YAML 1.1: 3e-5 a string

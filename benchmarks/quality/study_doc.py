@@ -79,11 +79,12 @@ def check_pair_lines(v: View, task: str) -> list[str]:
 
 
 def report_sections(name: str, data: dict[str, Any], style: Style, folder: Path, doc: Path,
-                    notes: Optional[dict[str, list[str]]] = None) -> list[str]:
-    """compare_report's sections of one compare (`notes`: lines put under a section's heading), each followed by
-    compare_report's plot of it in `folder` where there is one."""
+                    notes: Optional[dict[str, list[str]]] = None,
+                    reference: Optional[tuple[str, dict]] = None) -> list[str]:
+    """compare_report's sections of one compare (`notes`: lines put under a section's heading; `reference`: a
+    screen's reference run), each followed by compare_report's plot of it in `folder` where there is one."""
     out = []
-    for section, lines in compare_report.sections(data, style).items():
+    for section, lines in compare_report.sections(data, style, reference).items():
         out += lines[:2] + (notes or {}).get(section, []) + lines[2:] + ([""] if lines[-1] else [])
         png = folder / compare_report.SECTION_PLOTS.get(section, "-")
         if png.is_file():
@@ -111,8 +112,8 @@ def task_sections(v: View, task: str, results: Path, doc: Path) -> list[str]:
 
 
 def llm_rows(results: Path) -> dict[str, dict[str, Any]]:
-    """The converged LLM rows (issue #26): name -> compare.json of each compare folder in benchmarks/quality/llm
-    (beside RESULTS), in name order. Their commands and setup are in that folder's README."""
+    """The converged LLM rows and screens (issue #26): name -> compare.json of each compare folder in
+    benchmarks/quality/llm (beside RESULTS), in name order. Their commands and setup are in that folder's README."""
     return {p.parent.name: json.loads(p.read_text(encoding="utf-8"))
             for p in sorted((results.parent / "llm").glob(f"*/{DATA_FILE}"))}
 
@@ -122,6 +123,58 @@ def row_status(data: dict[str, Any]) -> tuple[int, int]:
     plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
     jobs = plan.jobs(records, full=True)
     return sum(j.key in records for j in jobs), len(jobs)
+
+
+# A one-seed screen (compare --seeds 1) -> the row and method whose seed-0 run its variants are screened against:
+# the plain method at the cell they all share, on the same split and budget (screen_reference checks both).
+SCREEN_REFERENCES = {"smollm2-r1-screen": ("smollm2-r1", "neat-r1")}
+
+
+def screen_reference(name: str, data: dict[str, Any], rows: dict[str, dict[str, Any]]) -> Optional[tuple[str, dict]]:
+    """(label, record) of the run screen `name` is ranked against, or None where it names none; raises ValueError
+    where that run is missing or was not trained like the screen's (command overrides, steps, split)."""
+    if name not in SCREEN_REFERENCES:
+        return None
+    row, method = SCREEN_REFERENCES[name]
+    ref = rows[row]
+    cells = {(lr, s) for g in data["grids"].values() for lr in g["lr"] for s in g.get("scaling", [None])}
+    if len(cells) != 1:
+        raise ValueError(f"screen {name}: its methods' grids hold {len(cells)} cells; a reference needs one shared")
+    for key in ("overrides", "steps_per_run", "data_used"):
+        if ref[key] != data[key]:
+            raise ValueError(f"screen {name}: its {key} differ from {row}'s, so {row}'s {method} is no reference")
+    key = Plan.from_data(ref).job(method, *cells.pop(), 0, "tune").key
+    record = next((r for r in ref["runs"] if r["key"] == key and r["status"] == "ok"), None)
+    splits = {r["split_sha256"] for r in data["runs"] if r["seed"] == 0 and r["phase"] != "check"}
+    if record is None or splits - {record["split_sha256"]}:
+        raise ValueError(f"screen {name}: {row} has no finished run {key} on the screen's seed-0 split")
+    return f"reference: {method} in {row}", record
+
+
+def screen_summary(name: str, data: dict[str, Any], reference: Optional[tuple[str, dict]]) -> list[str]:
+    """A screen in sentences: which variants beat the reference's seed-0 validation value, which did not."""
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    done, total = row_status(data)
+    out = [f"**{name}**, a one-seed screen ({done} of {total} runs; {data['steps_per_run']} steps a run; ranked, "
+           "no verdicts):\n"]
+    if reference is None:
+        return out + [""]
+    label, ref = reference
+    metric, sign = data["primary_metric"], 1 if data["lower_is_better"] else -1
+    groups: dict[str, list[str]] = {"beat": [], "did not beat": [], "pending": []}
+    for m in plan.methods:
+        cell = plan.choose(records, m)
+        rec = None if cell is None else records.get(plan.job(m, *cell, 0, "tune").key)
+        if rec is None:
+            groups["pending"].append(m)
+        elif rec["status"] != "ok":
+            groups["did not beat"].append(f"{m} ({rec['status']})")
+        else:
+            groups["beat" if sign * rec["validation"] < sign * ref["validation"] else "did not beat"].append(
+                f"{m} ({rec['validation']:.4f})")
+    out.append(f"- Seed-0 validation {metric}, against the {label} ({ref['validation']:.4f}): "
+               + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items() if v) + ".")
+    return out + [""]
 
 
 def llm_summary(name: str, data: dict[str, Any]) -> list[str]:
@@ -134,17 +187,20 @@ def llm_summary(name: str, data: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
-def llm_sections(name: str, data: dict[str, Any], results: Path, doc: Path) -> list[str]:
-    """A converged LLM row's part of the document: its compare report's sections (values as recorded: the loss
-    is no fraction) and plots; its report.md is written too, as a task's is."""
+def llm_sections(name: str, data: dict[str, Any], results: Path, doc: Path,
+                 reference: Optional[tuple[str, dict]] = None) -> list[str]:
+    """A converged LLM row's or screen's part of the document: its compare report's sections (values as recorded:
+    the loss is no fraction; a screen's ranking with its `reference` run) and plots; its report.md is written too,
+    as a task's is."""
     folder, (done, total) = results.parent / "llm" / name, row_status(data)
     compare_report.write(folder, data)
+    kind = "a one-seed screen" if Plan.from_data(data).is_screen() else "the converged LLM row"
     out = [f"## {name}: {' vs '.join(data['methods'])} on {data['model']}, {data['steps_per_run']} steps a run "
-           "(the converged LLM row)\n",
+           f"({kind})\n",
            f"{done} of {total} runs finished. Pairing checked: {compare_report.pairing(data)}. Its setup and command: "
            f"[llm/README.md]({os.path.relpath(folder.parent / 'README.md', doc.parent)}); its compare report: "
            f"[{name}/report.md]({os.path.relpath(folder / 'report.md', doc.parent)}).\n"]
-    return out + report_sections(name, data, Style(level=3), folder, doc)
+    return out + report_sections(name, data, Style(level=3), folder, doc, reference=reference)
 
 
 def small_norm_section(small: dict[str, Any]) -> str:
@@ -284,8 +340,11 @@ def build(results: Path, doc: Path) -> str:
         if pending:
             out.append(f"- Tuning still pending for: {', '.join(pending)}.")
         out.append("")
-    for name, row in llm_rows(results).items():
-        out += llm_summary(name, row)
+    rows = llm_rows(results)
+    references = {name: screen_reference(name, row, rows) for name, row in rows.items()}
+    for name, row in rows.items():
+        out += (screen_summary(name, row, references[name]) if Plan.from_data(row).is_screen()
+                else llm_summary(name, row))
     out.append("A verdict (better/worse) is stated only where the 95% interval of the paired difference excludes 0; "
                "otherwise the line says no difference was detected, with the interval's width: the smallest "
                "difference the study, at that many seeds, could have shown. 'pending' means the cell has no "
@@ -396,8 +455,8 @@ def build(results: Path, doc: Path) -> str:
 
     for task in v.proto.tasks:
         out += task_sections(v, task, results, doc)
-    for name, row in llm_rows(results).items():
-        out += llm_sections(name, row, results, doc)
+    for name, row in rows.items():
+        out += llm_sections(name, row, results, doc, references[name])
 
     small_path = results / "small_norm.json"
     if small_path.is_file():

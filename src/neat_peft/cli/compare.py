@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from . import compare_report, recipe, rundir, tasks
+from . import compare_report, compare_stats as stats, recipe, rundir, tasks
 from .compare_plan import AXES, Job, Plan, load_grid
 from ..formats import leftovers
 from .errors import CliError
@@ -455,9 +455,8 @@ def describe_plan(plan: Plan, records: dict[str, dict]) -> str:
                      f"{plan.edge_steps} more past each edge)"
                      + (f", then the chosen cell at {seed_range(1, last_seed)}" if last_seed else "")
                      + (f", then x{plan.budget_factor} longer at seed 0" if plan.budget_factor else ""))
-    lines.append("  tested: " + ", ".join(  # as the report says of a pair with one seed: no interval
-        f"{a} − {b}" + ("" if min(plan.seeds_of(a), plan.seeds_of(b)) > 1 else " (untested: one seed)")
-        for a, b in plan.pair_list()))
+    lines.append("  tested: " + ", ".join(
+        f"{a} − {b}" + ("" if plan.testable(a, b) else f" ({stats.UNTESTED})") for a, b in plan.pair_list()))
     return "plan:\n" + "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import compare_stats as stats
 from .errors import CliError
 from .recipe import METHODS, parse_override
 
@@ -287,6 +288,14 @@ class Plan:
 
     def seeds_of(self, method: str) -> int:
         return self.variants.get(method, {}).get("seeds", self.seeds)
+
+    def testable(self, a: str, b: str) -> bool:
+        """Whether the pair A − B can get an interval: both are planned at MIN_PAIRED_SEEDS seeds or more."""
+        return min(self.seeds_of(a), self.seeds_of(b)) >= stats.MIN_PAIRED_SEEDS
+
+    def is_screen(self) -> bool:
+        """Every method at one seed (`--seeds 1`): a screen that ranks them, with no pair to test."""
+        return all(self.seeds_of(m) < stats.MIN_PAIRED_SEEDS for m in self.methods)
 
     def cell_of(self, method: str) -> Optional[str]:
         """The method whose chosen cell `method` runs at (no tuning of its own), or None."""

@@ -46,7 +46,7 @@ def comparisons(data: dict[str, Any], answer_metric: Optional[str] = None) -> li
     for a, b in plan.pair_list():
         result = stats.paired(values[a], values[b])
         out.append({"a": a, "b": b, "metric": answer_metric or data.get("primary_metric"), "result": result,
-                    "status": stats.verdict_status(result, lower)})
+                    "status": stats.verdict_status(result, lower) if plan.testable(a, b) else stats.UNTESTED})
     return out
 
 
@@ -214,7 +214,8 @@ def verdict_sentence(c: dict[str, Any], style: Style = Style()) -> str:
     """A comparison as a sentence: 'A better than B: ...' only where the interval excludes 0."""
     r, a, b = c["result"], style.name(c["a"]), style.name(c["b"])
     if r is None:
-        return "pending (fewer than 2 paired seeds)"
+        return (f"{stats.UNTESTED} (an interval needs {stats.MIN_PAIRED_SEEDS} or more paired seeds)"
+                if c["status"] == stats.UNTESTED else f"pending (fewer than {stats.MIN_PAIRED_SEEDS} paired seeds)")
     unit = " points" if style.percent else ""
     ci = f"{style.diff(r['mean'])}{unit}, 95% CI [{style.diff(r['low'])}, {style.diff(r['high'])}], n={r['n']} seeds"
     if c["status"] != stats.NO_DIFFERENCE:
@@ -249,8 +250,43 @@ def answers_section(data: dict[str, Any], style: Style = Style()) -> list[str]:
         lines += ["", f"Majority class ({base['label']}, the training split's most frequent response) on the test "
                   f"split of one seed: accuracy {style.value(base['accuracy'])}, macro-F1 "
                   f"{style.value(base.get('macro_f1'))}."]
-    lines += ["", *verdict_header(style)]
-    lines += verdict_rows([c for metric in ANSWER_METRICS for c in comparisons(data, metric)], style)
+    if not Plan.from_data(data).is_screen():  # a screen's answers are in its ranking table
+        lines += ["", *verdict_header(style)]
+        lines += verdict_rows([c for metric in ANSWER_METRICS for c in comparisons(data, metric)], style)
+    return lines
+
+
+def screen_table(data: dict[str, Any], style: Style = Style(),
+                 reference: Optional[tuple[str, dict[str, Any]]] = None) -> list[str]:
+    """A one-seed compare (a screen): each method's seed-0 run at its chosen cell, ranked by its validation value
+    (the figure tuning chooses on; diverged runs last, pending ones after), with test and answer figures beside it.
+    `reference`: (label, record) of a run from elsewhere on the same split and budget, ranked among them."""
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    rows = []
+    for m in plan.methods:
+        cell = plan.choose(records, m)
+        rows.append((style.name(m), cell, None if cell is None else records.get(Job(m, *cell, 0, "tune").key)))
+    if reference:
+        label, rec = reference
+        rows.append((label, (rec["lr"], rec["scaling"]), rec))
+    rows.sort(key=lambda row: (row[2] is None, -plan.score(row[2]) if row[2] else 0.0))
+    metric = style.metric(data["primary_metric"])
+    answers = has_answers(data) or any(rec and "answers" in rec for _, _, rec in rows)
+    pct = " %" if style.percent else ""
+    lines = [f"| rank | method | cell | validation {metric} | test {metric} | "
+             + (f"answer accuracy{pct} | answer macro-F1{pct} | " if answers else "")
+             + "trainable params | plateaued | run min |",
+             "|---:|---|---|---:|---:|" + ("---:|---:|" if answers else "") + "---:|---:|---:|"]
+    for rank, (name, cell, rec) in enumerate(rows, 1):
+        if rec is None or rec["status"] != "ok":
+            status = "pending" if rec is None else rec["status"]
+            lines.append(f"| – | {name} | {cell_text(*cell) if cell else 'pending'} | {status} | – | "
+                         + ("– | – | " if answers else "") + "– | – | – |")
+            continue
+        lines.append(f"| {rank} | {name} | {cell_text(*cell)} | {style.value(rec['validation'])} | "
+                     f"{style.value(rec['test_value'])} | "
+                     + "".join(f"{style.value(answer_value(rec, m))} | " for m in (ANSWER_METRICS if answers else ()))
+                     + f"{rec['trainable_params']:,} | {plateau_text(data, rec)} | {rec['wall_seconds'] / 60:.1f} |")
     return lines
 
 
@@ -386,23 +422,33 @@ def budget_check_tables(data: dict[str, Any], style: Style = Style()) -> list[st
     return lines
 
 
-def sections(data: dict[str, Any], style: Style = Style()) -> dict[str, list[str]]:
-    """The report's sections in order, by name (verdict, results, sweep, answers, budget_check, tuning), each a
-    heading and its lines; those without content are left out. report.md is all of them; docs/RESULTS.md shows
-    each task's in percent under its own headings."""
+def sections(data: dict[str, Any], style: Style = Style(),
+             reference: Optional[tuple[str, dict[str, Any]]] = None) -> dict[str, list[str]]:
+    """The report's sections in order, by name (verdict, or a one-seed compare's screen ranking; results, sweep,
+    answers, budget_check, tuning), each a heading and its lines; those without content are left out. report.md is
+    all of them; docs/RESULTS.md shows each task's in percent under its own headings. `reference`: a run from
+    elsewhere that a screen's table ranks beside its methods (screen_table)."""
     plan = Plan.from_data(data)
     h = style.heading
     curve, _ = curve_key(data)
     # The rule is in the curve's own units: points only where the curve is the (percent-shown) primary metric.
     threshold = (f"{100 * stats.PLATEAU:g} point" if style.percent and curve == data["primary_metric"]
                  else f"{stats.PLATEAU:g} (in its units)")
-    out = {"verdict": [h("Verdict"), "", "Better or worse only where the paired 95% interval of the test difference "
-                       "excludes 0; otherwise no difference detected, with the interval's width: the smallest "
-                       "difference this many seeds could show.", "", *verdict_header(style),
-                       *verdict_rows(comparisons(data), style)],
-           "results": [h("Results at the chosen cells"), "", "Mean ± sample std over the seeds finished. 'Plateaued': "
-                       f"the last third of the validation curve gained less than {threshold} of {curve} over the "
-                       "best before it.", "", *results_table(data, style)]}
+    if plan.is_screen():
+        out = {"screen": [h("Screen: one seed, ranked (no verdicts)"), "",
+                          f"One seed per method: no pair is tested (a paired interval needs {stats.MIN_PAIRED_SEEDS} "
+                          f"or more seeds), and a gap smaller than the spread over seeds is noise. The methods are "
+                          f"ranked by their seed-0 validation {data['primary_metric']}, the figure tuning chooses on; "
+                          "confirm a promising one at 3 or more paired seeds (`--seeds 3`) before relying on it.", "",
+                          *screen_table(data, style, reference)]}
+    else:
+        out = {"verdict": [h("Verdict"), "", "Better or worse only where the paired 95% interval of the test "
+                           "difference excludes 0; otherwise no difference detected, with the interval's width: the "
+                           "smallest difference this many seeds could show.", "", *verdict_header(style),
+                           *verdict_rows(comparisons(data), style)]}
+    out["results"] = [h("Results at the chosen cells"), "", "Mean ± sample std over the seeds finished. "
+                      f"'Plateaued': the last third of the validation curve gained less than {threshold} of {curve} "
+                      "over the best before it.", "", *results_table(data, style)]
     if sweeps(data):
         out["sweep"] = [h(f"Test {data['primary_metric']} against r (seed 0 at the chosen cells; a `cell_of` variant "
                           "at the cell of the method it follows)"), "", *sweep_table(data, style)]

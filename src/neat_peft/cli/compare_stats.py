@@ -20,6 +20,8 @@ from typing import Optional
 
 CONFIDENCE = 0.95
 BETTER, WORSE, NO_DIFFERENCE, PENDING = "better", "worse", "no difference detected", "pending"
+UNTESTED = "untested: one seed"  # a pair whose methods are planned at fewer than MIN_PAIRED_SEEDS seeds
+MIN_PAIRED_SEEDS = 2  # an interval needs n - 1 >= 1 degrees of freedom
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -65,10 +67,11 @@ def t_quantile(p: float, dof: int) -> float:
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> Optional[dict]:
-    """Paired difference a - b over the seeds both have. None when fewer than 2 seeds are shared (no interval)."""
+    """Paired difference a - b over the seeds both have. None when fewer than MIN_PAIRED_SEEDS are shared (no
+    interval)."""
     seeds = sorted(set(a) & set(b))
     n = len(seeds)
-    if n < 2:
+    if n < MIN_PAIRED_SEEDS:
         return None
     d = [a[s] - b[s] for s in seeds]
     mean, sd = statistics.fmean(d), statistics.stdev(d)
