@@ -532,6 +532,8 @@ def test_a_one_seed_compare_is_a_screen_ranked_by_validation_with_its_reference_
         assert all(f"{scored[m]:.4f}" in line for m, line in zip(names, table) if m in scored)
         report = compare_report.build(data)
         assert "## Screen: one seed, ranked (no verdicts)" in report and "## Verdict" not in report
+        console = compare_report.summary(data)  # what compare prints at the end
+        assert console.endswith(f"ranks the methods by validation {data['primary_metric']}") and " vs " not in console
     # One variant at one seed in a compare of 3 seeds: still a comparison; only its pair is untested.
     data["seeds"], data["variants"] = 3, {methods[1]: {"method": "lora", "overrides": [], "seeds": 1}}
     assert not Plan.from_data(data).is_screen()

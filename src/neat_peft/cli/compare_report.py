@@ -154,6 +154,9 @@ def summary(data: dict[str, Any]) -> str:
         test = f"{Style().value(row['mean'])} ± {Style().value(row['sd'])}" if row["n"] else "–"
         lines.append(f"{row['method']:<{width}} {cell:<20} {row['n']:>5} {test:>22} "
                      f"{row['trainable'] if row['trainable'] is not None else '–':>12}")
+    if Plan.from_data(data).is_screen():
+        return "\n".join(lines + [f"one seed: a screen, no pair tested; report.md ranks the methods by validation "
+                                   f"{metric}"])
     lines += [verdict_line(c) for c in comparisons(data)]
     if has_answers(data):
         lines += [verdict_line(c) for metric in ANSWER_METRICS for c in comparisons(data, metric)]
