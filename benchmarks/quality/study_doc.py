@@ -153,7 +153,6 @@ def screen_reference(name: str, data: dict[str, Any], rows: dict[str, dict[str, 
 
 def screen_summary(name: str, data: dict[str, Any], reference: Optional[tuple[str, dict]]) -> list[str]:
     """A screen in sentences: which variants beat the reference's seed-0 validation value, which did not."""
-    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
     done, total = row_status(data)
     out = [f"**{name}**, a one-seed screen ({done} of {total} runs; {data['steps_per_run']} steps a run; ranked, "
            "no verdicts):\n"]
@@ -162,9 +161,7 @@ def screen_summary(name: str, data: dict[str, Any], reference: Optional[tuple[st
     label, ref = reference
     metric, sign = data["primary_metric"], 1 if data["lower_is_better"] else -1
     groups: dict[str, list[str]] = {"beat": [], "did not beat": [], "pending": []}
-    for m in plan.methods:
-        cell = plan.choose(records, m)
-        rec = None if cell is None else records.get(plan.job(m, *cell, 0, "tune").key)
+    for m, (_, rec) in compare_report.screen_runs(data).items():
         if rec is None:
             groups["pending"].append(m)
         elif rec["status"] != "ok":

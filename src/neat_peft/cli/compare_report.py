@@ -259,16 +259,23 @@ def answers_section(data: dict[str, Any], style: Style = Style()) -> list[str]:
     return lines
 
 
+def screen_runs(data: dict[str, Any]) -> dict[str, tuple[Optional[tuple], Optional[dict[str, Any]]]]:
+    """Per method of a screen: its chosen cell and its seed-0 run there (None for either while pending)."""
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    out = {}
+    for m in plan.methods:
+        cell = plan.choose(records, m)
+        out[m] = cell, None if cell is None else records.get(Job(m, *cell, 0, "tune").key)
+    return out
+
+
 def screen_table(data: dict[str, Any], style: Style = Style(),
                  reference: Optional[tuple[str, dict[str, Any]]] = None) -> list[str]:
     """A one-seed compare (a screen): each method's seed-0 run at its chosen cell, ranked by its validation value
     (the figure tuning chooses on; diverged runs last, pending ones after), with test and answer figures beside it.
     `reference`: (label, record) of a run from elsewhere on the same split and budget, ranked among them."""
-    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
-    rows = []
-    for m in plan.methods:
-        cell = plan.choose(records, m)
-        rows.append((style.name(m), cell, None if cell is None else records.get(Job(m, *cell, 0, "tune").key)))
+    plan = Plan.from_data(data)
+    rows = [(style.name(m), cell, rec) for m, (cell, rec) in screen_runs(data).items()]
     if reference:
         label, rec = reference
         rows.append((label, (rec["lr"], rec["scaling"]), rec))
