@@ -137,7 +137,8 @@ def screen_reference(name: str, data: dict[str, Any], rows: dict[str, dict[str, 
         return None
     row, method = SCREEN_REFERENCES[name]
     ref = rows[row]
-    cells = {(lr, s) for g in data["grids"].values() for lr in g["lr"] for s in g.get("scaling", [None])}
+    plan = Plan.from_data(data)
+    cells = {cell for m in plan.methods if not plan.cell_of(m) for cell in plan.base_cells(m)}
     if len(cells) != 1:
         raise ValueError(f"screen {name}: its methods' grids hold {len(cells)} cells; a reference needs one shared")
     for key in ("overrides", "steps_per_run", "data_used"):
@@ -159,17 +160,15 @@ def screen_summary(name: str, data: dict[str, Any], reference: Optional[tuple[st
     if reference is None:
         return out + [""]
     label, ref = reference
-    metric, sign = data["primary_metric"], 1 if data["lower_is_better"] else -1
+    score = Plan.from_data(data).score  # tuning's own "better" (either metric direction; a diverged run never wins)
     groups: dict[str, list[str]] = {"beat": [], "did not beat": [], "pending": []}
     for m, (_, rec) in compare_report.screen_runs(data).items():
         if rec is None:
             groups["pending"].append(m)
-        elif rec["status"] != "ok":
-            groups["did not beat"].append(f"{m} ({rec['status']})")
         else:
-            groups["beat" if sign * rec["validation"] < sign * ref["validation"] else "did not beat"].append(
-                f"{m} ({rec['validation']:.4f})")
-    out.append(f"- Seed-0 validation {metric}, against the {label} ({ref['validation']:.4f}): "
+            groups["beat" if score(rec) > score(ref) else "did not beat"].append(
+                f"{m} ({rec['validation']:.4f})" if rec["status"] == "ok" else f"{m} ({rec['status']})")
+    out.append(f"- Seed-0 validation {data['primary_metric']}, against the {label} ({ref['validation']:.4f}): "
                + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items() if v) + ".")
     return out + [""]
 
