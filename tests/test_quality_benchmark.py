@@ -57,12 +57,12 @@ def test_the_studys_compare_setup_continues_each_converted_task(tmp_path, task):
 
 
 def test_results_md_renders_unchanged_from_the_compare_folders(tmp_path):
-    """docs/RESULTS.md is generated from the task folders and the converged LLM rows' compare folders through
+    """docs/RESULTS.md is generated from the task folders and the longer-budget LLM rows' compare folders through
     compare's plan, statistics and report writer: rendering them again gives the committed document and reports,
     byte for byte (every chosen cell, mean, interval and verdict). After committing a compare.json, render again."""
     results = tmp_path / "benchmarks" / "quality" / "results"
     shutil.copytree(RESULTS, results)
-    shutil.copytree(RESULTS.parent / "llm", results.parent / "llm")  # the converged LLM rows
+    shutil.copytree(RESULTS.parent / "llm", results.parent / "llm")  # the longer-budget LLM rows
     doc = tmp_path / "docs" / "RESULTS.md"
     doc.parent.mkdir()
     study_doc.render(results, doc)

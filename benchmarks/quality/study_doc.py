@@ -112,7 +112,7 @@ def task_sections(v: View, task: str, results: Path, doc: Path) -> list[str]:
 
 
 def llm_rows(results: Path) -> dict[str, dict[str, Any]]:
-    """The converged LLM rows and screens (issue #26): name -> compare.json of each compare folder in
+    """The longer-budget LLM rows and screens (issue #26): name -> compare.json of each compare folder in
     benchmarks/quality/llm (beside RESULTS), in name order. Their commands and setup are in that folder's README."""
     return {p.parent.name: json.loads(p.read_text(encoding="utf-8"))
             for p in sorted((results.parent / "llm").glob(f"*/{DATA_FILE}"))}
@@ -174,9 +174,9 @@ def screen_summary(name: str, data: dict[str, Any], reference: Optional[tuple[st
 
 
 def llm_summary(name: str, data: dict[str, Any]) -> list[str]:
-    """A converged LLM row's verdicts as sentences: validation-tuned, on test loss and on the generated answers."""
+    """A longer-budget LLM row's verdicts as sentences: validation-tuned, on test loss and on the generated answers."""
     done, total = row_status(data)
-    out = [f"**{name}**, the converged LLM row ({done} of {total} runs; {data['steps_per_run']} steps a run):\n"]
+    out = [f"**{name}**, the longer-budget LLM row ({done} of {total} runs; {data['steps_per_run']} steps a run):\n"]
     for metric, style in ((None, Style()), *((m, Style(percent=True)) for m in compare_report.ANSWER_METRICS)):
         out += [f"- {c['a']} − {c['b']} (test {'answer ' if metric else ''}{c['metric']}, paired by seed): "
                 f"{compare_report.verdict_sentence(c, style)}." for c in compare_report.comparisons(data, metric)]
@@ -185,12 +185,12 @@ def llm_summary(name: str, data: dict[str, Any]) -> list[str]:
 
 def llm_sections(name: str, data: dict[str, Any], results: Path, doc: Path,
                  reference: Optional[tuple[str, dict]] = None) -> list[str]:
-    """A converged LLM row's or screen's part of the document: its compare report's sections (values as recorded:
+    """A longer-budget LLM row's or screen's part of the document: its compare report's sections (values as recorded:
     the loss is no fraction; a screen's ranking with its `reference` run) and plots; its report.md is written too,
     as a task's is."""
     folder, (done, total) = results.parent / "llm" / name, row_status(data)
     compare_report.write(folder, data)
-    kind = "a one-seed screen" if Plan.from_data(data).is_screen() else "the converged LLM row"
+    kind = "a one-seed screen" if Plan.from_data(data).is_screen() else "the longer-budget LLM row"
     out = [f"## {name}: {' vs '.join(data['methods'])} on {data['model']}, {data['steps_per_run']} steps a run "
            f"({kind})\n",
            f"{done} of {total} runs finished. Pairing checked: {compare_report.pairing(data)}. Its setup and command: "
