@@ -201,7 +201,8 @@ def llm_sections(name: str, data: dict[str, Any], results: Path, doc: Path,
     folder, (done, total) = results.parent / "llm" / name, row_status(data)
     compare_report.write(folder, data)
     kind = "a one-seed screen" if Plan.from_data(data).is_screen() else "the longer-budget LLM row"
-    out = [f"## {name}: {' vs '.join(data['methods'])} on {data['model']}, {data['steps_per_run']} steps a run "
+    model = Path(data["model"]).name if os.path.isabs(data["model"]) else data["model"]  # a local file: no home path
+    out = [f"## {name}: {' vs '.join(data['methods'])} on {model}, {data['steps_per_run']} steps a run "
            f"({kind})\n",
            f"{done} of {total} runs finished. Pairing checked: {compare_report.pairing(data)}. Its setup and command: "
            f"[llm/README.md]({os.path.relpath(folder.parent / 'README.md', doc.parent)}); its compare report: "
