@@ -213,19 +213,6 @@ def verdict_rows(found: list[dict[str, Any]], style: Style = Style()) -> list[st
     return lines
 
 
-def verdict_sentence(c: dict[str, Any], style: Style = Style()) -> str:
-    """A comparison as a sentence: 'A better than B: ...' only where the interval excludes 0."""
-    r, a, b = c["result"], style.name(c["a"]), style.name(c["b"])
-    if r is None:
-        return (f"{stats.UNTESTED} (an interval needs {stats.MIN_PAIRED_SEEDS} or more paired seeds)"
-                if c["status"] == stats.UNTESTED else f"pending (fewer than {stats.MIN_PAIRED_SEEDS} paired seeds)")
-    unit = " points" if style.percent else ""
-    ci = f"{style.diff(r['mean'])}{unit}, 95% CI [{style.diff(r['low'])}, {style.diff(r['high'])}], n={r['n']} seeds"
-    if c["status"] != stats.NO_DIFFERENCE:
-        return f"{a} {c['status']} than {b}: {ci}"
-    return f"no difference detected at {r['n']} seeds: {ci} (interval width {style.value(r['width'])}{unit})"
-
-
 def verdict_header(style: Style) -> list[str]:
     unit = " (points)" if style.percent else ""
     return [f"| comparison | metric | mean difference{unit} | 95% interval | width{unit} | seeds | verdict |",
