@@ -63,30 +63,24 @@ def headroom_line(v: View, task: str) -> Optional[str]:
             + (f" ({base[0]}: {v.style.value(stats.mean_std(list(base[1].values()))[0])}%)." if base else "."))
 
 
-GLANCE_HEADER = ["| task or row | comparison (A − B) | test metric | A − B | 95% interval | width | seeds | verdict | "
+GLANCE_HEADER = ["| task or row | comparison (A − B) | test metric | A − B | 95% interval | width | seeds | verdict (A) | "
                  "tuned cells (A; B) |", "|---|---|---|---:|---|---:|---:|---|---|"]
 
 
 def glance_rows(where: str, data: dict[str, Any], style: Style, answers: bool) -> list[str]:
-    """One compare's tested pairs as rows of the summary table: the paired test difference A − B of the primary
-    metric (and, with `answers`, of the generated answers' accuracy and macro-F1, in points), its interval and
-    verdict, and the cell each side's tuning chose: the setting behind the verdict, the one a user would copy."""
+    """One compare's tested pairs as rows of the summary table: report.md's verdict rows (the paired test difference
+    A − B of the primary metric and, with `answers`, of the generated answers' accuracy and macro-F1 in points) led
+    by the task or row, and closed by the cell each side's tuning chose: the setting behind the verdict."""
     plan, records = Plan.from_data(data), {r["key"]: r for r in data["runs"]}
-    metrics = [(None, style)] + [(m, Style(percent=True, labels=style.labels))
-                                 for m in (compare_report.ANSWER_METRICS if answers else ())]
     out = []
-    for metric, st in metrics:
+    for metric in (None, *(compare_report.ANSWER_METRICS if answers else ())):
+        st = style if metric is None else Style(percent=True, labels=style.labels)
+        prefix, unit = ("answer " if metric else ""), (" (points)" if st.percent else "")
         for c in compare_report.comparisons(data, metric):
-            a, b, r = st.name(c["a"]), st.name(c["b"]), c["result"]
+            (row,) = compare_report.verdict_rows([dict(c, metric=f"{prefix}{c['metric']}{unit}")], st)
             cells = "; ".join(compare_report.cell_text(*cell) if cell else "pending"
                               for cell in (plan.choose(records, c["a"]), plan.choose(records, c["b"])))
-            verdict = f"{a} {c['status']}" if c["status"] in (stats.BETTER, stats.WORSE) else c["status"]
-            figures = ("– | – | – | –" if r is None else
-                       f"{st.diff(r['mean'])} | [{st.diff(r['low'])}, {st.diff(r['high'])}] | {st.value(r['width'])} "
-                       f"| {r['n']}")
-            unit = " (points)" if st.percent else ""
-            out.append(f"| {where} | {a} − {b} | {'answer ' if metric else ''}{c['metric']}{unit} | {figures} | "
-                       f"{verdict} | {cells} |")
+            out.append(f"| {where} {row} {cells} |")
     return out
 
 
